@@ -1,0 +1,39 @@
+"""The DDIM solver pieces: x0 from ε, the jump Ψ, and classifier-free guidance."""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import alpha_bar
+
+
+def _b(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return a.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    """x0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t, with ᾱ_t per sample."""
+    a_t = _b(a_t, x_t)
+    return (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+
+
+def ddim_jump(x_t, eps, t, s, alphas_cumprod) -> torch.Tensor:
+    """Ψ(x_t, ε, t → s) = √ᾱ_s·x0 + √(1−ᾱ_s)·ε; s = CLEAN returns x0, s = t returns x_t."""
+    a_t, a_s = alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, s)
+    x0 = predict_x0(x_t, eps, a_t)
+    a_s = _b(a_s, x_t)
+    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+
+
+def add_noise(x0, noise, t, alphas_cumprod) -> torch.Tensor:
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
+    a = _b(alpha_bar(alphas_cumprod, t), x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def cfg(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w) -> torch.Tensor:
+    """ε_ω = ε_u + ω·(ε_c − ε_u); ω a number or one per sample."""
+    w = torch.as_tensor(w, dtype=eps_cond.dtype, device=eps_cond.device)
+    if w.dim() == 1:
+        w = _b(w, eps_cond)
+    return eps_uncond + w * (eps_cond - eps_uncond)

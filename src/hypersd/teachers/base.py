@@ -1,0 +1,102 @@
+"""The teacher interface: everything a distillation stage may ask of a teacher, and nothing more.
+
+A teacher is an ε-prediction UNet (a diffusers ``UNet2DConditionModel``) with its noise schedule,
+its prompt encoder and its latent codec. The student is the same UNet with a LoRA enabled, so
+``eps`` serves both; which one answers depends on the adapter state of ``unet``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..solver import cfg
+
+
+@dataclass
+class Cond:
+    """Prompt conditioning for a batch: the UNet's keyword inputs besides x and t.
+
+    ``hidden`` is ``encoder_hidden_states`` [B, L, D]; ``added`` holds SDXL's ``text_embeds``
+    (pooled) and ``time_ids``, each with the batch first.
+    """
+
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def _map(self, fn) -> "Cond":
+        return Cond(fn(self.hidden), {k: fn(v) for k, v in self.added.items()})
+
+    def __getitem__(self, idx) -> "Cond":
+        return self._map(lambda v: v[idx])
+
+    def to(self, *args, **kwargs) -> "Cond":
+        return self._map(lambda v: v.to(*args, **kwargs))
+
+    def repeat(self, n: int) -> "Cond":
+        """Each row repeated n times in place (row i becomes rows i*n .. i*n+n-1)."""
+        return self._map(lambda v: v.repeat_interleave(n, 0))
+
+    @staticmethod
+    def cat(conds: list["Cond"]) -> "Cond":
+        first = conds[0]
+        return Cond(
+            torch.cat([c.hidden for c in conds]),
+            {k: torch.cat([c.added[k] for c in conds]) for k in first.added},
+        )
+
+
+class Teacher:
+    """Base class; backbones fill in the prompt encoder and the latent codec."""
+
+    unet: torch.nn.Module
+    alphas_cumprod: torch.Tensor  # [T], float32, from the teacher's own scheduler config
+    latent_shape: tuple[int, int, int]  # (C, H, W) of what the UNet denoises
+    default_guidance: float = 7.5
+
+    @property
+    def T(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # -- prompts -------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    def empty_cond(self, n: int) -> Cond:
+        """The unconditional input for classifier-free guidance, n rows."""
+        return self.encode_prompt([""]).repeat(n)
+
+    # -- the network ---------------------------------------------------------------------
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """ε-prediction of whatever ``unet`` is now (teacher, or student with adapters on)."""
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        kwargs = {"added_cond_kwargs": cond.added} if cond.added else {}
+        return self.unet(x, t, encoder_hidden_states=cond.hidden, **kwargs).sample
+
+    def eps_cfg(self, x, t, cond: Cond, uncond: Cond, w) -> torch.Tensor:
+        """Guided ε in one batched call: conditional and unconditional rows together."""
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        both = self.eps(torch.cat([x, x]), torch.cat([t, t]), Cond.cat([cond, uncond]))
+        eps_c, eps_u = both.chunk(2)
+        return cfg(eps_c, eps_u, w)
+
+    # -- latents -------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to the latents the UNet denoises."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents back to images in [-1, 1]."""
+        raise NotImplementedError

@@ -1,0 +1,123 @@
+"""The embedded digits teacher: a diffusers UNet2DConditionModel on 8x8 pixels.
+
+Pixel space, so encode/decode are the identity. Weights and configs live in one safetensors file
+(configs in its metadata), shipped in the package.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from ..digits import ASSETS
+from ..digits.text import DigitTextEncoder, tokenize
+from ..errors import HypersdError
+from .base import Cond, Teacher
+
+DEFAULT_PATH = ASSETS / "teacher.safetensors"
+
+UNET_CONFIG = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+# SD1.5's schedule: 1,000 steps, scaled_linear 0.00085 to 0.012, ε-prediction.
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+
+
+class DigitsTeacher(Teacher):
+    latent_shape = (1, 8, 8)
+
+    def __init__(self, unet, text, scheduler_config: dict, default_guidance: float = 1.0, info=None):
+        self.unet, self.text = unet, text
+        self.scheduler_config = dict(scheduler_config)
+        sched = DDPMScheduler.from_config(self.scheduler_config)
+        self.alphas_cumprod = sched.alphas_cumprod.float()
+        self.default_guidance = float(default_guidance)
+        self.info = dict(info or {})
+
+    @classmethod
+    def new(cls, seed: int = 0) -> "DigitsTeacher":
+        torch.manual_seed(seed)
+        return cls(UNet2DConditionModel(**UNET_CONFIG), DigitTextEncoder(), SCHEDULER_CONFIG)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device="cpu") -> "DigitsTeacher":
+        path = Path(path) if path else DEFAULT_PATH
+        if not path.is_file():
+            hint = (
+                "the package's shipped teacher is missing: reinstall hypersd, or train one with "
+                "'hypersd teacher train'" if path == DEFAULT_PATH else "pass an existing teacher file"
+            )
+            raise HypersdError(f"digits teacher file {path} not found; {hint}")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("hypersd", "null") or "null")
+        if not meta or meta.get("kind") != "digits-teacher":
+            raise HypersdError(f"{path} is not a hypersd digits teacher file (no teacher metadata)")
+        unet = UNet2DConditionModel(**meta["unet"])
+        text = DigitTextEncoder(**meta["text"])
+        state = load_file(str(path))
+        _load_part(unet, state, "unet.", path)
+        _load_part(text, state, "text.", path)
+        t = cls(unet.eval().requires_grad_(False), text.eval().requires_grad_(False),
+                meta["scheduler"], meta.get("default_guidance", 1.0), meta.get("info"))
+        t.unet.to(device)
+        t.text.to(device)
+        return t
+
+    def save(self, path: str | Path) -> None:
+        from ..outputs import atomic_path
+
+        state = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
+        state |= {f"text.{k}": v.detach().cpu().contiguous() for k, v in self.text.state_dict().items()}
+        meta = {
+            "kind": "digits-teacher",
+            "unet": {k: v for k, v in dict(self.unet.config).items() if k in UNET_CONFIG},
+            "text": self.text.config,
+            "scheduler": self.scheduler_config,
+            "default_guidance": self.default_guidance,
+            "info": self.info,
+        }
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata={"hypersd": json.dumps(meta)})
+
+    def encode_prompt(self, prompts: list[str]) -> Cond:
+        tokens = tokenize(list(prompts)).to(self.device)
+        return Cond(self.text(tokens))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[1:]) != self.latent_shape:
+            raise HypersdError(f"digits images must be [N, 1, 8, 8]; got {list(images.shape)}")
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1, 1)
+
+
+def _load_part(module: torch.nn.Module, state: dict, prefix: str, path) -> None:
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(part, strict=False)
+    if missing or unexpected:
+        raise HypersdError(
+            f"{path} does not match the digits teacher architecture: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
