@@ -8,6 +8,9 @@ from pathlib import Path
 
 from .errors import HypersdError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def check_writable(path: str | Path, force: bool) -> Path:
     """Refuse to overwrite an existing file unless ``force``; create the parent folder."""
@@ -31,6 +34,7 @@ def atomic_path(path: str | Path):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # some writers create 0600 files; follow the umask
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

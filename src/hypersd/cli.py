@@ -1,0 +1,182 @@
+"""The ``hypersd`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import HypersdError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_teacher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", default=None, help="digits teacher .safetensors (default: the shipped one)")
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_teacher_train(a) -> None:
+    from .digits.train_teacher import train_teacher
+    from .outputs import check_writable
+
+    check_writable(a.out, a.force)
+    train_teacher(a.out, steps=a.steps, minutes=a.minutes, batch=a.batch, lr=a.lr, seed=a.seed)
+    print(f"wrote {a.out}; pick its guidance with 'hypersd teacher guidance --teacher {a.out} --write'")
+
+
+def cmd_teacher_guidance(a) -> None:
+    from .digits.guidance import pick_guidance
+
+    pick_guidance(a.teacher, a.scales, n=a.n, seeds=range(a.seeds), steps=a.steps, write=a.write)
+
+
+def cmd_judges_train(a) -> None:
+    from .digits.judges import save_judge, train_judge
+    from .outputs import check_writable
+
+    for name in ("reward", "evaluator"):
+        path = check_writable(Path(a.out_dir) / f"{name}.safetensors", a.force)
+        model, acc = train_judge(name, epochs=a.epochs, seed=a.seed)
+        save_judge(model, name, path, acc)
+        print(f"{name}: test-split accuracy {acc:.4f}, wrote {path}")
+
+
+def cmd_sample(a) -> None:
+    import numpy as np
+    import torch
+
+    from .digits.data import balanced_labels, prompts_for
+    from .grid import save_grid
+    from .outputs import atomic_path, check_writable
+    from .sampling import sample_prompts
+    from .teachers.digits import DigitsTeacher
+
+    if not a.out.endswith(".npz"):
+        raise HypersdError(f"--out {a.out} must end in .npz (the grid is written beside it as .png)")
+    out, png = check_writable(a.out, a.force), check_writable(a.out[:-4] + ".png", a.force)
+    if a.n < 1:
+        raise HypersdError("--n must be at least 1")
+    teacher = DigitsTeacher.load(a.teacher)
+    guidance = a.guidance
+    if a.lora:
+        from .lora import load_lora
+
+        meta = load_lora(teacher.unet, a.lora)
+        guidance = meta.get("guidance", 1.0) if guidance is None else guidance
+    labels = balanced_labels(a.n) if a.digit is None else torch.full((a.n,), a.digit)
+    x = teacher.decode(sample_prompts(teacher, prompts_for(labels), a.steps, guidance=guidance, eta=a.eta, seed=a.seed))
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=x.numpy().astype(np.float32), labels=labels.numpy().astype(np.int64))
+    save_grid(x, png)
+    print(f"wrote {out} ({a.n} samples, {a.steps} steps) and {png}")
+
+
+def cmd_eval(a) -> None:
+    from .evaluation import DigitsBench, teacher_baseline, write_report
+    from .outputs import check_writable
+    from .teachers.digits import DigitsTeacher
+
+    for name in ("baseline.json", "baseline.md"):
+        check_writable(Path(a.out_dir) / name, a.force)
+    teacher = DigitsTeacher.load(a.teacher)
+    bench = DigitsBench(teacher, n=a.n, seeds=range(a.seeds), guidance=a.guidance)
+    rows = teacher_baseline(bench, a.steps)
+    meta = {"guidance": bench.guidance, "samples per seed": a.n, "seeds": a.seeds,
+            "judge": "held-out evaluator (CNN)", "fd against": "real test digits"}
+    js, md = write_report(rows, a.out_dir, "baseline", "Teacher baseline (digits world)", meta)
+    print(md.read_text())
+    print(f"wrote {js} and {md}")
+
+
+# -- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hypersd", description=(
+        "Hyper-SD distillation: few-step diffusion from your own teacher. The embedded digits "
+        "world runs the whole method on a CPU."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("teacher", help="train the digits teacher or pick its guidance scale",
+                       description="The embedded digits teacher (one is shipped; these commands remake it).")
+    tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tt = tsub.add_parser("train", help="train a digits teacher from scratch (about 30 min on 2 cores)")
+    tt.add_argument("--out", default="runs/teacher.safetensors")
+    tt.add_argument("--steps", type=int, default=4000)
+    tt.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
+    tt.add_argument("--batch", type=int, default=128)
+    tt.add_argument("--lr", type=float, default=1e-3)
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    tt.set_defaults(fn=cmd_teacher_train)
+    tg = tsub.add_parser("guidance", help="measure fd and acc over guidance scales and pick the default")
+    _add_teacher_args(tg)
+    tg.add_argument("--scales", type=_floats, default=[1.0, 1.5, 2.0, 3.0, 5.0])
+    tg.add_argument("--steps", type=int, default=25, help="DDIM steps of the measurement")
+    tg.add_argument("--n", type=int, default=1000)
+    tg.add_argument("--seeds", type=int, default=3)
+    tg.add_argument("--write", action="store_true", help="store the pick as the teacher file's default")
+    tg.set_defaults(fn=cmd_teacher_guidance)
+
+    j = sub.add_parser("judges", help="train the digits world's reward model and held-out evaluator")
+    jsub = j.add_subparsers(dest="action", required=True, metavar="ACTION")
+    jt = jsub.add_parser("train", help="train both judges on the train split")
+    jt.add_argument("--out-dir", default="runs/judges")
+    jt.add_argument("--epochs", type=int, default=40)
+    jt.add_argument("--seed", type=int, default=0)
+    jt.add_argument("--force", action="store_true")
+    jt.set_defaults(fn=cmd_judges_train)
+
+    s = sub.add_parser("sample", help="sample digits with the teacher or a distilled LoRA",
+                       description="Writes images [N,1,8,8] in [-1,1] and labels to an .npz, and a PNG grid beside it.")
+    _add_teacher_args(s)
+    s.add_argument("--steps", type=int, required=True, help="sampling steps (a divisor of 1000)")
+    s.add_argument("--lora", default=None, help="a hypersd LoRA .safetensors (without: the teacher, DDIM trailing)")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: teacher's measured default; 1 with --lora)")
+    s.add_argument("--eta", type=float, default=0.0, help="TCD gamma: 0 is DDIM, up to 1")
+    s.add_argument("--n", type=int, default=100)
+    s.add_argument("--digit", type=int, choices=range(10), default=None, help="only this digit (default: 0..9 in turn)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="FILE.npz")
+    s.add_argument("--force", action="store_true", help="overwrite existing output files")
+    s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="the teacher baseline table: fd, acc, traj_mse, reward at 1..40 DDIM steps")
+    _add_teacher_args(e)
+    e.add_argument("--steps", type=_ints, default=[1, 2, 4, 8, 25, 40])
+    e.add_argument("--n", type=int, default=1000, help="samples per seed")
+    e.add_argument("--seeds", type=int, default=3)
+    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--out-dir", default="runs/eval")
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except HypersdError as e:
+        print(f"hypersd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hypersd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

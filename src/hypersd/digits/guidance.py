@@ -1,0 +1,40 @@
+"""Choosing the digits teacher's default guidance scale by measurement.
+
+On this world guidance can cost more diversity (fd) than it buys accuracy, so the pick is the
+scale with the lowest fd among those whose acc is within ``acc_slack`` of the best acc.
+"""
+
+from __future__ import annotations
+
+from ..evaluation import DigitsBench
+from ..teachers.digits import DigitsTeacher
+
+
+def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=False, acc_slack=0.005):
+    teacher = DigitsTeacher.load(teacher_path)
+    results = {}
+    for w in scales:
+        bench = DigitsBench(teacher, n=n, seeds=seeds, guidance=w)
+        # traj_mse needs a 40-step reference at each scale; guidance only needs fd and acc.
+        bench.reference = lambda seed, b=bench: b.teacher_sampler(steps)(b.prompts, seed)
+        s = bench.score(bench.teacher_sampler(steps), desc=f"w={w}")
+        results[w] = s
+        print(f"guidance {w:g}: fd {s['fd']['mean']:.2f} ± {s['fd']['std']:.2f}, "
+              f"acc {s['acc']['mean']:.4f} ± {s['acc']['std']:.4f}, reward {s['reward']['mean']:.3f}")
+    best_acc = max(s["acc"]["mean"] for s in results.values())
+    eligible = [w for w, s in results.items() if s["acc"]["mean"] >= best_acc - acc_slack]
+    pick = min(eligible, key=lambda w: results[w]["fd"]["mean"])
+    print(f"picked guidance {pick:g} (lowest fd among scales with acc within {acc_slack} of the best)")
+    if write:
+        teacher.default_guidance = pick
+        teacher.info = {**teacher.info, "guidance_scan": {str(w): {k: v["mean"] for k, v in s.items()}
+                                                          for w, s in results.items()}, "guidance_steps": steps}
+        teacher.save(teacher_path or _default_path())
+        print("stored it as the teacher's default guidance")
+    return pick, results
+
+
+def _default_path():
+    from ..teachers.digits import DEFAULT_PATH
+
+    return DEFAULT_PATH

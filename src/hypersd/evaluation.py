@@ -1,0 +1,109 @@
+"""Scoring samplers on the digits world: same prompts, same noise, same judges, several seeds."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .digits import data
+from .digits.judges import Judges
+from .lora import adapters_disabled
+from .metrics import METRICS, frechet_distance, judge_samples, summarize
+from .outputs import write_text
+from .sampling import sample_prompts
+
+REFERENCE_STEPS = 40
+
+# sample_fn(prompts, seed) -> images [n, 1, 8, 8]
+SampleFn = Callable[[list[str], int], torch.Tensor]
+
+
+class DigitsBench:
+    """Holds the prompts, the real test features and the teacher's 40-step references."""
+
+    def __init__(self, teacher, judges: Judges | None = None, n: int = 1000, seeds=(0, 1, 2),
+                 guidance: float | None = None, progress: bool = True):
+        self.teacher, self.judges = teacher, judges or Judges()
+        self.n, self.seeds, self.progress = n, tuple(seeds), progress
+        self.guidance = teacher.default_guidance if guidance is None else guidance
+        self.labels = data.balanced_labels(n)
+        self.prompts = data.prompts_for(self.labels)
+        self.real_features = self.judges.evaluate(data.load("test")[0])[0].numpy()
+        self._references: dict[int, torch.Tensor] = {}
+
+    def reference(self, seed: int) -> torch.Tensor:
+        """The teacher's 40-step DDIM from the seed's noise: what traj_mse measures against."""
+        if seed not in self._references:
+            with adapters_disabled(self.teacher.unet):
+                self._references[seed] = self.teacher_sampler(REFERENCE_STEPS)(self.prompts, seed)
+        return self._references[seed]
+
+    def teacher_sampler(self, steps: int, eta: float = 0.0) -> SampleFn:
+        def fn(prompts, seed):
+            x = sample_prompts(self.teacher, prompts, steps, guidance=self.guidance, eta=eta, seed=seed)
+            return self.teacher.decode(x)
+        return fn
+
+    def score(self, sample_fn: SampleFn, desc: str = "") -> dict:
+        per_seed = []
+        for seed in tqdm(self.seeds, desc=desc or "seeds", disable=not self.progress, leave=False):
+            images = sample_fn(self.prompts, seed)
+            per_seed.append(judge_samples(images, self.labels, self.reference(seed), self.judges, self.real_features))
+        return summarize(per_seed)
+
+    def score_real(self) -> dict:
+        """Real train digits as if they were samples: the floor any sampler is compared with."""
+        x, y = data.load("train")
+        per_seed = []
+        for seed in self.seeds:
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: self.n]
+            feats, pred = self.judges.evaluate(x[idx])
+            with torch.no_grad():
+                reward = self.judges.reward(x[idx], y[idx]).mean().item()
+            per_seed.append({"fd": frechet_distance(feats.numpy(), self.real_features),
+                             "acc": (pred == y[idx]).float().mean().item(), "reward": reward})
+        return summarize(per_seed)
+
+
+def teacher_baseline(bench: DigitsBench, steps=(1, 2, 4, 8, 25, 40)) -> list[dict]:
+    """The rows of `hypersd eval`: the teacher with DDIM (trailing) at each step count."""
+    rows = [{"method": "real digits (train split)", "steps": None, "eta": None, **bench.score_real()}]
+    for k in tqdm(steps, desc="teacher DDIM", disable=not bench.progress):
+        t0 = time.perf_counter()
+        summary = bench.score(bench.teacher_sampler(k), desc=f"{k} steps")
+        rows.append({"method": "teacher DDIM", "steps": k, "eta": 0.0, **summary,
+                     "seconds": round(time.perf_counter() - t0, 1)})
+    return rows
+
+
+def _cell(row: dict, metric: str) -> str:
+    m = row.get(metric)
+    if m is None:
+        return "–"
+    digits = 4 if metric == "traj_mse" else 3 if metric == "acc" else 2
+    return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], title: str, note: str = "") -> str:
+    head = "| method | steps | eta | " + " | ".join(METRICS) + " |"
+    lines = [f"## {title}", "", note, "", head, "|" + "---|" * (3 + len(METRICS))]
+    for r in rows:
+        steps = "–" if r["steps"] is None else str(r["steps"])
+        eta = "–" if r.get("eta") is None else f"{r['eta']:g}"
+        lines.append(f"| {r['method']} | {steps} | {eta} | " + " | ".join(_cell(r, m) for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[dict], out_dir: str | Path, name: str, title: str, meta: dict) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    note = ", ".join(f"{k}: {v}" for k, v in meta.items())
+    md = markdown_table(rows, title, note)
+    js, mdp = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    write_text(js, json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_text(mdp, md)
+    return js, mdp
