@@ -107,3 +107,21 @@ def write_report(rows: list[dict], out_dir: str | Path, name: str, title: str, m
     write_text(js, json.dumps({"meta": meta, "rows": rows}, indent=2))
     write_text(mdp, md)
     return js, mdp
+
+
+def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=(0.0,), guidance: float = 1.0) -> list[dict]:
+    """Rows for the UNet as it is now (a LoRA active), each step count at its best eta by fd."""
+    rows = []
+    for k in tqdm(steps, desc=method, disable=not bench.progress):
+        scored = {}
+        for eta in etas:
+            def fn(prompts, seed, eta=eta, k=k):
+                x = sample_prompts(bench.teacher, prompts, k, guidance=guidance, eta=eta, seed=seed)
+                return bench.teacher.decode(x)
+            scored[eta] = bench.score(fn, desc=f"{method} {k} steps eta {eta:g}")
+        best = min(scored, key=lambda e: scored[e]["fd"]["mean"])
+        row = {"method": method, "steps": k, "eta": best, **scored[best]}
+        if len(etas) > 1:
+            row["eta_scan"] = {f"{e:g}": s["fd"]["mean"] for e, s in scored.items()}
+        rows.append(row)
+    return rows

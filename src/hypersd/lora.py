@@ -1,14 +1,81 @@
-"""LoRA on the teacher's UNet (peft, through diffusers' adapter API) and switching it off."""
+"""LoRA on the teacher's UNet (peft, through diffusers' adapter API).
+
+The student is the teacher's UNet with the ``student`` adapter on; the teacher is the same UNet
+with adapters off; the EMA target is a second adapter, ``ema``. No second UNet is ever built.
+LoRA files are safetensors in peft's key naming with the config in their metadata.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import warnings
+from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from .errors import HypersdError
+
+STUDENT, EMA = "student", "ema"
+
+# Module-name suffixes a LoRA may target: attention, feed-forward, resnet convolutions.
+TARGET_PRESETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+            "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+}
+
+
+def lora_config(rank: int, alpha: float | None = None, targets: str | list[str] = "all") -> LoraConfig:
+    if isinstance(targets, str):
+        if targets not in TARGET_PRESETS:
+            raise HypersdError(f"unknown LoRA target preset {targets!r}; use one of {sorted(TARGET_PRESETS)} or a list")
+        targets = TARGET_PRESETS[targets]
+    # init_lora_weights=True zeroes B: a fresh LoRA leaves the teacher exactly as it was.
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True)
 
 
 def has_adapters(unet: torch.nn.Module) -> bool:
     return bool(getattr(unet, "peft_config", None))
+
+
+def add_lora(unet, config: LoraConfig, name: str = STUDENT) -> None:
+    with warnings.catch_warnings():  # peft warns on every second adapter; several are the design
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(config, adapter_name=name)
+
+
+def adapter_params(unet, name: str) -> list[torch.nn.Parameter]:
+    """The parameters of one adapter, in a fixed order."""
+    return [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+def get_state(unet, name: str = STUDENT) -> dict[str, torch.Tensor]:
+    """One adapter's weights, keys without the adapter name (as peft saves them)."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
+
+
+def set_state(unet, state: dict[str, torch.Tensor], name: str = STUDENT) -> None:
+    check_state(unet, state, name)
+    set_peft_model_state_dict(unet, state, adapter_name=name)
+
+
+def check_state(unet, state: dict[str, torch.Tensor], name: str = STUDENT, source: str = "LoRA") -> None:
+    """Keys and shapes against the UNet's adapter; one message listing every mismatch."""
+    want = get_peft_model_state_dict(unet, adapter_name=name)
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(want[k].shape)}"
+              for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+        raise HypersdError(f"{source} does not fit this UNet: " + "; ".join(parts))
 
 
 @contextlib.contextmanager
@@ -22,3 +89,58 @@ def adapters_disabled(unet: torch.nn.Module):
         yield unet
     finally:
         unet.enable_adapters()
+
+
+@contextlib.contextmanager
+def adapter(unet, name: str):
+    """Run with adapter ``name`` active, then restore the previous one and its trainability."""
+    before = list(unet.active_adapters()) if callable(getattr(unet, "active_adapters", None)) else [STUDENT]
+    grads = {id(p): p.requires_grad for p in unet.parameters()}
+    unet.set_adapter(name)
+    try:
+        yield unet
+    finally:
+        unet.set_adapter(before if len(before) > 1 else before[0])
+        for p in unet.parameters():  # peft's set_adapter also flips requires_grad; undo that
+            p.requires_grad_(grads[id(p)])
+
+
+def save_lora(path: str | Path, unet, meta: dict, name: str = STUDENT) -> Path:
+    from .outputs import atomic_path
+    from safetensors.torch import save_file
+
+    cfg = unet.peft_config[name]
+    meta = {**meta, "rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules)}
+    state = {k: v.contiguous().cpu() for k, v in get_state(unet, name).items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"hypersd": json.dumps(meta)})
+    return Path(path)
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise HypersdError(f"LoRA file {path} not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("hypersd", "{}"))
+        return load_file(str(path)), meta
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise HypersdError(f"{path} is not a readable safetensors LoRA file ({e})") from None
+
+
+def load_lora(unet, path: str | Path, name: str = STUDENT) -> dict:
+    """Attach a saved LoRA as adapter ``name`` and make it active; returns its metadata."""
+    state, meta = read_lora(path)
+    if "rank" not in meta:
+        raise HypersdError(f"{path} has no hypersd LoRA metadata (rank, targets); was it written by hypersd?")
+    if name in getattr(unet, "peft_config", {}):
+        unet.delete_adapters(name)
+    add_lora(unet, lora_config(meta["rank"], meta["alpha"], meta["targets"]), name)
+    check_state(unet, state, name, source=f"LoRA {path}")
+    set_peft_model_state_dict(unet, state, adapter_name=name)
+    unet.set_adapter(name)
+    return meta

@@ -6,6 +6,8 @@ difference can be told from sampling noise.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from scipy import linalg
@@ -18,10 +20,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: nudge both, as FID does
-        eps = 1e-6 * np.eye(a.shape[1])
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():  # near-singular product: nudge both, as FID does
+            eps = 1e-6 * np.eye(a.shape[1])
+            covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 

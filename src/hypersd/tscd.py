@@ -1,0 +1,88 @@
+"""Trajectory Segmented Consistency Distillation: one training step's loss (HYPERSD.md §1).
+
+The same step gives the baselines by its options: LCM-style is one segment with the target at
+the segment boundary (always the clean end); phased consistency is k segments with the target at
+the boundary; TSCD draws the target anywhere in [t_b, t_{n-1}].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import lora
+from .schedule import CLEAN, Segments, SolverGrid
+from .solver import add_noise, ddim_jump
+from .teachers.base import Cond, Teacher
+
+
+@dataclass
+class ConsistencyConfig:
+    segments: int = 8
+    end: str = "segment"  # "segment": t_end ~ U[t_b, t_{n-1}]; "boundary": t_end = t_b
+    guidance: tuple[float, float] = (1.0, 1.0)  # ω ~ U[min, max] for the teacher step
+    distance: str = "mse"  # or "huber" (pseudo-Huber)
+    huber_c: float = 0.03
+    offset_noise: float = 0.0
+    solver_steps: int = 40  # N, the teacher's trailing DDIM grid
+
+
+def distance(pred: torch.Tensor, tgt: torch.Tensor, kind: str, c: float) -> torch.Tensor:
+    """Per-sample distance: mean squared error, or pseudo-Huber √(‖·‖²+c²) − c."""
+    sq = (pred - tgt).pow(2).flatten(1).mean(1)
+    if kind == "mse":
+        return sq
+    if kind == "huber":
+        return (sq + c**2).sqrt() - c
+    raise ValueError(f"unknown distance {kind!r}")
+
+
+def draw_t_end(t_b: torch.Tensor, t_prev: torch.Tensor, end: str, generator=None) -> torch.Tensor:
+    """The target timestep inside the segment; CLEAN (−1) is an integer, so U[t_b, t_{n-1}] is one draw."""
+    if end == "boundary":
+        return t_b
+    if end == "segment":
+        u = torch.rand(t_b.shape, generator=generator)
+        return t_b + (u * (t_prev - t_b + 1)).floor().long()
+    raise ValueError(f"unknown end {end!r}; use 'segment' or 'boundary'")
+
+
+class ConsistencyStep:
+    """Produces (pred, tgt, t_end) for a batch; the trainer adds distance and adversarial terms."""
+
+    def __init__(self, teacher: Teacher, cfg: ConsistencyConfig):
+        self.teacher, self.cfg = teacher, cfg
+        self.grid = SolverGrid(teacher.T, cfg.solver_steps)
+        self.segments = Segments(cfg.segments, self.grid)  # refuses boundaries off the grid
+        self.acp = teacher.alphas_cumprod.to(teacher.device)
+
+    def __call__(self, z: torch.Tensor, cond: Cond, uncond: Cond, generator=None):
+        teacher, cfg, acp = self.teacher, self.cfg, self.acp
+        n, dev = z.shape[0], z.device
+        t_n = self.grid.sample(n, generator)
+        t_prev = self.grid.step_down(t_n)
+        t_end = draw_t_end(self.segments.lower_boundary(t_n), t_prev, cfg.end, generator)
+        t_n, t_prev, t_end = t_n.to(dev), t_prev.to(dev), t_end.to(dev)
+        noise = torch.randn(z.shape, generator=generator).to(dev, z.dtype)
+        if cfg.offset_noise:
+            noise = noise + cfg.offset_noise * torch.randn((n, z.shape[1], 1, 1), generator=generator).to(dev, z.dtype)
+        x_t = add_noise(z, noise, t_n, acp)
+        w = torch.empty(n).uniform_(*cfg.guidance, generator=generator).to(dev)
+
+        with torch.no_grad():
+            with lora.adapters_disabled(teacher.unet):  # the teacher: adapters off
+                eps_teacher = teacher.eps_cfg(x_t, t_n, cond, uncond, w)
+            x_hat = ddim_jump(x_t, eps_teacher, t_n, t_prev, acp)
+            with lora.adapter(teacher.unet, lora.EMA):  # the target: EMA adapter
+                eps_ema = teacher.eps(x_hat, t_prev.clamp(min=0), cond)
+            tgt = ddim_jump(x_hat, eps_ema, t_prev, t_end, acp)
+            # Already at t_end (or at the clean end) there is nothing left to jump.
+            done = ((t_prev == t_end) | (t_prev == CLEAN)).view(-1, *[1] * (z.dim() - 1))
+            tgt = torch.where(done, x_hat, tgt)
+
+        pred = ddim_jump(x_t, teacher.eps(x_t, t_n, cond), t_n, t_end, acp)
+        return pred, tgt, t_end
+
+    def loss(self, pred, tgt) -> torch.Tensor:
+        return distance(pred, tgt.detach(), self.cfg.distance, self.cfg.huber_c).mean()

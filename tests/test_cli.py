@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+import pytest
+
+from hypersd.cli import main
+
+
+def test_sample_writes_npz_and_grid_and_never_clobbers(tmp_path, random_teacher_file, capsys):
+    out = tmp_path / "s.npz"
+    args = ["sample", "--teacher", str(random_teacher_file), "--steps", "2", "--n", "12", "--seed", "1", "--out", str(out)]
+    assert main(args) == 0
+    f = np.load(out)
+    assert f["images"].shape == (12, 1, 8, 8) and f["images"].dtype == np.float32
+    assert f["images"].min() >= -1 and f["images"].max() <= 1
+    assert f["labels"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1] and f["labels"].dtype == np.int64
+    assert (tmp_path / "s.png").stat().st_size > 0
+    before = out.read_bytes()
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(args + ["--force", "--seed", "2"]) == 0 and out.read_bytes() != before
+
+
+def test_eval_writes_json_and_markdown(tmp_path, random_teacher_file):
+    assert main(["eval", "--teacher", str(random_teacher_file), "--steps", "1,2", "--n", "20", "--seeds", "2",
+                 "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "baseline.json").read_text())["rows"]
+    assert [r["steps"] for r in rows] == [None, 1, 2]
+    assert rows[1]["fd"]["n_seeds"] == 2
+    assert "teacher DDIM" in (tmp_path / "baseline.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--steps", "3", "--out", "x.npz"], "do not divide"),
+    (["sample", "--steps", "2", "--out", "x.png"], "must end in .npz"),
+    (["sample", "--teacher", "/no/such.safetensors", "--steps", "2", "--out", "{tmp}/a.npz"], "not found"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, random_teacher_file, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--teacher" not in argv:
+        argv = argv[:1] + ["--teacher", str(random_teacher_file)] + argv[1:]
+    argv = [a if not a.endswith((".npz", ".png")) or "/" in a else str(tmp_path / a) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("teacher", "judges", "sample", "eval"):
+        assert cmd in out

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from hypersd import lora
+from hypersd.digits.data import prompts_for
+from hypersd.errors import HypersdError
+from hypersd.teachers.digits import DigitsTeacher
+
+
+def _teacher():
+    t = DigitsTeacher.new(seed=4)
+    t.unet.requires_grad_(False)
+    return t
+
+
+def test_fresh_lora_leaves_the_teacher_unchanged_and_disable_restores_it():
+    t = _teacher()
+    x, cond = torch.randn(2, 1, 8, 8), t.encode_prompt(prompts_for([1, 2]))
+    with torch.no_grad():
+        before = t.eps(x, 500, cond)
+        lora.add_lora(t.unet, lora.lora_config(4))
+        assert torch.equal(t.eps(x, 500, cond), before)
+        for p in lora.adapter_params(t.unet, lora.STUDENT):
+            p.add_(0.1)
+        assert not torch.allclose(t.eps(x, 500, cond), before)
+        with lora.adapters_disabled(t.unet):
+            assert torch.allclose(t.eps(x, 500, cond), before)
+        assert not torch.allclose(t.eps(x, 500, cond), before)
+
+
+def test_ema_adapter_switch_keeps_student_trainable():
+    t = _teacher()
+    lora.add_lora(t.unet, lora.lora_config(4), lora.STUDENT)
+    lora.add_lora(t.unet, lora.lora_config(4), lora.EMA)
+    t.unet.set_adapter(lora.STUDENT)
+    for p in lora.adapter_params(t.unet, lora.EMA):
+        p.requires_grad_(False)
+    with lora.adapter(t.unet, lora.EMA):
+        assert t.unet.active_adapters() == [lora.EMA]
+    assert t.unet.active_adapters() == [lora.STUDENT]
+    assert all(p.requires_grad for p in lora.adapter_params(t.unet, lora.STUDENT))
+    assert not any(p.requires_grad for p in lora.adapter_params(t.unet, lora.EMA))
+
+
+def test_save_load_round_trip_and_mismatch_errors(tmp_path):
+    t = _teacher()
+    lora.add_lora(t.unet, lora.lora_config(4, targets="attn"))
+    with torch.no_grad():
+        for p in lora.adapter_params(t.unet, lora.STUDENT):
+            p.normal_()
+    path = lora.save_lora(tmp_path / "l.safetensors", t.unet, {"guidance": 1.0})
+    x, cond = torch.randn(2, 1, 8, 8), t.encode_prompt(prompts_for([3, 4]))
+    with torch.no_grad():
+        want = t.eps(x, 300, cond)
+        t2 = _teacher()
+        meta = lora.load_lora(t2.unet, path)
+        assert meta["rank"] == 4 and meta["guidance"] == 1.0
+        assert torch.allclose(t2.eps(x, 300, cond), want, atol=1e-6)
+    # a state from another rank is listed, key by key, in one message
+    t3 = _teacher()
+    lora.add_lora(t3.unet, lora.lora_config(8, targets="attn"))
+    with pytest.raises(HypersdError, match="wrong shape"):
+        lora.set_state(t3.unet, lora.get_state(t.unet))
+    with pytest.raises(HypersdError, match="not found"):
+        lora.load_lora(t3.unet, tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(HypersdError, match="not a readable"):
+        lora.load_lora(t3.unet, tmp_path / "junk.safetensors")

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hypersd.cli import main
+from hypersd.errors import HypersdError
+from hypersd.recipe import from_dict, load_recipe
+from hypersd.trainer import Distiller
+
+
+def tiny_recipe(teacher_file, **kw):
+    raw = {"teacher": str(teacher_file), "lora_rank": 4, "checkpoint_every": 3, "checkpoint_keep": 2,
+           "grid_every_stage": False, "eval_steps": [1],
+           "stage_defaults": {"batch": 4, "steps": 4},
+           "stages": [{"name": "a", "segments": 2}, {"name": "b", "segments": 1, "adv_weight": 0.1}]}
+    raw.update(kw)
+    return from_dict(raw)
+
+
+def test_killed_run_resumes_to_the_same_lora(tmp_path, random_teacher_file):
+    full = Distiller(tiny_recipe(random_teacher_file), tmp_path / "full", progress=False)
+    assert full.run()
+    want = load_file(str(full.finish()))
+    part = Distiller(tiny_recipe(random_teacher_file), tmp_path / "part", progress=False)
+    assert not part.run(max_steps=5)  # "killed" in stage b, after the checkpoint at step 3
+    again = Distiller(tiny_recipe(random_teacher_file), tmp_path / "part", progress=False)
+    assert again.run(resume=True)
+    got = load_file(str(again.finish()))
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-6), k
+    assert (tmp_path / "part" / "stages" / "a" / "lora.safetensors").is_file()
+
+
+def test_resume_from_another_recipe_is_refused(tmp_path, random_teacher_file):
+    Distiller(tiny_recipe(random_teacher_file), tmp_path, progress=False).run(max_steps=3)
+    other = tiny_recipe(random_teacher_file, seed=7)
+    with pytest.raises(HypersdError, match="another recipe"):
+        Distiller(other, tmp_path, progress=False).run(resume=True)
+
+
+def test_nan_loss_is_skipped_counted_and_not_learned(tmp_path, random_teacher_file):
+    d = Distiller(tiny_recipe(random_teacher_file), tmp_path, progress=False)
+    before = [p.detach().clone() for p in d.student]
+    d.data.batch = lambda n, g: (torch.full((n, 1, 8, 8), float("nan")), ["a handwritten digit one"] * n)
+    d.run()
+    assert d.stats["nan_skipped"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(before, d.student))
+
+
+def test_recipe_errors_name_the_problem(tmp_path):
+    with pytest.raises(HypersdError, match=r"unknown key\(s\) \['segmnts'\]"):
+        from_dict({"stages": [{"name": "x", "segmnts": 4}]})
+    with pytest.raises(HypersdError, match="unknown stage kind 'magic'"):
+        from_dict({"stages": [{"name": "x", "kind": "magic"}]})
+    with pytest.raises(HypersdError, match="no stages"):
+        from_dict({"seed": 1})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [unclosed")
+    with pytest.raises(HypersdError, match="not valid YAML"):
+        load_recipe(bad)
+    r = load_recipe("digits")
+    assert [s.name for s in r.stages] == ["tscd-8", "tscd-4", "tscd-2", "tscd-1"]
+    assert [s.segments for s in r.stages] == [8, 4, 2, 1]
+
+
+def test_distill_command_dry_run_and_refusal(tmp_path, random_teacher_file, capsys):
+    assert main(["distill", "--dry-run"]) == 0
+    assert "tscd-8" in capsys.readouterr().out
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"teacher: {random_teacher_file}\nlora_rank: 4\ngrid_every_stage: false\neval_steps: [1, 2]\n"
+                   "eval_n: 20\neval_seeds: 2\nstages:\n  - {name: s, segments: 2, steps: 2, batch: 4}\n")
+    out = tmp_path / "run"
+    assert main(["distill", "--config", str(cfg), "--out", str(out)]) == 0
+    assert (out / "lora.safetensors").is_file() and (out / "metrics.json").is_file()
+    assert (out / "samples-2step.png").is_file()
+    before = (out / "lora.safetensors").read_bytes()
+    assert main(["distill", "--config", str(cfg), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "lora.safetensors").read_bytes() == before
+    assert main(["sample", "--teacher", str(random_teacher_file), "--lora", str(out / "lora.safetensors"),
+                 "--steps", "2", "--n", "10", "--out", str(tmp_path / "s.npz")]) == 0
