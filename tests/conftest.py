@@ -11,3 +11,17 @@ def random_teacher_file(tmp_path_factory):
     t.default_guidance = 2.0
     t.save(path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's cache of teacher references."""
+    import os
+
+    old = os.environ.get("HYPERSD_CACHE")
+    os.environ["HYPERSD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("HYPERSD_CACHE", None)
+    else:
+        os.environ["HYPERSD_CACHE"] = old

@@ -138,6 +138,15 @@ def cmd_distill(a) -> None:
         print(f"wrote {js} and {md}")
 
 
+def cmd_bench(a) -> None:
+    from .bench import run_bench
+
+    rows = run_bench(a.out, a.methods, a.steps, a.etas, n=a.n, seeds=a.seeds, teacher_path=a.teacher)
+    print((Path(a.out) / "bench.md").read_text())
+    print(f"wrote {Path(a.out) / 'bench.json'} and {Path(a.out) / 'bench.md'} ({len(rows)} rows); "
+          f"each method's LoRA is in {a.out}/METHOD/lora.safetensors")
+
+
 # -- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hypersd", description=(
@@ -211,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
     d.add_argument("--no-eval", action="store_true", help="skip the metrics at the end")
     d.set_defaults(fn=cmd_distill)
+
+    b = sub.add_parser("bench", help="LCM-style, phased and TSCD at one budget, each at 1/2/4/8 steps with its best eta",
+                       description="Distils each method (resuming any finished or partial run in --out), then "
+                                   "writes bench.json and bench.md with the held-out evaluator's metrics.")
+    _add_teacher_args(b)
+    b.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=["lcm", "phased", "tscd"])
+    b.add_argument("--steps", type=_ints, default=[1, 2, 4, 8])
+    b.add_argument("--etas", type=_floats, default=[0.0, 0.3, 0.5, 1.0])
+    b.add_argument("--n", type=int, default=1000)
+    b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--out", default="runs/bench")
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,11 +38,24 @@ class DigitsBench:
         self._references: dict[int, torch.Tensor] = {}
 
     def reference(self, seed: int) -> torch.Tensor:
-        """The teacher's 40-step DDIM from the seed's noise: what traj_mse measures against."""
+        """The teacher's 40-step DDIM from the seed's noise: what traj_mse measures against.
+
+        Costly (40 guided steps), so kept on disk per teacher, guidance, n and seed: first in the
+        package (for the shipped teacher), then in the user's cache folder.
+        """
         if seed not in self._references:
-            with adapters_disabled(self.teacher.unet):
-                self._references[seed] = self.teacher_sampler(REFERENCE_STEPS)(self.prompts, seed)
+            key = self._reference_key(seed)
+            cached = _read_cached(key)
+            if cached is None:
+                with adapters_disabled(self.teacher.unet):
+                    cached = self.teacher_sampler(REFERENCE_STEPS)(self.prompts, seed)
+                _write_cached(key, cached)
+            self._references[seed] = cached
         return self._references[seed]
+
+    def _reference_key(self, seed: int) -> str | None:
+        fp = getattr(self.teacher, "fingerprint", None)
+        return None if fp is None else f"ref-{fp}-w{self.guidance:g}-n{self.n}-s{seed}-k{REFERENCE_STEPS}"
 
     def teacher_sampler(self, steps: int, eta: float = 0.0) -> SampleFn:
         def fn(prompts, seed):
@@ -68,6 +82,41 @@ class DigitsBench:
             per_seed.append({"fd": frechet_distance(feats.numpy(), self.real_features),
                              "acc": (pred == y[idx]).float().mean().item(), "reward": reward})
         return summarize(per_seed)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HYPERSD_CACHE", Path.home() / ".cache" / "hypersd"))
+
+
+def _read_cached(key: str | None) -> torch.Tensor | None:
+    from safetensors.torch import load_file
+
+    from .digits import ASSETS
+
+    if key is None:
+        return None
+    for folder in (ASSETS / "references", cache_dir() / "references"):
+        path = folder / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                return load_file(str(path))["images"]
+            except Exception:  # a damaged cache entry is recomputed, not trusted
+                return None
+    return None
+
+
+def _write_cached(key: str | None, images: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from .outputs import atomic_path
+
+    if key is None:
+        return
+    try:
+        with atomic_path(cache_dir() / "references" / f"{key}.safetensors") as tmp:
+            save_file({"images": images.contiguous()}, str(tmp))
+    except OSError:  # a read-only home only costs recomputation
+        pass
 
 
 def teacher_baseline(bench: DigitsBench, steps=(1, 2, 4, 8, 25, 40)) -> list[dict]:

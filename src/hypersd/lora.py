@@ -78,31 +78,47 @@ def check_state(unet, state: dict[str, torch.Tensor], name: str = STUDENT, sourc
         raise HypersdError(f"{source} does not fit this UNet: " + "; ".join(parts))
 
 
+def _tuner_layers(unet) -> list:
+    """The UNet's LoRA-carrying layers, found once: switching walks these, not the whole tree."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    key = tuple(sorted(unet.peft_config))
+    cached = getattr(unet, "_hypersd_tuner_layers", None)
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
+        unet._hypersd_tuner_layers = cached
+    return cached[1]
+
+
 @contextlib.contextmanager
 def adapters_disabled(unet: torch.nn.Module):
     """The teacher pass: the same UNet with every adapter switched off."""
     if not has_adapters(unet):
         yield unet
         return
-    unet.disable_adapters()
+    layers = _tuner_layers(unet)
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        for layer in layers:  # re-enabling makes the active adapter trainable again, as before
+            layer.enable_adapters(True)
 
 
 @contextlib.contextmanager
 def adapter(unet, name: str):
-    """Run with adapter ``name`` active, then restore the previous one and its trainability."""
-    before = list(unet.active_adapters()) if callable(getattr(unet, "active_adapters", None)) else [STUDENT]
-    grads = {id(p): p.requires_grad for p in unet.parameters()}
-    unet.set_adapter(name)
+    """Run with adapter ``name`` active, then restore the previous one (and its trainability:
+    peft makes the active adapter trainable and the others frozen)."""
+    layers = _tuner_layers(unet)
+    before = layers[0].active_adapters
+    for layer in layers:
+        layer.set_adapter(name)
     try:
         yield unet
     finally:
-        unet.set_adapter(before if len(before) > 1 else before[0])
-        for p in unet.parameters():  # peft's set_adapter also flips requires_grad; undo that
-            p.requires_grad_(grads[id(p)])
+        for layer in layers:
+            layer.set_adapter(before)
 
 
 def save_lora(path: str | Path, unet, meta: dict, name: str = STUDENT) -> Path:

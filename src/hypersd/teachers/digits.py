@@ -52,6 +52,7 @@ class DigitsTeacher(Teacher):
         self.alphas_cumprod = sched.alphas_cumprod.float()
         self.default_guidance = float(default_guidance)
         self.info = dict(info or {})
+        self.fingerprint: str | None = None  # digest of the file it was loaded from
 
     @classmethod
     def new(cls, seed: int = 0) -> "DigitsTeacher":
@@ -82,6 +83,7 @@ class DigitsTeacher(Teacher):
                 meta["scheduler"], meta.get("default_guidance", 1.0), meta.get("info"))
         t.unet.to(device)
         t.text.to(device)
+        t.fingerprint = _file_digest(path)
         return t
 
     def save(self, path: str | Path) -> None:
@@ -111,6 +113,17 @@ class DigitsTeacher(Teacher):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1, 1)
+
+
+def _file_digest(path) -> str:
+    """Identifies the teacher's weights, for caches of its samples."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _load_part(module: torch.nn.Module, state: dict, prefix: str, path) -> None:
