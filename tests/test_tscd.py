@@ -22,6 +22,10 @@ def test_t_end_lies_in_the_segment_between_boundary_and_next_grid_point():
         sel = t_end[(t_b == lo) & (t_prev == hi)]
         assert sel.min() == lo and sel.max() == hi
     assert torch.equal(draw_t_end(t_b, t_prev, "boundary"), t_b)
+    mixed = draw_t_end(t_b, t_prev, "segment", torch.Generator().manual_seed(1), boundary_prob=0.5)
+    share = (mixed[t_n == 999] == 749).float().mean().item()
+    assert 0.45 < share < 0.6  # half sent to t_b, plus the uniform draw's own 1/226
+    assert (mixed >= t_b).all() and (mixed <= t_prev).all()
 
 
 def test_pseudo_huber_and_mse_by_hand():

@@ -21,15 +21,18 @@ def budget(recipe) -> int:
     return sum(s.steps * s.batch for s in recipe.stages)
 
 
-def run_bench(out: str | Path, methods=("lcm", "phased", "tscd"), steps=(1, 2, 4, 8), etas=(0.0, 0.3, 0.5, 1.0),
+def method_recipes(methods) -> dict:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise HypersdError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return {m: load_recipe(METHODS[m]) for m in methods}
+
+
+def run_bench(out: str | Path, recipes: dict, steps=(1, 2, 4, 8), etas=(0.0, 0.3, 0.5, 1.0),
               n: int = 1000, seeds: int = 3, teacher_path: str | None = None, progress: bool = True) -> list[dict]:
     from .trainer import Distiller
 
     out = Path(out)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise HypersdError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
-    recipes = {m: load_recipe(METHODS[m]) for m in methods}
     budgets = {m: budget(r) for m, r in recipes.items()}
     if len(set(budgets.values())) > 1:
         raise HypersdError(f"methods must share one training budget (steps x batch), got {budgets}")
@@ -45,7 +48,7 @@ def run_bench(out: str | Path, methods=("lcm", "phased", "tscd"), steps=(1, 2, 4
         bench = DigitsBench(d.teacher, n=n, seeds=range(seeds), progress=progress)
         if not rows:
             rows += [r for r in teacher_baseline(bench, [*steps, 40])]
-        rows += student_rows(bench, LABELS[m], steps, etas)
+        rows += student_rows(bench, LABELS.get(m, m), steps, etas)
     meta = {"budget (steps x batch)": next(iter(budgets.values())), "samples per seed": n, "seeds": seeds,
             "etas tried": list(etas), "judge": "held-out evaluator (CNN)", "train seconds": timing}
     write_report(rows, out, "bench", "Distillation methods at one budget (digits world)", meta)

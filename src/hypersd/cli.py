@@ -139,9 +139,9 @@ def cmd_distill(a) -> None:
 
 
 def cmd_bench(a) -> None:
-    from .bench import run_bench
+    from .bench import method_recipes, run_bench
 
-    rows = run_bench(a.out, a.methods, a.steps, a.etas, n=a.n, seeds=a.seeds, teacher_path=a.teacher)
+    rows = run_bench(a.out, method_recipes(a.methods), a.steps, a.etas, n=a.n, seeds=a.seeds, teacher_path=a.teacher)
     print((Path(a.out) / "bench.md").read_text())
     print(f"wrote {Path(a.out) / 'bench.json'} and {Path(a.out) / 'bench.md'} ({len(rows)} rows); "
           f"each method's LoRA is in {a.out}/METHOD/lora.safetensors")

@@ -26,6 +26,7 @@ class Stage:
     kind: str = "tscd"
     segments: int = 8  # k
     end: str = "segment"  # t_end: "segment" (anywhere in [t_b, t_{n-1}]) or "boundary"
+    boundary_prob: float = 0.0  # with end "segment": share of t_end draws put on t_b itself
     steps: int = 500
     batch: int = 64
     lr: float = 5e-4
@@ -119,6 +120,8 @@ def _validate_stage(s: Stage, source: str) -> None:
         raise HypersdError(f"{where}: steps and batch must be positive")
     if s.guidance is not None and (len(s.guidance) != 2 or s.guidance[0] > s.guidance[1]):
         raise HypersdError(f"{where}: guidance must be [min, max] with min <= max, got {s.guidance}")
+    if not 0 <= s.boundary_prob <= 1:
+        raise HypersdError(f"{where}: boundary_prob must be in [0, 1], got {s.boundary_prob}")
     if not 0 <= s.ema_decay < 1:
         raise HypersdError(f"{where}: ema_decay must be in [0, 1), got {s.ema_decay}")
 

@@ -70,7 +70,7 @@ class Distiller:
     def _stage_objects(self, stage: Stage):
         guidance = stage.guidance or default_guidance_range(self.teacher)
         step = ConsistencyStep(self.teacher, ConsistencyConfig(
-            segments=stage.segments, end=stage.end, guidance=tuple(guidance), distance=stage.distance,
+            segments=stage.segments, end=stage.end, boundary_prob=stage.boundary_prob, guidance=tuple(guidance), distance=stage.distance,
             huber_c=stage.huber_c, offset_noise=stage.offset_noise, solver_steps=stage.solver_steps))
         opt = torch.optim.AdamW(self.student, lr=stage.lr, weight_decay=0.0)
         disc = d_opt = None

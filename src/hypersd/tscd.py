@@ -21,6 +21,7 @@ from .teachers.base import Cond, Teacher
 class ConsistencyConfig:
     segments: int = 8
     end: str = "segment"  # "segment": t_end ~ U[t_b, t_{n-1}]; "boundary": t_end = t_b
+    boundary_prob: float = 0.0  # with "segment": this share of draws goes to t_b itself
     guidance: tuple[float, float] = (1.0, 1.0)  # ω ~ U[min, max] for the teacher step
     distance: str = "mse"  # or "huber" (pseudo-Huber)
     huber_c: float = 0.03
@@ -38,13 +39,21 @@ def distance(pred: torch.Tensor, tgt: torch.Tensor, kind: str, c: float) -> torc
     raise ValueError(f"unknown distance {kind!r}")
 
 
-def draw_t_end(t_b: torch.Tensor, t_prev: torch.Tensor, end: str, generator=None) -> torch.Tensor:
-    """The target timestep inside the segment; CLEAN (−1) is an integer, so U[t_b, t_{n-1}] is one draw."""
+def draw_t_end(t_b: torch.Tensor, t_prev: torch.Tensor, end: str, generator=None,
+               boundary_prob: float = 0.0) -> torch.Tensor:
+    """The target timestep inside the segment; CLEAN (−1) is an integer, so U[t_b, t_{n-1}] is one draw.
+
+    ``boundary_prob`` sends that share of draws to t_b itself: the jump a k-step sampler makes.
+    """
     if end == "boundary":
         return t_b
     if end == "segment":
         u = torch.rand(t_b.shape, generator=generator)
-        return t_b + (u * (t_prev - t_b + 1)).floor().long()
+        t_end = t_b + (u * (t_prev - t_b + 1)).floor().long()
+        if boundary_prob > 0:
+            to_b = torch.rand(t_b.shape, generator=generator) < boundary_prob
+            t_end = torch.where(to_b, t_b, t_end)
+        return t_end
     raise ValueError(f"unknown end {end!r}; use 'segment' or 'boundary'")
 
 
@@ -62,7 +71,7 @@ class ConsistencyStep:
         n, dev = z.shape[0], z.device
         t_n = self.grid.sample(n, generator)
         t_prev = self.grid.step_down(t_n)
-        t_end = draw_t_end(self.segments.lower_boundary(t_n), t_prev, cfg.end, generator)
+        t_end = draw_t_end(self.segments.lower_boundary(t_n), t_prev, cfg.end, generator, cfg.boundary_prob)
         t_n, t_prev, t_end = t_n.to(dev), t_prev.to(dev), t_end.to(dev)
         noise = torch.randn(z.shape, generator=generator).to(dev, z.dtype)
         if cfg.offset_noise:

@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from hypersd.bench import budget, method_recipes, run_bench
+from hypersd.errors import HypersdError
+from hypersd.recipe import from_dict
+
+
+def _recipe(teacher, stages):
+    return from_dict({"teacher": str(teacher), "lora_rank": 4, "grid_every_stage": False, "eval_steps": [1],
+                      "stage_defaults": {"batch": 4}, "stages": stages})
+
+
+def test_packaged_methods_share_one_budget():
+    recipes = method_recipes(["lcm", "phased", "tscd"])
+    assert len({budget(r) for r in recipes.values()}) == 1
+    assert recipes["lcm"].stages[0].segments == 1 and recipes["lcm"].stages[0].end == "boundary"
+    assert recipes["phased"].stages[0].end == "boundary"
+    with pytest.raises(HypersdError, match="unknown bench method"):
+        method_recipes(["dmd9"])
+
+
+def test_bench_table_and_kept_loras(tmp_path, random_teacher_file):
+    recipes = {"lcm": _recipe(random_teacher_file, [{"name": "lcm", "segments": 1, "end": "boundary", "steps": 4}]),
+               "tscd": _recipe(random_teacher_file, [{"name": "a", "segments": 2, "steps": 2},
+                                                     {"name": "b", "segments": 1, "steps": 2}])}
+    rows = run_bench(tmp_path, recipes, steps=(1, 2), etas=(0.0, 1.0), n=20, seeds=2, progress=False)
+    methods = [(r["method"], r["steps"]) for r in rows]
+    assert ("teacher DDIM", 40) in methods and ("LCM-style", 1) in methods and ("TSCD 8-4-2-1", 2) in methods
+    student = [r for r in rows if r["method"] == "LCM-style"]
+    assert all(r["eta"] in (0.0, 1.0) and set(r["eta_scan"]) == {"0", "1"} for r in student)
+    assert (tmp_path / "lcm" / "lora.safetensors").is_file() and (tmp_path / "tscd" / "lora.safetensors").is_file()
+    assert json.loads((tmp_path / "bench.json").read_text())["meta"]["budget (steps x batch)"] == 16
+    recipes["lcm"].stages[0].steps = 5
+    with pytest.raises(HypersdError, match="one training budget"):
+        run_bench(tmp_path / "x", recipes, n=20, seeds=2, progress=False)
