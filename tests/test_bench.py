@@ -30,6 +30,8 @@ def test_bench_table_and_kept_loras(tmp_path, random_teacher_file):
     assert ("teacher DDIM", 40) in methods and ("LCM-style", 1) in methods and ("TSCD 8-4-2-1", 2) in methods
     student = [r for r in rows if r["method"] == "LCM-style"]
     assert all(r["eta"] in (0.0, 1.0) and set(r["eta_scan"]) == {"0", "1"} for r in student)
+    tscd = {r["steps"]: r["lora"] for r in rows if r["method"] == "TSCD 8-4-2-1"}
+    assert tscd[2].endswith("stages/a/lora.safetensors") and tscd[1].endswith("stages/b/lora.safetensors")
     assert (tmp_path / "lcm" / "lora.safetensors").is_file() and (tmp_path / "tscd" / "lora.safetensors").is_file()
     assert json.loads((tmp_path / "bench.json").read_text())["meta"]["budget (steps x batch)"] == 16
     recipes["lcm"].stages[0].steps = 5

@@ -48,7 +48,7 @@ def run_bench(out: str | Path, recipes: dict, steps=(1, 2, 4, 8), etas=(0.0, 0.3
         bench = DigitsBench(d.teacher, n=n, seeds=range(seeds), progress=progress)
         if not rows:
             rows += [r for r in teacher_baseline(bench, [*steps, 40])]
-        rows += student_rows(bench, LABELS.get(m, m), steps, etas)
+        rows += student_rows(bench, LABELS.get(m, m), steps, etas, loras=d.stage_loras())
     meta = {"budget (steps x batch)": next(iter(budgets.values())), "samples per seed": n, "seeds": seeds,
             "etas tried": list(etas), "judge": "held-out evaluator (CNN)", "train seconds": timing}
     write_report(rows, out, "bench", "Distillation methods at one budget (digits world)", meta)

@@ -139,12 +139,13 @@ def _cell(row: dict, metric: str) -> str:
 
 
 def markdown_table(rows: list[dict], title: str, note: str = "") -> str:
-    head = "| method | steps | eta | " + " | ".join(METRICS) + " |"
-    lines = [f"## {title}", "", note, "", head, "|" + "---|" * (3 + len(METRICS))]
+    head = "| method | steps | eta | " + " | ".join(METRICS) + " | LoRA |"
+    lines = [f"## {title}", "", note, "", head, "|" + "---|" * (4 + len(METRICS))]
     for r in rows:
         steps = "–" if r["steps"] is None else str(r["steps"])
         eta = "–" if r.get("eta") is None else f"{r['eta']:g}"
-        lines.append(f"| {r['method']} | {steps} | {eta} | " + " | ".join(_cell(r, m) for m in METRICS) + " |")
+        used = Path(r["lora"]).parent.name if r.get("lora") else "–"
+        lines.append(f"| {r['method']} | {steps} | {eta} | " + " | ".join(_cell(r, m) for m in METRICS) + f" | {used} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,10 +159,24 @@ def write_report(rows: list[dict], out_dir: str | Path, name: str, title: str, m
     return js, mdp
 
 
-def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=(0.0,), guidance: float = 1.0) -> list[dict]:
-    """Rows for the UNet as it is now (a LoRA active), each step count at its best eta by fd."""
+def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=(0.0,), guidance: float = 1.0,
+                 loras: dict | None = None) -> list[dict]:
+    """Rows for the UNet's student adapter, each step count at its best eta by fd.
+
+    ``loras`` maps a step count to the LoRA file trained for it (a stage's); other step counts
+    use the adapter as it is.
+    """
+    from . import lora
+
     rows = []
+    current = lora.get_state(bench.teacher.unet, lora.STUDENT)
     for k in tqdm(steps, desc=method, disable=not bench.progress):
+        used = None
+        if loras and k in loras:
+            lora.load_lora(bench.teacher.unet, loras[k], lora.STUDENT)
+            used = str(loras[k])
+        else:
+            lora.set_state(bench.teacher.unet, current, lora.STUDENT)
         scored = {}
         for eta in etas:
             def fn(prompts, seed, eta=eta, k=k):
@@ -170,7 +185,10 @@ def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=(0.0,
             scored[eta] = bench.score(fn, desc=f"{method} {k} steps eta {eta:g}")
         best = min(scored, key=lambda e: scored[e]["fd"]["mean"])
         row = {"method": method, "steps": k, "eta": best, **scored[best]}
+        if used:
+            row["lora"] = used
         if len(etas) > 1:
             row["eta_scan"] = {f"{e:g}": s["fd"]["mean"] for e, s in scored.items()}
         rows.append(row)
+    lora.set_state(bench.teacher.unet, current, lora.STUDENT)
     return rows
