@@ -71,3 +71,19 @@ def test_shipped_judges_are_accurate_and_differ():
     assert r.shape == (10,)
     with pytest.raises(HypersdError, match="not found"):
         load_judge("reward", "/nonexistent/reward.safetensors")
+
+
+def test_guidance_pick_is_measured_and_stored(tmp_path, random_teacher_file):
+    import shutil
+
+    from hypersd.digits.guidance import pick_guidance
+
+    path = tmp_path / "t.safetensors"
+    shutil.copy(random_teacher_file, path)
+    pick, results = pick_guidance(path, [1.0, 3.0], n=20, seeds=range(2), steps=1, write=True)
+    assert set(results) == {1.0, 3.0}
+    best_acc = max(r["acc"]["mean"] for r in results.values())
+    eligible = [w for w, r in results.items() if r["acc"]["mean"] >= best_acc - 0.005]
+    assert pick == min(eligible, key=lambda w: results[w]["fd"]["mean"])
+    t = DigitsTeacher.load(path)
+    assert t.default_guidance == pick and set(t.info["guidance_scan"]) == {"1", "3"}

@@ -18,6 +18,7 @@ from . import lora
 from .adversarial import Discriminator, DiscriminatorHeads, hinge_d_loss, hinge_g_loss
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .errors import HypersdError
+from .outputs import write_text
 from .recipe import Recipe, Stage
 from .teachers import load_teacher
 from .tscd import ConsistencyConfig, ConsistencyStep
@@ -215,5 +216,5 @@ class Distiller:
         path = lora.save_lora(self.out / "lora.safetensors", self.teacher.unet, self.lora_meta(last))
         for k in self.recipe.eval_steps:
             self.sample_grid(self.out / f"samples-{k}step.png", k)
-        (self.out / "stats.json").write_text(json.dumps(self.stats, indent=1))
+        write_text(self.out / "stats.json", json.dumps(self.stats, indent=1))
         return path

@@ -6,6 +6,8 @@ scale with the lowest fd among those whose acc is within ``acc_slack`` of the be
 
 from __future__ import annotations
 
+from tqdm.auto import tqdm
+
 from ..evaluation import DigitsBench
 from ..teachers.digits import DigitsTeacher
 
@@ -19,7 +21,7 @@ def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=
         bench.reference = lambda seed, b=bench: b.teacher_sampler(steps)(b.prompts, seed)
         s = bench.score(bench.teacher_sampler(steps), desc=f"w={w}")
         results[w] = s
-        print(f"guidance {w:g}: fd {s['fd']['mean']:.2f} ± {s['fd']['std']:.2f}, "
+        tqdm.write(f"guidance {w:g}: fd {s['fd']['mean']:.2f} ± {s['fd']['std']:.2f}, "
               f"acc {s['acc']['mean']:.4f} ± {s['acc']['std']:.4f}, reward {s['reward']['mean']:.3f}")
     best_acc = max(s["acc"]["mean"] for s in results.values())
     eligible = [w for w, s in results.items() if s["acc"]["mean"] >= best_acc - acc_slack]
@@ -27,7 +29,7 @@ def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=
     print(f"picked guidance {pick:g} (lowest fd among scales with acc within {acc_slack} of the best)")
     if write:
         teacher.default_guidance = pick
-        teacher.info = {**teacher.info, "guidance_scan": {str(w): {k: v["mean"] for k, v in s.items()}
+        teacher.info = {**teacher.info, "guidance_scan": {f"{w:g}": {k: v["mean"] for k, v in s.items()}
                                                           for w, s in results.items()}, "guidance_steps": steps}
         teacher.save(teacher_path or _default_path())
         print("stored it as the teacher's default guidance")
