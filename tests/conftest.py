@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from hypersd.teachers.digits import DigitsTeacher
 
@@ -25,3 +26,24 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("HYPERSD_CACHE", None)
     else:
         os.environ["HYPERSD_CACHE"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_hub():
+    """Nothing in the tests downloads anything. huggingface_hub reads HF_HUB_OFFLINE once, at
+    import, so set its constant as well as the variable."""
+    import huggingface_hub
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads slow them 100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

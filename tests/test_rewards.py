@@ -1,6 +1,5 @@
 """Reward models, against tiny random CLIP / BLIP models saved to disk and loaded by name."""
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -32,21 +31,8 @@ SIZE = 32  # the tiny models' input side
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import, so set its constant as well as the variable
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _vision(**kw):

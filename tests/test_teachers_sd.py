@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import huggingface_hub.constants
 import pytest
 import torch
 
@@ -15,22 +14,8 @@ KINDS = ("sd15", "sdxl")
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at dusk"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import, so set its constant as well as the variable
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and on a busy machine OpenMP threads slow them 100x
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=KINDS)
