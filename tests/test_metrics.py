@@ -34,3 +34,18 @@ def test_bench_scores_real_digits_as_perfect_against_themselves(random_teacher_f
     assert noise["fd"]["mean"] > 5 * s["fd"]["mean"] and noise["acc"]["mean"] < 0.5
     md = markdown_table([{"method": "x", "steps": 4, "eta": 0.0, **s}], "t")
     assert "| x | 4 | 0 |" in md and md.rstrip().endswith("| – |")
+
+
+def test_teacher_rows_sample_the_teacher_even_with_a_lora_on(random_teacher_file):
+    from hypersd import lora
+
+    plain = DigitsTeacher.load(random_teacher_file)
+    with_lora = DigitsTeacher.load(random_teacher_file)
+    with_lora.unet.requires_grad_(False)
+    lora.add_lora(with_lora.unet, lora.lora_config(4))
+    with torch.no_grad():
+        for p in lora.adapter_params(with_lora.unet, lora.STUDENT):
+            p.add_(0.2)
+    a = DigitsBench(plain, n=10, seeds=(0,), progress=False).teacher_sampler(2)(data.prompts_for(range(10)), 0)
+    b = DigitsBench(with_lora, n=10, seeds=(0,), progress=False).teacher_sampler(2)(data.prompts_for(range(10)), 0)
+    assert torch.allclose(a, b, atol=1e-5)

@@ -47,8 +47,7 @@ class DigitsBench:
             key = self._reference_key(seed)
             cached = _read_cached(key)
             if cached is None:
-                with adapters_disabled(self.teacher.unet):
-                    cached = self.teacher_sampler(REFERENCE_STEPS)(self.prompts, seed)
+                cached = self.teacher_sampler(REFERENCE_STEPS)(self.prompts, seed)
                 _write_cached(key, cached)
             self._references[seed] = cached
         return self._references[seed]
@@ -58,8 +57,10 @@ class DigitsBench:
         return None if fp is None else f"ref-{fp}-w{self.guidance:g}-n{self.n}-s{seed}-k{REFERENCE_STEPS}"
 
     def teacher_sampler(self, steps: int, eta: float = 0.0) -> SampleFn:
+        """The teacher itself, even while a student LoRA sits on its UNet."""
         def fn(prompts, seed):
-            x = sample_prompts(self.teacher, prompts, steps, guidance=self.guidance, eta=eta, seed=seed)
+            with adapters_disabled(self.teacher.unet):
+                x = sample_prompts(self.teacher, prompts, steps, guidance=self.guidance, eta=eta, seed=seed)
             return self.teacher.decode(x)
         return fn
 
