@@ -59,6 +59,8 @@ def test_recipe_errors_name_the_problem(tmp_path):
     bad.write_text("stages: [unclosed")
     with pytest.raises(HypersdError, match="not valid YAML"):
         load_recipe(bad)
+    with pytest.raises(HypersdError, match="data pipeline"):
+        Distiller(from_dict({"backbone": "sdxl", "stages": [{"name": "x"}]}), tmp_path)
     r = load_recipe("digits")
     assert [s.name for s in r.stages] == ["tscd-8", "tscd-4", "tscd-2", "tscd-1"]
     assert [s.segments for s in r.stages] == [8, 4, 2, 1]

@@ -46,6 +46,9 @@ def default_guidance_range(teacher) -> list[float]:
 class Distiller:
     def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, teacher=None):
         self.recipe, self.out, self.progress = recipe, Path(out_dir), progress
+        if recipe.backbone != "digits":  # refuse before loading a large model
+            raise HypersdError(f"distilling backbone {recipe.backbone!r} needs its data pipeline, not yet "
+                               f"available; the digits backbone runs today")
         self.teacher = teacher or load_teacher(recipe.backbone, recipe.teacher)
         unet = self.teacher.unet
         unet.requires_grad_(False)
@@ -59,8 +62,6 @@ class Distiller:
             p.requires_grad_(False)
         self.student = lora.adapter_params(unet, lora.STUDENT)
         self.ema = lora.adapter_params(unet, lora.EMA)
-        if recipe.backbone != "digits":
-            raise HypersdError(f"distilling backbone {recipe.backbone!r} needs its data pipeline (not yet available)")
         self.data = DigitsData(self.teacher)
         self.generator = torch.Generator().manual_seed(recipe.seed)
         with torch.no_grad():
