@@ -9,7 +9,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from ..evaluation import DigitsBench
-from ..teachers.digits import DigitsTeacher
+from ..teachers.digits import DEFAULT_PATH, DigitsTeacher
 
 
 def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=False, acc_slack=0.005):
@@ -29,14 +29,8 @@ def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=
     print(f"picked guidance {pick:g} (lowest fd among scales with acc within {acc_slack} of the best)")
     if write:
         teacher.default_guidance = pick
-        teacher.info = {**teacher.info, "guidance_scan": {f"{w:g}": {k: v["mean"] for k, v in s.items()}
+        teacher.info = {**teacher.info, "guidance_scan": {f"{w:g}": {k: v["mean"] for k, v in s.items() if k != "traj_mse"}
                                                           for w, s in results.items()}, "guidance_steps": steps}
-        teacher.save(teacher_path or _default_path())
+        teacher.save(teacher_path or DEFAULT_PATH)
         print("stored it as the teacher's default guidance")
     return pick, results
-
-
-def _default_path():
-    from ..teachers.digits import DEFAULT_PATH
-
-    return DEFAULT_PATH
