@@ -17,9 +17,11 @@ def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=
     results = {}
     for w in scales:
         bench = DigitsBench(teacher, n=n, seeds=seeds, guidance=w)
-        # traj_mse needs a 40-step reference at each scale; guidance only needs fd and acc.
-        bench.reference = lambda seed, b=bench: b.teacher_sampler(steps)(b.prompts, seed)
-        s = bench.score(bench.teacher_sampler(steps), desc=f"w={w}")
+        # The pick needs fd and acc only, not traj_mse's 40-step reference: each seed's samples
+        # stand in as their own reference, sampled once.
+        sampler, drawn = bench.teacher_sampler(steps), {}
+        bench.reference = drawn.__getitem__
+        s = bench.score(lambda prompts, seed: drawn.setdefault(seed, sampler(prompts, seed)), desc=f"w={w}")
         results[w] = s
         tqdm.write(f"guidance {w:g}: fd {s['fd']['mean']:.2f} ± {s['fd']['std']:.2f}, "
               f"acc {s['acc']['mean']:.4f} ± {s['acc']['std']:.4f}, reward {s['reward']['mean']:.3f}")
