@@ -47,6 +47,10 @@ def test_teacher_errors(tmp_path):
     save_file({"w": torch.zeros(1)}, str(bad))
     with pytest.raises(HypersdError, match="not a hypersd digits teacher"):
         DigitsTeacher.load(bad)
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(b"\x10garbage")
+    with pytest.raises(HypersdError, match="not a readable safetensors digits teacher"):
+        DigitsTeacher.load(torn)
     with pytest.raises(HypersdError, match="unknown backbone"):
         load_teacher("sd3")
     with pytest.raises(HypersdError, match=r"\[N, 1, 8, 8\]"):

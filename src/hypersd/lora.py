@@ -134,15 +134,15 @@ def save_lora(path: str | Path, unet, meta: dict, name: str = STUDENT) -> Path:
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from .outputs import read_metadata
 
     path = Path(path)
     if not path.is_file():
         raise HypersdError(f"LoRA file {path} not found")
+    meta = read_metadata(path, "LoRA")
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("hypersd", "{}"))
         return load_file(str(path)), meta
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise HypersdError(f"{path} is not a readable safetensors LoRA file ({e})") from None

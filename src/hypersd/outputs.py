@@ -44,3 +44,16 @@ def atomic_path(path: str | Path):
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def read_metadata(path: str | Path, what: str) -> dict:
+    """The hypersd metadata (a JSON object) of a safetensors file; {} when it has none."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("hypersd", "{}")) or {}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise HypersdError(f"{path} is not a readable safetensors {what} file ({e})") from None

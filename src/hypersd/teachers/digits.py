@@ -68,10 +68,9 @@ class DigitsTeacher(Teacher):
                 "'hypersd teacher train'" if path == DEFAULT_PATH else "pass an existing teacher file"
             )
             raise HypersdError(f"digits teacher file {path} not found; {hint}")
-        from safetensors import safe_open
+        from ..outputs import read_metadata
 
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("hypersd", "null") or "null")
+        meta = read_metadata(path, "digits teacher")
         if not meta or meta.get("kind") != "digits-teacher":
             raise HypersdError(f"{path} is not a hypersd digits teacher file (no teacher metadata)")
         unet = UNet2DConditionModel(**meta["unet"])
