@@ -20,12 +20,6 @@ def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.where(t < 0, torch.ones_like(a), a).float()
 
 
-def scaled_linear_alphas_cumprod(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
-    """SD1.5/SDXL's schedule, for worlds that have no scheduler config of their own."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, 0).float()
-
-
 def trailing(T: int, n: int) -> list[int]:
     """``T-1 - i*T/n`` for i < n: DDIM's trailing spacing, from T-1 down."""
     if n < 1 or T % n:

@@ -142,7 +142,7 @@ class Distiller:
         return True
 
     def _run_stage(self, i, stage, start, global_step, step_fn, opt, disc, d_opt, budget):
-        rec, unet = self.recipe, self.teacher.unet
+        rec = self.recipe
         stats = self.stats["stages"].setdefault(stage.name, {"nan_skipped": 0})
         bar = tqdm(range(start, stage.steps), desc=f"{stage.name}", disable=not self.progress,
                    initial=start, total=stage.steps)
