@@ -66,3 +66,64 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(HypersdError, match="not a readable"):
         lora.load_lora(t3.unet, tmp_path / "junk.safetensors")
+
+
+def _randomised(t, name, rank=4, targets="attn", seed=0):
+    lora.add_lora(t.unet, lora.lora_config(rank, targets=targets), name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.adapter_params(t.unet, name):
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def test_merge_equals_both_adapters_at_once_and_scales_the_second():
+    t = _teacher()
+    _randomised(t, lora.STUDENT, seed=1)
+    _randomised(t, lora.FEEDBACK, seed=2)
+    x, cond = torch.randn(2, 1, 8, 8), t.encode_prompt(prompts_for([3, 4]))
+    with torch.no_grad():
+        lora.activate(t.unet, [lora.STUDENT, lora.FEEDBACK])
+        both = t.eps(x, 600, cond)
+        lora.activate(t.unet, lora.STUDENT)
+        alone = t.eps(x, 600, cond)
+        a, b = lora.get_state(t.unet, lora.STUDENT), lora.get_state(t.unet, lora.FEEDBACK)
+        sa, sb = lora.spec(t.unet, lora.STUDENT), lora.spec(t.unet, lora.FEEDBACK)
+        # ratio 0.5 is the feedback LoRA with its B halved, next to the student
+        half = {k: v * 0.5 if ".lora_B." in k else v for k, v in b.items()}
+        lora.add_lora(t.unet, lora.lora_config(4, targets="attn"), "halved")
+        lora.set_state(t.unet, half, "halved")
+        lora.activate(t.unet, [lora.STUDENT, "halved"])
+        halfway = t.eps(x, 600, cond)
+        for ratio, want in ((1.0, both), (0.0, alone), (0.5, halfway)):
+            state, spec = lora.merge_states(a, sa, b, sb, ratio)
+            assert spec["rank"] == 8
+            lora.remove_lora(t.unet, "merged")
+            lora.add_lora(t.unet, lora.lora_config(spec["rank"], spec["alpha"], spec["targets"]), "merged")
+            lora.set_state(t.unet, state, "merged")
+            lora.activate(t.unet, "merged")
+            assert torch.allclose(t.eps(x, 600, cond), want, atol=1e-5), ratio
+
+
+def test_merge_refuses_other_ranks_or_targets():
+    t = _teacher()
+    _randomised(t, "a", rank=4)
+    _randomised(t, "b", rank=8)
+    _randomised(t, "c", rank=4, targets="attn-ff")
+    a, sa = lora.get_state(t.unet, "a"), lora.spec(t.unet, "a")
+    with pytest.raises(HypersdError, match="rank 4 and 8"):
+        lora.merge_states(a, sa, lora.get_state(t.unet, "b"), lora.spec(t.unet, "b"))
+    with pytest.raises(HypersdError, match="different targets"):
+        lora.merge_states(a, sa, lora.get_state(t.unet, "c"), lora.spec(t.unet, "c"))
+
+
+def test_activate_trains_only_what_it_is_told():
+    t = _teacher()
+    lora.add_lora(t.unet, lora.lora_config(4), lora.STUDENT)
+    lora.add_lora(t.unet, lora.lora_config(4), lora.FEEDBACK)
+    lora.activate(t.unet, [lora.STUDENT, lora.FEEDBACK], trainable=(lora.FEEDBACK,))
+    assert not any(p.requires_grad for p in lora.adapter_params(t.unet, lora.STUDENT))
+    assert all(p.requires_grad for p in lora.adapter_params(t.unet, lora.FEEDBACK))
+    with lora.adapter(t.unet, lora.STUDENT):  # a switch and back keeps both the set and the flags
+        assert all(p.requires_grad for p in lora.adapter_params(t.unet, lora.STUDENT))
+    assert not any(p.requires_grad for p in lora.adapter_params(t.unet, lora.STUDENT))
+    assert t.unet.active_adapters() == [lora.STUDENT, lora.FEEDBACK]

@@ -82,3 +82,57 @@ def test_distill_command_dry_run_and_refusal(tmp_path, random_teacher_file, caps
     assert (out / "lora.safetensors").read_bytes() == before
     assert main(["sample", "--teacher", str(random_teacher_file), "--lora", str(out / "lora.safetensors"),
                  "--steps", "2", "--n", "10", "--out", str(tmp_path / "s.npz")]) == 0
+
+
+def full_recipe(teacher_file, **kw):
+    raw = {"teacher": str(teacher_file), "lora_rank": 4, "checkpoint_every": 3, "checkpoint_keep": 2,
+           "grid_every_stage": False, "eval_steps": [1],
+           "stage_defaults": {"batch": 4, "steps": 4},
+           "stages": [{"name": "t", "segments": 2},
+                      {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits", "alpha": -0.1}],
+                       "perceptual_weight": 1.0},
+                      {"name": "m", "kind": "merge", "ratio": 0.5},
+                      {"name": "d", "kind": "dmd", "fake_warmup": 2, "fake_updates": 2, "reg_pool": 8,
+                       "reg_steps": 2, "reg_batch": 2}]}
+    raw.update(kw)
+    return from_dict(raw)
+
+
+def test_full_recipe_runs_every_kind_and_resumes_inside_each(tmp_path, random_teacher_file):
+    from hypersd import lora
+
+    full = Distiller(full_recipe(random_teacher_file), tmp_path / "full", progress=False)
+    assert full.run()
+    want = load_file(str(full.finish()))
+    stages = tmp_path / "full" / "stages"
+    fb, meta = lora.read_lora(stages / "fb" / "feedback.safetensors")
+    assert meta["rank"] == 4 and any(v.abs().sum() > 0 for k, v in fb.items() if "lora_B" in k)  # it learned
+    merged, meta = lora.read_lora(stages / "m" / "lora.safetensors")
+    assert meta["rank"] == 8 and want.keys() == merged.keys()  # the unified LoRA: ranks stacked
+    assert any(not torch.equal(want[k], merged[k]) for k in want)  # DMD trained it further
+    for kill_at in (6, 8, 10):  # inside feedback, at its end, inside DMD
+        part = Distiller(full_recipe(random_teacher_file), tmp_path / f"part{kill_at}", progress=False)
+        assert not part.run(max_steps=kill_at)
+        again = Distiller(full_recipe(random_teacher_file), tmp_path / f"part{kill_at}", progress=False)
+        assert again.run(resume=True)
+        got = load_file(str(again.finish()))
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.allclose(want[k], got[k], atol=1e-5), (kill_at, k)
+
+
+def test_stage_order_and_inputs_are_checked(tmp_path):
+    fb = {"name": "fb", "kind": "feedback", "perceptual_weight": 1.0}
+    with pytest.raises(HypersdError, match="needs a distilled LoRA"):
+        from_dict({"stages": [fb]})
+    from_dict({"init_lora": "x.safetensors", "stages": [fb]})  # a LoRA from an earlier run serves
+    with pytest.raises(HypersdError, match="nothing to merge"):
+        from_dict({"stages": [{"name": "t"}, {"name": "m", "kind": "merge"}]})
+    with pytest.raises(HypersdError, match="needs rewards or a perceptual_weight"):
+        from_dict({"stages": [{"name": "t"}, {"name": "fb", "kind": "feedback"}]})
+    with pytest.raises(HypersdError, match=r"unknown key\(s\) \['segments'\] in config: stage 'd' \(kind dmd\)"):
+        from_dict({"stages": [{"name": "t"}, {"name": "d", "kind": "dmd", "segments": 2}]})
+    with pytest.raises(HypersdError, match="reward 'digits'"):
+        from_dict({"stages": [{"name": "t"}, {**fb, "rewards": [{"name": "digits", "alpah": 1}]}]})
+    with pytest.raises(HypersdError, match="LoRA file .* not found"):
+        Distiller(from_dict({"init_lora": str(tmp_path / "none.safetensors"), "stages": [fb]}), tmp_path)

@@ -18,7 +18,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .errors import HypersdError
 
-STUDENT, EMA = "student", "ema"
+# student: the distilled LoRA; ema: its target; feedback: the feedback LoRA trained on top of the
+# student; fake: DMD's fake score. All are adapters on the one UNet.
+STUDENT, EMA, FEEDBACK, FAKE = "student", "ema", "feedback", "fake"
 
 # Module-name suffixes a LoRA may target: attention, feed-forward, resnet convolutions.
 TARGET_PRESETS = {
@@ -46,6 +48,42 @@ def add_lora(unet, config: LoraConfig, name: str = STUDENT) -> None:
     with warnings.catch_warnings():  # peft warns on every second adapter; several are the design
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         unet.add_adapter(config, adapter_name=name)
+    unet.__dict__.pop("_hypersd_tuner_layers", None)
+
+
+def remove_lora(unet, name: str) -> None:
+    if name in getattr(unet, "peft_config", {}):
+        with warnings.catch_warnings():  # "was active, now deleted": the caller activates what it needs next
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            unet.delete_adapters(name)
+    unet.__dict__.pop("_hypersd_tuner_layers", None)
+
+
+def spec(unet, name: str) -> dict:
+    """An adapter's shape as plain data (rank, alpha, targets): enough to build it again."""
+    cfg = unet.peft_config[name]
+    return {"rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules)}
+
+
+def ensure_lora(unet, name: str, rank: int, alpha: float, targets) -> None:
+    """Adapter ``name`` with exactly this shape: kept if it has it, (re)built if not."""
+    if name in getattr(unet, "peft_config", {}):
+        if spec(unet, name) == {"rank": rank, "alpha": alpha, "targets": sorted(targets)}:
+            return
+        remove_lora(unet, name)
+    add_lora(unet, lora_config(rank, alpha, targets), name)
+
+
+def activate(unet, names: str | list[str], trainable: tuple[str, ...] = ()) -> None:
+    """Make ``names`` the active adapters (their outputs add up) and only ``trainable`` train.
+
+    peft makes every active adapter trainable; a feedback LoRA on a frozen student needs less.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    for layer in _tuner_layers(unet):
+        layer.set_adapter(names)
+    for n, p in _cached(unet)[1]:
+        p.requires_grad_(any(f".{t}." in n for t in trainable))
 
 
 def adapter_params(unet, name: str) -> list[torch.nn.Parameter]:
@@ -78,16 +116,22 @@ def check_state(unet, state: dict[str, torch.Tensor], name: str = STUDENT, sourc
         raise HypersdError(f"{source} does not fit this UNet: " + "; ".join(parts))
 
 
-def _tuner_layers(unet) -> list:
-    """The UNet's LoRA-carrying layers, found once: switching walks these, not the whole tree."""
+def _cached(unet) -> tuple[list, list[tuple[str, torch.nn.Parameter]]]:
+    """The UNet's LoRA-carrying layers and LoRA weights, found once per set of adapters:
+    switching walks these, not the whole module tree."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     key = tuple(sorted(unet.peft_config))
-    cached = getattr(unet, "_hypersd_tuner_layers", None)
+    cached = unet.__dict__.get("_hypersd_tuner_layers")
     if cached is None or cached[0] != key:
-        cached = (key, [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
-        unet._hypersd_tuner_layers = cached
-    return cached[1]
+        layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        params = [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
+        cached = unet.__dict__["_hypersd_tuner_layers"] = (key, layers, params)
+    return cached[1], cached[2]
+
+
+def _tuner_layers(unet) -> list:
+    return _cached(unet)[0]
 
 
 @contextlib.contextmanager
@@ -108,10 +152,12 @@ def adapters_disabled(unet: torch.nn.Module):
 
 @contextlib.contextmanager
 def adapter(unet, name: str):
-    """Run with adapter ``name`` active, then restore the previous one (and its trainability:
-    peft makes the active adapter trainable and the others frozen)."""
+    """Run with adapter ``name`` active, then restore the active set and which LoRA weights train
+    (peft's switch makes the active adapter trainable and all others frozen)."""
     layers = _tuner_layers(unet)
     before = layers[0].active_adapters
+    params = [p for _, p in _cached(unet)[1]]
+    grads = [p.requires_grad for p in params]
     for layer in layers:
         layer.set_adapter(name)
     try:
@@ -119,15 +165,48 @@ def adapter(unet, name: str):
     finally:
         for layer in layers:
             layer.set_adapter(before)
+        for p, g in zip(params, grads):
+            p.requires_grad_(g)
+
+
+def merge_states(a: dict[str, torch.Tensor], spec_a: dict, b: dict[str, torch.Tensor], spec_b: dict,
+                 ratio: float = 1.0) -> tuple[dict[str, torch.Tensor], dict]:
+    """One LoRA equal to ``a + ratio·b``, exactly: the ranks stack (A rows, B columns).
+
+    Each LoRA adds (alpha/r)·B·A to its layer; the merged one has alpha = rank, so scale 1, and
+    carries the two scales in its B columns. Both must target the same layers with the same rank.
+    """
+    if spec_a["targets"] != spec_b["targets"] or set(a) != set(b):
+        raise HypersdError(f"cannot merge LoRAs with different targets ({spec_a['targets']} vs {spec_b['targets']}); "
+                           f"train both with the same lora_targets")
+    if spec_a["rank"] != spec_b["rank"]:
+        raise HypersdError(f"cannot merge LoRAs of rank {spec_a['rank']} and {spec_b['rank']}; "
+                           f"train both with the same rank")
+    scale_a, scale_b = spec_a["alpha"] / spec_a["rank"], ratio * spec_b["alpha"] / spec_b["rank"]
+    out = {}
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise HypersdError(f"cannot merge: {k} has shape {tuple(a[k].shape)} vs {tuple(b[k].shape)}")
+        if ".lora_A." in k:
+            out[k] = torch.cat([a[k], b[k]], 0)
+        elif ".lora_B." in k:
+            out[k] = torch.cat([scale_a * a[k], scale_b * b[k]], 1)
+        else:
+            raise HypersdError(f"cannot merge: unexpected key {k} (only lora_A/lora_B weights are merged)")
+    rank = spec_a["rank"] + spec_b["rank"]
+    return out, {"rank": rank, "alpha": rank, "targets": spec_a["targets"]}
 
 
 def save_lora(path: str | Path, unet, meta: dict, name: str = STUDENT) -> Path:
+    """Adapter ``name`` as a LoRA file; its shape (rank, alpha, targets) goes in the metadata."""
+    return save_state(path, get_state(unet, name), {**meta, **spec(unet, name)})
+
+
+def save_state(path: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
     from .outputs import atomic_path
     from safetensors.torch import save_file
 
-    cfg = unet.peft_config[name]
-    meta = {**meta, "rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules)}
-    state = {k: v.contiguous().cpu() for k, v in get_state(unet, name).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"hypersd": json.dumps(meta)})
     return Path(path)
@@ -153,8 +232,7 @@ def load_lora(unet, path: str | Path, name: str = STUDENT) -> dict:
     state, meta = read_lora(path)
     if "rank" not in meta:
         raise HypersdError(f"{path} has no hypersd LoRA metadata (rank, targets); was it written by hypersd?")
-    if name in getattr(unet, "peft_config", {}):
-        unet.delete_adapters(name)
+    remove_lora(unet, name)
     add_lora(unet, lora_config(meta["rank"], meta["alpha"], meta["targets"]), name)
     check_state(unet, state, name, source=f"LoRA {path}")
     set_peft_model_state_dict(unet, state, adapter_name=name)

@@ -17,19 +17,26 @@ import yaml
 from .errors import HypersdError
 
 CONFIGS = Path(__file__).parent / "configs"
-STAGE_KINDS = ("tscd",)
 
 
 @dataclass
 class Stage:
+    """What every stage has. A stage's ``kind`` picks its dataclass below (``STAGE_KINDS``)."""
+
     name: str
     kind: str = "tscd"
-    segments: int = 8  # k
-    end: str = "segment"  # t_end: "segment" (anywhere in [t_b, t_{n-1}]) or "boundary"
-    boundary_prob: float = 0.0  # with end "segment": share of t_end draws put on t_b itself
     steps: int = 500
     batch: int = 64
     lr: float = 5e-4
+
+
+@dataclass
+class TSCDStage(Stage):
+    """HYPERSD.md §1: consistency distillation over k trajectory segments."""
+
+    segments: int = 8  # k
+    end: str = "segment"  # t_end: "segment" (anywhere in [t_b, t_{n-1}]) or "boundary"
+    boundary_prob: float = 0.0  # with end "segment": share of t_end draws put on t_b itself
     ema_decay: float = 0.95
     guidance: list[float] | None = None  # [ω_min, ω_max]; None: the teacher's default ± 25%
     distance: str = "mse"  # or "huber"
@@ -43,10 +50,55 @@ class Stage:
 
 
 @dataclass
+class FeedbackStage(Stage):
+    """HYPERSD.md §2: a separate LoRA on the (frozen) distilled one, trained on rewards."""
+
+    # [{name, weight, alpha, path?, options?}]: loss Σ weight·ReLU(alpha − reward)
+    rewards: list[dict] = field(default_factory=list)
+    sample_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # the student's k
+    t_range: list[int] = field(default_factory=lambda: [0, 999])  # where the sampler may stop
+    perceptual_weight: float = 0.0
+    perceptual_model: str = "digits"  # feature extractor for the perceptual loss
+    perceptual_t: list[int] = field(default_factory=lambda: [0, 999])  # t_a of the real image
+    rank: int | None = None  # the feedback LoRA's rank; None: the recipe's lora_rank
+
+
+@dataclass
+class MergeStage(Stage):
+    """Distilled LoRA + ratio x feedback LoRA, exactly (ranks add), into one student LoRA."""
+
+    steps: int = 0
+    ratio: float = 1.0
+
+
+@dataclass
+class DMDStage(Stage):
+    """HYPERSD.md §3: one-step score distillation with a LoRA fake score."""
+
+    generator_t: int = 999  # 999: the unified LoRA's first step; 800: a dedicated 1-step model
+    t_range: list[int] = field(default_factory=lambda: [20, 980])  # where the scores are compared
+    guidance: float | None = None  # the real score's CFG; None: the teacher's default
+    fake_rank: int | None = None  # None: the recipe's lora_rank
+    fake_lr: float = 1e-3
+    fake_updates: int = 4  # fake-score updates per generator update
+    fake_warmup: int = 50  # fake-score updates before the generator's first
+    dmd_weight: float = 1.0
+    reg_weight: float = 0.25  # MSE to the teacher's ODE output from the same noise
+    reg_steps: int = 20  # teacher DDIM steps for that output
+    reg_pool: int = 256  # noise/output pairs computed once per stage
+    reg_batch: int = 16
+    rewards: list[dict] = field(default_factory=list)  # optional feedback terms on the generator
+
+
+STAGE_KINDS = {"tscd": TSCDStage, "feedback": FeedbackStage, "merge": MergeStage, "dmd": DMDStage}
+
+
+@dataclass
 class Recipe:
     stages: list[Stage]
     backbone: str = "digits"
     teacher: str | None = None
+    init_lora: str | None = None  # a distilled LoRA the first stage starts from
     seed: int = 0
     lora_rank: int = 32
     lora_alpha: float | None = None
@@ -78,19 +130,20 @@ def _fields(cls) -> dict:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _check_keys(d: dict, cls, where: str, extra=()) -> None:
-    unknown = sorted(set(d) - set(_fields(cls)) - set(extra))
+def _check_keys(d: dict, known: set, where: str) -> None:
+    unknown = sorted(set(d) - known)
     if unknown:
-        raise HypersdError(f"unknown key(s) {unknown} in {where}; known keys: {', '.join(sorted(_fields(cls)))}")
+        raise HypersdError(f"unknown key(s) {unknown} in {where}; known keys: {', '.join(sorted(known))}")
 
 
 def from_dict(raw: dict, source: str = "config") -> Recipe:
     if not isinstance(raw, dict):
         raise HypersdError(f"{source} must be a YAML mapping of recipe keys")
     raw = dict(raw)
-    _check_keys(raw, Recipe, source, extra=("stage_defaults",))
+    _check_keys(raw, set(_fields(Recipe)) | {"stage_defaults"}, source)
     defaults = raw.pop("stage_defaults", None) or {}
-    _check_keys(defaults, Stage, f"{source}: stage_defaults")
+    # a default may serve any kind; each stage takes the defaults its own kind knows
+    _check_keys(defaults, set().union(*(_fields(c) for c in STAGE_KINDS.values())), f"{source}: stage_defaults")
     stages_raw = raw.pop("stages", None)
     if not stages_raw:
         raise HypersdError(f"{source} has no stages; list at least one under 'stages:'")
@@ -98,32 +151,80 @@ def from_dict(raw: dict, source: str = "config") -> Recipe:
     for i, s in enumerate(stages_raw):
         if not isinstance(s, dict) or "name" not in s:
             raise HypersdError(f"{source}: stage {i + 1} needs a 'name'")
-        _check_keys(s, Stage, f"{source}: stage {s['name']!r}")
-        stage = Stage(**{**defaults, **s})
-        _validate_stage(stage, source)
+        where = f"{source}: stage {s['name']!r}"
+        kind = s.get("kind", "tscd")
+        if kind not in STAGE_KINDS:
+            raise HypersdError(f"{where}: unknown stage kind {kind!r}; known kinds: {', '.join(STAGE_KINDS)}")
+        cls = STAGE_KINDS[kind]
+        _check_keys(s, set(_fields(cls)), f"{where} (kind {kind})")
+        known = _fields(cls) if cls is not MergeStage else {}  # a merge does not train: no defaults
+        stage = cls(**{**{k: v for k, v in defaults.items() if k in known and k != "kind"}, **s})
+        _validate_stage(stage, where)
         stages.append(stage)
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise HypersdError(f"{source}: stage names must be unique, got {names}")
-    return Recipe(stages=stages, **raw)
+    recipe = Recipe(stages=stages, **raw)
+    _validate_order(recipe, source)
+    return recipe
 
 
-def _validate_stage(s: Stage, source: str) -> None:
-    where = f"{source}: stage {s.name!r}"
-    if s.kind not in STAGE_KINDS:
-        raise HypersdError(f"{where}: unknown stage kind {s.kind!r}; known kinds: {', '.join(STAGE_KINDS)}")
-    if s.end not in ("segment", "boundary"):
-        raise HypersdError(f"{where}: end must be 'segment' or 'boundary', got {s.end!r}")
-    if s.distance not in ("mse", "huber"):
-        raise HypersdError(f"{where}: distance must be 'mse' or 'huber', got {s.distance!r}")
-    if s.steps < 1 or s.batch < 1:
+def _range(value, where: str, what: str, lo, hi) -> None:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and lo <= value[0] <= value[1] <= hi):
+        raise HypersdError(f"{where}: {what} must be [min, max] with {lo} <= min <= max <= {hi}, got {value}")
+
+
+def _validate_stage(s: Stage, where: str) -> None:
+    if s.steps < (0 if s.kind == "merge" else 1) or s.batch < 1:
         raise HypersdError(f"{where}: steps and batch must be positive")
-    if s.guidance is not None and (len(s.guidance) != 2 or s.guidance[0] > s.guidance[1]):
-        raise HypersdError(f"{where}: guidance must be [min, max] with min <= max, got {s.guidance}")
-    if not 0 <= s.boundary_prob <= 1:
-        raise HypersdError(f"{where}: boundary_prob must be in [0, 1], got {s.boundary_prob}")
-    if not 0 <= s.ema_decay < 1:
-        raise HypersdError(f"{where}: ema_decay must be in [0, 1), got {s.ema_decay}")
+    if isinstance(s, TSCDStage):
+        if s.end not in ("segment", "boundary"):
+            raise HypersdError(f"{where}: end must be 'segment' or 'boundary', got {s.end!r}")
+        if s.distance not in ("mse", "huber"):
+            raise HypersdError(f"{where}: distance must be 'mse' or 'huber', got {s.distance!r}")
+        if s.guidance is not None:
+            _range(s.guidance, where, "guidance", 0.0, float("inf"))
+        if not 0 <= s.boundary_prob <= 1:
+            raise HypersdError(f"{where}: boundary_prob must be in [0, 1], got {s.boundary_prob}")
+        if not 0 <= s.ema_decay < 1:
+            raise HypersdError(f"{where}: ema_decay must be in [0, 1), got {s.ema_decay}")
+    if isinstance(s, (FeedbackStage, DMDStage)):
+        for r in s.rewards:
+            if not isinstance(r, dict) or "name" not in r:
+                raise HypersdError(f"{where}: each reward is a mapping with a 'name', got {r!r}")
+            _check_keys(r, {"name", "weight", "alpha", "path", "options"}, f"{where}: reward {r['name']!r}")
+    if isinstance(s, FeedbackStage):
+        if not s.rewards and s.perceptual_weight <= 0:
+            raise HypersdError(f"{where}: a feedback stage needs rewards or a perceptual_weight > 0")
+        _range(s.t_range, where, "t_range", 0, 999)
+        _range(s.perceptual_t, where, "perceptual_t", 0, 999)
+        if not s.sample_steps or any(k < 1 for k in s.sample_steps):
+            raise HypersdError(f"{where}: sample_steps must list step counts >= 1, got {s.sample_steps}")
+    if isinstance(s, MergeStage) and s.steps != 0:
+        raise HypersdError(f"{where}: a merge stage does not train; leave out 'steps'")
+    if isinstance(s, DMDStage):
+        _range(s.t_range, where, "t_range", 0, 999)
+        if not 0 <= s.generator_t <= 999:
+            raise HypersdError(f"{where}: generator_t must be a timestep in [0, 999], got {s.generator_t}")
+        if s.fake_updates < 1 or s.fake_warmup < 0 or s.reg_pool < 1 or s.reg_batch < 1:
+            raise HypersdError(f"{where}: fake_updates, reg_pool and reg_batch must be >= 1, fake_warmup >= 0")
+
+
+def _validate_order(r: Recipe, source: str) -> None:
+    """Each stage's input must exist when it runs: a distilled LoRA for feedback, merge and DMD
+    (from an earlier tscd stage or ``init_lora``), and a feedback LoRA for a merge."""
+    distilled, feedback = r.init_lora is not None, False
+    for s in r.stages:
+        where = f"{source}: stage {s.name!r}"
+        if s.kind in ("feedback", "merge", "dmd") and not distilled:
+            raise HypersdError(f"{where}: a {s.kind} stage needs a distilled LoRA to start from; put a tscd stage "
+                               f"before it or set init_lora: PATH to a LoRA made by hypersd distill")
+        if s.kind == "merge" and not feedback:
+            raise HypersdError(f"{where}: nothing to merge; put a feedback stage before it")
+        if s.kind == "feedback" and feedback:
+            raise HypersdError(f"{where}: merge the previous feedback LoRA before training another")
+        distilled = distilled or s.kind == "tscd"
+        feedback = (feedback or s.kind == "feedback") and s.kind != "merge"
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:

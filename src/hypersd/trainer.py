@@ -1,7 +1,7 @@
 """The trainer loop: runs a recipe's stages in order, checkpointing, resuming, evaluating.
 
-The loop knows nothing of any one method: each stage kind builds its loss from the stage's
-config, and the loop only steps optimizers, keeps the EMA target, and writes files.
+The loop knows nothing of any one method: each stage kind (``stages.py``) sets up its adapters
+and builds its loss from the stage's config; the loop steps the optimizer and writes files.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import lora
-from .adversarial import Discriminator, DiscriminatorHeads, hinge_d_loss, hinge_g_loss
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .errors import HypersdError
 from .outputs import write_text
 from .recipe import Recipe, Stage
+from .stages import StageRun, stage_run
 from .teachers import load_teacher
-from .tscd import ConsistencyConfig, ConsistencyStep
 
 
 class DigitsData:
@@ -38,11 +37,6 @@ class DigitsData:
         return self.teacher.encode(self.x[idx]).to(self.teacher.device), self.prompts_for(self.y[idx])
 
 
-def default_guidance_range(teacher) -> list[float]:
-    w = teacher.default_guidance
-    return [max(1.0, 0.75 * w), 1.25 * w] if w > 1 else [1.0, 1.0]
-
-
 class Distiller:
     def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, teacher=None):
         self.recipe, self.out, self.progress = recipe, Path(out_dir), progress
@@ -52,46 +46,35 @@ class Distiller:
         self.teacher = teacher or load_teacher(recipe.backbone, recipe.teacher)
         unet = self.teacher.unet
         unet.requires_grad_(False)
-        cfg = lora.lora_config(recipe.lora_rank, recipe.lora_alpha, recipe.lora_targets)
         torch.manual_seed(recipe.seed)  # LoRA A matrices start random: the same seed, the same run
-        for name in (lora.STUDENT, lora.EMA):
-            if name not in getattr(unet, "peft_config", {}):
-                lora.add_lora(unet, cfg, name)
-        unet.set_adapter(lora.STUDENT)
-        for p in lora.adapter_params(unet, lora.EMA):
-            p.requires_grad_(False)
-        self.student = lora.adapter_params(unet, lora.STUDENT)
-        self.ema = lora.adapter_params(unet, lora.EMA)
+        if recipe.init_lora:
+            lora.load_lora(unet, recipe.init_lora, lora.STUDENT)
+        elif lora.STUDENT not in getattr(unet, "peft_config", {}):
+            lora.add_lora(unet, lora.lora_config(recipe.lora_rank, recipe.lora_alpha, recipe.lora_targets), lora.STUDENT)
+        lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
         self.data = DigitsData(self.teacher)
         self.generator = torch.Generator().manual_seed(recipe.seed)
         with torch.no_grad():
             self.uncond_row = self.teacher.empty_cond(1)
         self.stats: dict = {"nan_skipped": 0, "stages": {}}
 
-    # -- state -----------------------------------------------------------------------------
-    def _stage_objects(self, stage: Stage):
-        guidance = stage.guidance or default_guidance_range(self.teacher)
-        step = ConsistencyStep(self.teacher, ConsistencyConfig(
-            segments=stage.segments, end=stage.end, boundary_prob=stage.boundary_prob, guidance=tuple(guidance), distance=stage.distance,
-            huber_c=stage.huber_c, offset_noise=stage.offset_noise, solver_steps=stage.solver_steps))
-        opt = torch.optim.AdamW(self.student, lr=stage.lr, weight_decay=0.0)
-        disc = d_opt = None
-        if stage.adv_weight > 0:
-            heads = DiscriminatorHeads.for_unet(self.teacher.unet, stage.d_hidden).to(self.teacher.device)
-            disc = Discriminator(self.teacher.unet, heads)
-            d_opt = torch.optim.AdamW(heads.parameters(), lr=stage.d_lr, betas=(0.0, 0.99))
-        return step, opt, disc, d_opt
+    @property
+    def student(self) -> list[torch.nn.Parameter]:
+        return lora.adapter_params(self.teacher.unet, lora.STUDENT)
 
-    def _save(self, stage_idx: int, step: int, global_step: int, opt, disc, d_opt) -> None:
-        tensors = {"student": lora.get_state(self.teacher.unet, lora.STUDENT),
-                   "ema": lora.get_state(self.teacher.unet, lora.EMA),
-                   "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}}
+    # -- state -----------------------------------------------------------------------------
+    def _save(self, stage_idx: int, step: int, global_step: int, opt, run: StageRun | None) -> None:
+        unet = self.teacher.unet
+        tensors = {f"lora-{n}": lora.get_state(unet, n) for n in unet.peft_config}
+        tensors["rng"] = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         optim = {"opt": opt.state_dict() if opt else None}
-        if disc is not None:
-            tensors["heads"] = disc.heads.state_dict()
-            optim["d_opt"] = d_opt.state_dict()
+        if run is not None:
+            extra_tensors, extra_optim = run.state()
+            tensors |= extra_tensors
+            optim |= extra_optim
         state = {"fingerprint": self.recipe.fingerprint(), "stage_idx": stage_idx, "step": step,
-                 "global_step": global_step, "stats": self.stats}
+                 "global_step": global_step, "stats": self.stats,
+                 "adapters": {n: lora.spec(unet, n) for n in unet.peft_config}}
         save_checkpoint(self.out / "checkpoints", global_step, tensors, optim, state, self.recipe.checkpoint_keep)
 
     def _restore(self):
@@ -103,10 +86,14 @@ class Distiller:
             raise HypersdError(
                 f"checkpoint {ckpts[-1]} belongs to another recipe (fingerprint {state['fingerprint']} vs "
                 f"{self.recipe.fingerprint()}); use the config it was made with, or a new --out")
-        lora.set_state(self.teacher.unet, tensors["student"], lora.STUDENT)
-        lora.set_state(self.teacher.unet, tensors["ema"], lora.EMA)
+        unet = self.teacher.unet
+        for name in list(unet.peft_config):  # the UNet gets exactly the checkpoint's adapters
+            if name not in state["adapters"]:
+                lora.remove_lora(unet, name)
+        for name, spec in state["adapters"].items():
+            lora.ensure_lora(unet, name, **spec)
+            lora.set_state(unet, tensors[f"lora-{name}"], name)
         self.generator.set_state(tensors["rng"]["generator"])
-        torch.set_rng_state(tensors["rng"]["torch"])
         self.stats = state["stats"]
         return tensors, optim, state
 
@@ -121,30 +108,34 @@ class Distiller:
         budget = max_steps
         for i in range(stage_idx, len(self.recipe.stages)):
             stage = self.recipe.stages[i]
-            step_fn, opt, disc, d_opt = self._stage_objects(stage)
-            if restored and i == stage_idx and start > 0:
+            resuming = bool(restored) and i == stage_idx and start > 0
+            # Building a stage draws from torch's global RNG (new LoRA and head weights, a reward
+            # model's layers): seed it per stage, and on a resume put back the checkpoint's state
+            # after the build, so a resumed run draws what the uninterrupted one drew.
+            torch.manual_seed(self.recipe.seed + 1000 * (i + 1))
+            run = stage_run(self, stage)
+            run.enter(fresh=not resuming)
+            if resuming:
+                torch.set_rng_state(restored[0]["rng"]["torch"])
+            opt = torch.optim.AdamW(run.params, lr=stage.lr, weight_decay=0.0) if run.params else None
+            if resuming:
                 tensors, optim, _ = restored
                 opt.load_state_dict(optim["opt"])
-                if disc is not None:
-                    disc.heads.load_state_dict(tensors["heads"])
-                    d_opt.load_state_dict(optim["d_opt"])
+                run.load_state(tensors, optim)
             else:
                 start = 0
-                with torch.no_grad():  # a stage's target starts as its student
-                    torch._foreach_copy_(self.ema, self.student)
-            done, global_step = self._run_stage(i, stage, start, global_step, step_fn, opt, disc, d_opt, budget)
+            done, global_step = self._run_stage(i, stage, run, start, global_step, opt, budget)
             if not done:
                 return False
             if budget is not None:
                 budget -= stage.steps - start
-            self._finish_stage(i, stage)
-            self._save(i + 1, 0, global_step, None, None, None)
+            self._finish_stage(stage, run)
+            self._save(i + 1, 0, global_step, None, None)
         return True
 
-    def _run_stage(self, i, stage, start, global_step, step_fn, opt, disc, d_opt, budget):
-        rec = self.recipe
+    def _run_stage(self, i, stage, run: StageRun, start, global_step, opt, budget):
         stats = self.stats["stages"].setdefault(stage.name, {"nan_skipped": 0})
-        bar = tqdm(range(start, stage.steps), desc=f"{stage.name}", disable=not self.progress,
+        bar = tqdm(range(start, stage.steps), desc=f"{stage.name}", disable=not self.progress or stage.steps == 0,
                    initial=start, total=stage.steps)
         t0 = time.perf_counter()
         for step in bar:
@@ -153,49 +144,37 @@ class Distiller:
             z, prompts = self.data.batch(stage.batch, self.generator)
             with torch.no_grad():
                 cond = self.teacher.encode_prompt(prompts)
-            uncond = self.uncond_row.repeat(stage.batch)
-            pred, tgt, t_end = step_fn(z, cond, uncond, self.generator)
-            mse = step_fn.loss(pred, tgt)
-            loss = stage.mse_weight * mse
-            if disc is not None:
-                g_adv = hinge_g_loss(disc(pred, t_end, cond))
-                loss = loss + stage.adv_weight * g_adv
+            loss, logs = run.loss(z, prompts, cond)
             global_step += 1
             if not math.isfinite(loss.item()):  # skip, count, and never save from it
                 stats["nan_skipped"] += 1
                 self.stats["nan_skipped"] += 1
-                opt.zero_grad(set_to_none=True)
                 continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.student, rec.grad_clip)
+            torch.nn.utils.clip_grad_norm_(run.params, self.recipe.grad_clip)
             opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(self.ema, self.student, 1 - stage.ema_decay)
-            if disc is not None:
-                d_loss = hinge_d_loss(disc(tgt, t_end, cond), disc(pred.detach(), t_end, cond))
-                d_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                d_opt.step()
+            logs |= run.after_step()
             if step % 10 == 0:
-                post = {"mse": f"{mse.item():.2e}"}
-                if disc is not None:
-                    post |= {"g": f"{g_adv.item():.2f}", "d": f"{d_loss.item():.2f}"}
-                bar.set_postfix(post)
-            if global_step % rec.checkpoint_every == 0 and step + 1 < stage.steps:
-                self._save(i, step + 1, global_step, opt, disc, d_opt)
+                bar.set_postfix({k: f"{float(torch.as_tensor(v).detach()):.3g}" for k, v in logs.items()})
+            if global_step % self.recipe.checkpoint_every == 0 and step + 1 < stage.steps:
+                self._save(i, step + 1, global_step, opt, run)
         stats["seconds"] = round(stats.get("seconds", 0) + time.perf_counter() - t0, 1)
         return True, global_step
 
-    def _finish_stage(self, i: int, stage: Stage) -> None:
+    def _finish_stage(self, stage: Stage, run: StageRun) -> None:
         d = self.out / "stages" / stage.name
-        lora.save_lora(d / "lora.safetensors", self.teacher.unet, self.lora_meta(stage))
+        run.finish(d)
         if self.recipe.grid_every_stage:
-            self.sample_grid(d / f"samples-{stage.segments}step.png", stage.segments)
+            k = getattr(stage, "segments", 1)
+            self.sample_grid(d / f"samples-{k}step.png", k)
 
     def lora_meta(self, stage: Stage) -> dict:
-        return {"kind": "hypersd-lora", "stage": stage.name, "segments": stage.segments, "guidance": 1.0,
+        meta = {"kind": "hypersd-lora", "stage": stage.name, "stage_kind": stage.kind, "guidance": 1.0,
                 "backbone": self.recipe.backbone, "recipe": self.recipe.fingerprint()}
+        if hasattr(stage, "segments"):
+            meta["segments"] = stage.segments
+        return meta
 
     @torch.no_grad()
     def sample_grid(self, path, steps: int, eta: float = 0.0, n: int = 100):
@@ -209,7 +188,7 @@ class Distiller:
     def stage_loras(self) -> dict[int, Path]:
         """Step count -> the LoRA of the last stage trained for that many segments."""
         return {s.segments: self.out / "stages" / s.name / "lora.safetensors" for s in self.recipe.stages
-                if (self.out / "stages" / s.name / "lora.safetensors").is_file()}
+                if s.kind == "tscd" and (self.out / "stages" / s.name / "lora.safetensors").is_file()}
 
     def finish(self) -> Path:
         """The final LoRA (the last stage's) at ``out/lora.safetensors``, with sample grids."""

@@ -1,0 +1,301 @@
+"""The stage kinds: how each recipe stage sets up its adapters and computes its loss.
+
+The trainer loop is the same for every kind: it asks the stage for its trainable parameters and
+its loss, steps one optimizer, and calls ``after_step`` (the EMA target, the discriminator, the
+fake score). The losses themselves live in ``tscd``, ``feedback`` and ``dmd``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import lora
+from .adversarial import Discriminator, DiscriminatorHeads, hinge_d_loss, hinge_g_loss
+from .dmd import denoising_loss, dmd_gradient, dmd_loss, generate, score_x0
+from .feedback import draw_stop, load_perception, load_terms, perceptual_loss, reward_loss, sample_until
+from .recipe import DMDStage, FeedbackStage, MergeStage, Stage, TSCDStage
+from .sampling import sample_tcd
+from .schedule import inference_timesteps
+from .teachers.base import Cond
+from .tscd import ConsistencyConfig, ConsistencyStep
+
+
+def default_guidance_range(teacher) -> list[float]:
+    w = teacher.default_guidance
+    return [max(1.0, 0.75 * w), 1.25 * w] if w > 1 else [1.0, 1.0]
+
+
+class StageRun:
+    """One stage in progress. ``d`` is the Distiller: teacher, data, generator, recipe."""
+
+    def __init__(self, d, stage: Stage):
+        self.d, self.stage = d, stage
+        self.teacher, self.unet = d.teacher, d.teacher.unet
+        self.acp = d.teacher.alphas_cumprod.to(d.teacher.device)
+        self.params: list[torch.nn.Parameter] = []
+
+    def enter(self, fresh: bool) -> None:
+        """Put the stage's adapters in place; ``fresh``: at the stage's start, not a resume."""
+
+    def loss(self, z: torch.Tensor, prompts: list[str], cond: Cond) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_step(self) -> dict:
+        return {}
+
+    def state(self) -> tuple[dict, dict]:
+        """Extra tensors and optimizer states a checkpoint must hold (adapters are saved anyway)."""
+        return {}, {}
+
+    def load_state(self, tensors: dict, optim: dict) -> None:
+        pass
+
+    def finish(self, folder: Path) -> None:
+        """Write the stage's LoRA: the student as it stands after the stage."""
+        lora.save_lora(folder / "lora.safetensors", self.unet, self.d.lora_meta(self.stage))
+
+    def _rank_alpha(self, rank: int | None) -> tuple[int, float]:
+        rank = rank or self.d.recipe.lora_rank
+        return rank, self.d.recipe.lora_alpha or rank
+
+    def _eps(self, cond: Cond):
+        return lambda x, t: self.teacher.eps(x, t, cond)
+
+
+class TSCDRun(StageRun):
+    stage: TSCDStage
+
+    def __init__(self, d, stage: TSCDStage):
+        super().__init__(d, stage)
+        guidance = stage.guidance or default_guidance_range(d.teacher)
+        self.step = ConsistencyStep(d.teacher, ConsistencyConfig(
+            segments=stage.segments, end=stage.end, boundary_prob=stage.boundary_prob, guidance=tuple(guidance),
+            distance=stage.distance, huber_c=stage.huber_c, offset_noise=stage.offset_noise,
+            solver_steps=stage.solver_steps))
+        self.disc = self.d_opt = None
+        if stage.adv_weight > 0:
+            heads = DiscriminatorHeads.for_unet(self.unet, stage.d_hidden).to(d.teacher.device)
+            self.disc = Discriminator(self.unet, heads)
+            self.d_opt = torch.optim.AdamW(heads.parameters(), lr=stage.d_lr, betas=(0.0, 0.99))
+
+    def enter(self, fresh: bool) -> None:
+        lora.ensure_lora(self.unet, lora.EMA, **lora.spec(self.unet, lora.STUDENT))
+        lora.activate(self.unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        self.params = lora.adapter_params(self.unet, lora.STUDENT)
+        self.ema = lora.adapter_params(self.unet, lora.EMA)
+        if fresh:  # a stage's target starts as its student
+            with torch.no_grad():
+                torch._foreach_copy_(self.ema, self.params)
+
+    def loss(self, z, prompts, cond):
+        s = self.stage
+        pred, tgt, t_end = self.step(z, cond, self.d.uncond_row.repeat(len(z)), self.d.generator)
+        mse = self.step.loss(pred, tgt)
+        loss, logs = s.mse_weight * mse, {"mse": mse}
+        if self.disc is not None:
+            logs["g"] = hinge_g_loss(self.disc(pred, t_end, cond))
+            loss = loss + s.adv_weight * logs["g"]
+            self._for_d = (pred.detach(), tgt, t_end, cond)
+        return loss, logs
+
+    def after_step(self) -> dict:
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, self.params, 1 - self.stage.ema_decay)
+        if self.disc is None:
+            return {}
+        pred, tgt, t_end, cond = self._for_d
+        d_loss = hinge_d_loss(self.disc(tgt, t_end, cond), self.disc(pred, t_end, cond))
+        self.d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.d_opt.step()
+        return {"d": d_loss}
+
+    def state(self):
+        if self.disc is None:
+            return {}, {}
+        return {"heads": self.disc.heads.state_dict()}, {"d_opt": self.d_opt.state_dict()}
+
+    def load_state(self, tensors, optim):
+        if self.disc is not None:
+            self.disc.heads.load_state_dict(tensors["heads"])
+            self.d_opt.load_state_dict(optim["d_opt"])
+
+
+class FeedbackRun(StageRun):
+    """A separate LoRA (``feedback``) trained on top of the frozen distilled one."""
+
+    stage: FeedbackStage
+
+    def __init__(self, d, stage: FeedbackStage):
+        super().__init__(d, stage)
+        self.terms = load_terms(stage.rewards, d.teacher.device)
+        self.features = load_perception(stage.perceptual_model).to(d.teacher.device) \
+            if stage.perceptual_weight > 0 else None
+
+    def enter(self, fresh: bool) -> None:
+        if fresh:  # a fresh feedback LoRA: zero effect on the distilled one
+            lora.remove_lora(self.unet, lora.FEEDBACK)
+        student = lora.spec(self.unet, lora.STUDENT)
+        rank, alpha = self._rank_alpha(self.stage.rank or student["rank"])
+        lora.ensure_lora(self.unet, lora.FEEDBACK, rank, alpha, student["targets"])
+        lora.activate(self.unet, [lora.STUDENT, lora.FEEDBACK], trainable=(lora.FEEDBACK,))
+        self.params = lora.adapter_params(self.unet, lora.FEEDBACK)
+
+    def loss(self, z, prompts, cond):
+        s, g, eps_fn = self.stage, self.d.generator, self._eps(cond)
+        loss, logs = z.new_zeros(()), {}
+        if self.terms:
+            noise = torch.randn(z.shape, generator=g).to(z)
+            timesteps, stop = draw_stop(s.sample_steps, s.t_range, self.teacher.T, g)
+            x0 = sample_until(eps_fn, noise, timesteps, stop, self.acp)
+            r_loss, logs = reward_loss(self.terms, self.teacher.decode(x0), prompts)
+            loss = loss + r_loss
+        if self.features is not None:
+            t = torch.randint(s.perceptual_t[0], s.perceptual_t[1] + 1, (len(z),), generator=g).to(z.device)
+            noise = torch.randn(z.shape, generator=g).to(z)
+            logs["perc"] = perceptual_loss(self.features, eps_fn, z, noise, t, self.acp, self.teacher.decode)
+            loss = loss + s.perceptual_weight * logs["perc"]
+        return loss, logs
+
+    def finish(self, folder: Path) -> None:
+        """The feedback LoRA alone, and the two merged at ratio 1 (what the stage samples like)."""
+        meta = self.d.lora_meta(self.stage)
+        lora.save_lora(folder / "feedback.safetensors", self.unet, {**meta, "role": "feedback"}, lora.FEEDBACK)
+        state, spec = merged(self.unet, 1.0)
+        lora.save_state(folder / "lora.safetensors", state, {**meta, **spec})
+
+
+def merged(unet, ratio: float) -> tuple[dict, dict]:
+    return lora.merge_states(lora.get_state(unet, lora.STUDENT), lora.spec(unet, lora.STUDENT),
+                             lora.get_state(unet, lora.FEEDBACK), lora.spec(unet, lora.FEEDBACK), ratio)
+
+
+class MergeRun(StageRun):
+    """student := student + ratio·feedback, exactly; the feedback adapter is then removed."""
+
+    stage: MergeStage
+
+    def finish(self, folder: Path) -> None:
+        state, spec = merged(self.unet, self.stage.ratio)
+        for name in (lora.FEEDBACK, lora.STUDENT, lora.EMA):
+            lora.remove_lora(self.unet, name)
+        for name in (lora.STUDENT, lora.EMA):
+            lora.add_lora(self.unet, lora.lora_config(spec["rank"], spec["alpha"], spec["targets"]), name)
+            lora.set_state(self.unet, state, name)
+        lora.activate(self.unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        super().finish(folder)
+
+
+class DMDRun(StageRun):
+    """One-step DMD: the student generates at ``generator_t``; a ``fake`` LoRA tracks its samples."""
+
+    stage: DMDStage
+
+    def __init__(self, d, stage: DMDStage):
+        super().__init__(d, stage)
+        self.terms = load_terms(stage.rewards, d.teacher.device)
+        self.w_real = stage.guidance or d.teacher.default_guidance
+
+    def enter(self, fresh: bool) -> None:
+        s, unet = self.stage, self.unet
+        if fresh:  # the fake score starts as the teacher
+            lora.remove_lora(unet, lora.FAKE)
+        rank, alpha = self._rank_alpha(s.fake_rank)
+        lora.ensure_lora(unet, lora.FAKE, rank, alpha, lora.spec(unet, lora.STUDENT)["targets"])
+        lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        self.params = lora.adapter_params(unet, lora.STUDENT)
+        self.fake_params = lora.adapter_params(unet, lora.FAKE)
+        self.fake_opt = torch.optim.AdamW(self.fake_params, lr=s.fake_lr, weight_decay=0.0)
+        self._make_pool()
+        if fresh and s.fake_warmup:
+            for _ in tqdm(range(s.fake_warmup), desc=f"{s.name} fake-score warm-up", disable=not self.d.progress,
+                          leave=False):
+                z, prompts = self.d.data.batch(s.batch, self.d.generator)
+                with torch.no_grad():
+                    cond = self.teacher.encode_prompt(prompts)
+                self._fake_update(self._sample(cond), cond)
+
+    @torch.no_grad()
+    def _make_pool(self) -> None:
+        """Noise, prompts and the teacher's ODE output from that noise, for the regulariser.
+
+        Its own seed, so a resumed run rebuilds the same pool instead of storing it."""
+        s, t = self.stage, self.teacher
+        g = torch.Generator().manual_seed(self.d.recipe.seed + 7919 * (1 + self.d.recipe.stages.index(s)))
+        _, prompts = self.d.data.batch(s.reg_pool, g)
+        noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device, t.dtype)
+        cond = t.encode_prompt(prompts)
+        uncond = t.empty_cond(1)
+        timesteps = inference_timesteps(s.reg_steps, t.T)
+        out = []
+        with lora.adapters_disabled(self.unet):
+            for i in range(0, s.reg_pool, 256):
+                c = cond[i:i + 256]
+                eps = lambda x, tt, c=c: t.eps_cfg(x, tt, c, uncond.repeat(len(c)), t.default_guidance)  # noqa: E731
+                out.append(sample_tcd(eps, noise[i:i + 256], timesteps, self.acp))
+        self.pool = (noise, cond, torch.cat(out))
+
+    def _sample(self, cond: Cond) -> torch.Tensor:
+        noise = torch.randn((len(cond), *self.teacher.latent_shape), generator=self.d.generator).to(self.acp.device)
+        with torch.no_grad():
+            return generate(self._eps(cond), noise, self.stage.generator_t, self.acp)
+
+    def _fake_update(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        g = self.d.generator
+        t = torch.randint(0, self.teacher.T, (len(x),), generator=g).to(x.device)
+        noise = torch.randn(x.shape, generator=g).to(x)
+        with lora.adapter(self.unet, lora.FAKE):  # the fake adapter active and trainable
+            loss = denoising_loss(self._eps(cond), x, noise, t, self.acp)
+            self.fake_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.fake_params, self.d.recipe.grad_clip)
+            self.fake_opt.step()
+        return loss.detach()
+
+    def loss(self, z, prompts, cond):
+        s, g, t_ = self.stage, self.d.generator, self.teacher
+        n = len(z)
+        noise = torch.randn((n, *t_.latent_shape), generator=g).to(self.acp.device)
+        pool_noise, pool_cond, pool_out = self.pool
+        idx = torch.randint(len(pool_noise), (s.reg_batch,), generator=g).to(pool_noise.device)
+        both = Cond.cat([cond, pool_cond[idx]])
+        x_all = generate(self._eps(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.acp)
+        x, x_reg = x_all[:n], x_all[n:]
+
+        t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
+        noise_t = torch.randn(x.shape, generator=g).to(x)
+        uncond = self.d.uncond_row.repeat(n)
+        with lora.adapters_disabled(self.unet):
+            x0_real = score_x0(lambda xt, tt: t_.eps_cfg(xt, tt, cond, uncond, self.w_real), x.detach(), noise_t, t,
+                               self.acp)
+        with lora.adapter(self.unet, lora.FAKE):
+            x0_fake = score_x0(self._eps(cond), x.detach(), noise_t, t, self.acp)
+        logs = {"dmd": dmd_loss(x, dmd_gradient(x.detach(), x0_real, x0_fake)),
+                "reg": (x_reg - pool_out[idx]).pow(2).mean()}
+        loss = s.dmd_weight * logs["dmd"] + s.reg_weight * logs["reg"]
+        if self.terms:
+            r_loss, r_logs = reward_loss(self.terms, t_.decode(x), prompts)
+            loss, logs = loss + r_loss, logs | r_logs
+        self._last = (x.detach(), cond)
+        return loss, logs
+
+    def after_step(self) -> dict:
+        x, cond = self._last
+        fake = [self._fake_update(x if i == 0 else self._sample(cond), cond) for i in range(self.stage.fake_updates)]
+        return {"fake": torch.stack(fake).mean()}
+
+    def state(self):
+        return {}, {"fake_opt": self.fake_opt.state_dict()}
+
+    def load_state(self, tensors, optim):
+        self.fake_opt.load_state_dict(optim["fake_opt"])
+
+
+RUNS = {"tscd": TSCDRun, "feedback": FeedbackRun, "merge": MergeRun, "dmd": DMDRun}
+
+
+def stage_run(d, stage: Stage) -> StageRun:
+    return RUNS[stage.kind](d, stage)
