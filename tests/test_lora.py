@@ -127,3 +127,20 @@ def test_activate_trains_only_what_it_is_told():
         assert all(p.requires_grad for p in lora.adapter_params(t.unet, lora.STUDENT))
     assert not any(p.requires_grad for p in lora.adapter_params(t.unet, lora.STUDENT))
     assert t.unet.active_adapters() == [lora.STUDENT, lora.FEEDBACK]
+
+
+def test_fused_sampling_matches_and_restores_the_base_weights_exactly():
+    t = _teacher()
+    _randomised(t, lora.STUDENT, targets="all", seed=3)
+    lora.activate(t.unet, lora.STUDENT)
+    x, cond = torch.randn(2, 1, 8, 8), t.encode_prompt(prompts_for([5, 6]))
+    base = {n: p.detach().clone() for n, p in t.unet.named_parameters() if "lora_" not in n}
+    with torch.no_grad():
+        want = t.eps(x, 300, cond)
+        with lora.fused(t.unet):
+            assert torch.allclose(t.eps(x, 300, cond), want, atol=1e-5)
+        assert torch.equal(t.eps(x, 300, cond), want)  # adapters live again, on the same weights
+        with lora.adapters_disabled(t.unet):
+            teacher = t.eps(x, 300, cond)
+    assert all(torch.equal(p, base[n]) for n, p in t.unet.named_parameters() if "lora_" not in n)
+    assert not torch.allclose(teacher, want)

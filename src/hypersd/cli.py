@@ -122,7 +122,7 @@ def cmd_distill(a) -> None:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     from .trainer import Distiller
 
-    distiller = Distiller(recipe, out)
+    distiller = Distiller(recipe, out, progress=not a.quiet)
     distiller.run(resume=a.resume)
     final = distiller.finish()
     print(f"wrote {final}")
@@ -141,7 +141,8 @@ def cmd_distill(a) -> None:
 def cmd_bench(a) -> None:
     from .bench import method_recipes, run_bench
 
-    rows = run_bench(a.out, method_recipes(a.methods), a.steps, a.etas, n=a.n, seeds=a.seeds, teacher_path=a.teacher)
+    rows = run_bench(a.out, method_recipes(a.methods), a.steps, a.etas, n=a.n, seeds=a.seeds, teacher_path=a.teacher,
+                     jobs=a.jobs)
     print((Path(a.out) / "bench.md").read_text())
     print(f"wrote {Path(a.out) / 'bench.json'} and {Path(a.out) / 'bench.md'} ({len(rows)} rows); "
           f"each method's LoRA is in {a.out}/METHOD/lora.safetensors")
@@ -219,18 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     d.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
     d.add_argument("--no-eval", action="store_true", help="skip the metrics at the end")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_distill)
 
-    b = sub.add_parser("bench", help="LCM-style, phased and TSCD at one budget, each at 1/2/4/8 steps with its best eta",
+    b = sub.add_parser("bench", help="LCM-style, phased and Hyper-SD at one budget, each at 1/2/4/8 steps with its "
+                                     "best eta, with Hyper-SD's ablation (TSCD, + feedback, + DMD)",
                        description="Distils each method (resuming any finished or partial run in --out), then "
                                    "writes bench.json and bench.md with the held-out evaluator's metrics.")
     _add_teacher_args(b)
-    b.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=["lcm", "phased", "tscd"])
+    b.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=["lcm", "phased", "hypersd"],
+                   help="comma-separated: lcm, phased, hypersd (the default recipe)")
     b.add_argument("--steps", type=_ints, default=[1, 2, 4, 8])
     b.add_argument("--etas", type=_floats, default=[0.0, 0.3, 0.5, 1.0])
     b.add_argument("--n", type=int, default=1000)
     b.add_argument("--seeds", type=int, default=3)
     b.add_argument("--out", default="runs/bench")
+    b.add_argument("--jobs", type=int, default=2,
+                   help="methods trained at once, each as a one-thread process (1: in this process)")
     b.set_defaults(fn=cmd_bench)
     return p
 

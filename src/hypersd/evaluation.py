@@ -172,19 +172,26 @@ def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=(0.0,
     from . import lora
 
     rows = []
-    current = lora.get_state(bench.teacher.unet, lora.STUDENT)
+    unet = bench.teacher.unet
+    current, shape = lora.get_state(unet, lora.STUDENT), lora.spec(unet, lora.STUDENT)
+
+    def put_back():  # the adapter as it was: stage LoRAs may differ from it in rank
+        lora.ensure_lora(unet, lora.STUDENT, **shape)
+        lora.set_state(unet, current, lora.STUDENT)
+        lora.activate(unet, lora.STUDENT)
     for k in tqdm(steps, desc=method, disable=not bench.progress):
         used = None
         if loras and k in loras:
             lora.load_lora(bench.teacher.unet, loras[k], lora.STUDENT)
             used = str(loras[k])
         else:
-            lora.set_state(bench.teacher.unet, current, lora.STUDENT)
+            put_back()
         scored = {}
         # One step never re-noises, so every eta gives the same samples there.
         for eta in (etas if k > 1 else etas[:1]):
             def fn(prompts, seed, eta=eta, k=k):
-                x = sample_prompts(bench.teacher, prompts, k, guidance=guidance, eta=eta, seed=seed)
+                with lora.fused(bench.teacher.unet):
+                    x = sample_prompts(bench.teacher, prompts, k, guidance=guidance, eta=eta, seed=seed)
                 return bench.teacher.decode(x)
             scored[eta] = bench.score(fn, desc=f"{method} {k} steps eta {eta:g}")
         best = min(scored, key=lambda e: scored[e]["fd"]["mean"])
@@ -194,5 +201,5 @@ def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=(0.0,
         if len(scored) > 1:
             row["eta_scan"] = {f"{e:g}": s["fd"]["mean"] for e, s in scored.items()}
         rows.append(row)
-    lora.set_state(bench.teacher.unet, current, lora.STUDENT)
+    put_back()
     return rows

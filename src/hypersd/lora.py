@@ -134,6 +134,11 @@ def _tuner_layers(unet) -> list:
     return _cached(unet)[0]
 
 
+def active(unet) -> list[str]:
+    """The adapters whose outputs the UNet adds now."""
+    return list(_tuner_layers(unet)[0].active_adapters) if has_adapters(unet) else []
+
+
 @contextlib.contextmanager
 def adapters_disabled(unet: torch.nn.Module):
     """The teacher pass: the same UNet with every adapter switched off."""
@@ -167,6 +172,30 @@ def adapter(unet, name: str):
             layer.set_adapter(before)
         for p, g in zip(params, grads):
             p.requires_grad_(g)
+
+
+@contextlib.contextmanager
+def fused(unet: torch.nn.Module):
+    """The active adapters folded into the base weights, for sampling without LoRA's extra matmuls
+    (on small UNets they cost as much as the UNet). The base weights are restored bit for bit after:
+    peft's own unmerge subtracts, which would drift a little with every use."""
+    if not has_adapters(unet):
+        yield unet
+        return
+    layers = _tuner_layers(unet)
+    saved = [(layer.get_base_layer().weight, layer.get_base_layer().weight.detach().clone()) for layer in layers]
+    active = list(layers[0].active_adapters)
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.merge(adapter_names=active)
+        yield unet
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+        for layer in layers:
+            layer.merged_adapters = []
 
 
 def merge_states(a: dict[str, torch.Tensor], spec_a: dict, b: dict[str, torch.Tensor], spec_b: dict,

@@ -164,13 +164,21 @@ class FeedbackRun(StageRun):
         """The feedback LoRA alone, and the two merged at ratio 1 (what the stage samples like)."""
         meta = self.d.lora_meta(self.stage)
         lora.save_lora(folder / "feedback.safetensors", self.unet, {**meta, "role": "feedback"}, lora.FEEDBACK)
-        state, spec = merged(self.unet, 1.0)
+        state, spec = current_lora(self.unet)
         lora.save_state(folder / "lora.safetensors", state, {**meta, **spec})
 
 
 def merged(unet, ratio: float) -> tuple[dict, dict]:
     return lora.merge_states(lora.get_state(unet, lora.STUDENT), lora.spec(unet, lora.STUDENT),
                              lora.get_state(unet, lora.FEEDBACK), lora.spec(unet, lora.FEEDBACK), ratio)
+
+
+def current_lora(unet) -> tuple[dict, dict]:
+    """What the UNet samples with now, as one LoRA: the student, plus the feedback LoRA (ratio 1)
+    while one is active on top of it."""
+    if lora.FEEDBACK in lora.active(unet):
+        return merged(unet, 1.0)
+    return lora.get_state(unet, lora.STUDENT), lora.spec(unet, lora.STUDENT)
 
 
 class MergeRun(StageRun):
@@ -283,8 +291,11 @@ class DMDRun(StageRun):
         return loss, logs
 
     def after_step(self) -> dict:
+        # Every fake update reuses this step's samples with fresh noise and timesteps: a new
+        # generator batch per update would cost a student pass each and move the fake score no
+        # further (the generator has not changed in between).
         x, cond = self._last
-        fake = [self._fake_update(x if i == 0 else self._sample(cond), cond) for i in range(self.stage.fake_updates)]
+        fake = [self._fake_update(x, cond) for _ in range(self.stage.fake_updates)]
         return {"fake": torch.stack(fake).mean()}
 
     def state(self):

@@ -19,7 +19,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .errors import HypersdError
 from .outputs import write_text
 from .recipe import Recipe, Stage
-from .stages import StageRun, stage_run
+from .stages import StageRun, current_lora, stage_run
 from .teachers import load_teacher
 
 
@@ -182,7 +182,8 @@ class Distiller:
         from .grid import save_grid
         from .sampling import sample_prompts
 
-        x = sample_prompts(self.teacher, prompts_for(balanced_labels(n)), steps, guidance=1.0, eta=eta, seed=0)
+        with lora.fused(self.teacher.unet):
+            x = sample_prompts(self.teacher, prompts_for(balanced_labels(n)), steps, guidance=1.0, eta=eta, seed=0)
         return save_grid(self.teacher.decode(x), path)
 
     def stage_loras(self) -> dict[int, Path]:
@@ -193,7 +194,8 @@ class Distiller:
     def finish(self) -> Path:
         """The final LoRA (the last stage's) at ``out/lora.safetensors``, with sample grids."""
         last = self.recipe.stages[-1]
-        path = lora.save_lora(self.out / "lora.safetensors", self.teacher.unet, self.lora_meta(last))
+        state, spec = current_lora(self.teacher.unet)
+        path = lora.save_state(self.out / "lora.safetensors", state, {**self.lora_meta(last), **spec})
         for k in self.recipe.eval_steps:
             self.sample_grid(self.out / f"samples-{k}step.png", k)
         write_text(self.out / "stats.json", json.dumps(self.stats, indent=1))
