@@ -62,8 +62,8 @@ def test_recipe_errors_name_the_problem(tmp_path):
     with pytest.raises(HypersdError, match="data pipeline"):
         Distiller(from_dict({"backbone": "sdxl", "stages": [{"name": "x"}]}), tmp_path)
     r = load_recipe("digits")
-    assert [s.name for s in r.stages] == ["tscd-8", "tscd-4", "tscd-2", "tscd-1"]
-    assert [s.segments for s in r.stages] == [8, 4, 2, 1]
+    assert [s.kind for s in r.stages] == ["tscd"] * 4 + ["feedback", "merge", "dmd"]
+    assert [s.segments for s in r.stages if s.kind == "tscd"] == [8, 4, 2, 1]
 
 
 def test_distill_command_dry_run_and_refusal(tmp_path, random_teacher_file, capsys):

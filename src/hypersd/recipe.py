@@ -87,6 +87,11 @@ class DMDStage(Stage):
     reg_steps: int = 20  # teacher DDIM steps for that output
     reg_pool: int = 256  # noise/output pairs computed once per stage
     reg_batch: int = 16
+    # The generator is one LoRA for every step count: keep its ε at the other samplers' timesteps
+    # (those of keep_steps, all but generator_t) close to where this stage found it.
+    keep_weight: float = 0.0
+    keep_steps: list[int] = field(default_factory=lambda: [2, 4, 8])
+    keep_batch: int = 16
     rewards: list[dict] = field(default_factory=list)  # optional feedback terms on the generator
 
 

@@ -19,6 +19,7 @@ from .feedback import draw_stop, load_perception, load_terms, perceptual_loss, r
 from .recipe import DMDStage, FeedbackStage, MergeStage, Stage, TSCDStage
 from .sampling import sample_tcd
 from .schedule import inference_timesteps
+from .solver import add_noise
 from .teachers.base import Cond
 from .tscd import ConsistencyConfig, ConsistencyStep
 
@@ -213,7 +214,13 @@ class DMDRun(StageRun):
             lora.remove_lora(unet, lora.FAKE)
         rank, alpha = self._rank_alpha(s.fake_rank)
         lora.ensure_lora(unet, lora.FAKE, rank, alpha, lora.spec(unet, lora.STUDENT)["targets"])
-        lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        if s.keep_weight > 0:  # the anchor: the student as the stage found it, in the EMA adapter
+            lora.ensure_lora(unet, lora.EMA, **lora.spec(unet, lora.STUDENT))
+            if fresh:
+                lora.set_state(unet, lora.get_state(unet, lora.STUDENT), lora.EMA)
+            self.keep_t = sorted({t for k in s.keep_steps for t in inference_timesteps(k, self.teacher.T)}
+                                 - {s.generator_t})
+        lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))  # after any add: an added adapter becomes active
         self.params = lora.adapter_params(unet, lora.STUDENT)
         self.fake_params = lora.adapter_params(unet, lora.FAKE)
         self.fake_opt = torch.optim.AdamW(self.fake_params, lr=s.fake_lr, weight_decay=0.0)
@@ -284,11 +291,23 @@ class DMDRun(StageRun):
         logs = {"dmd": dmd_loss(x, dmd_gradient(x.detach(), x0_real, x0_fake)),
                 "reg": (x_reg - pool_out[idx]).pow(2).mean()}
         loss = s.dmd_weight * logs["dmd"] + s.reg_weight * logs["reg"]
+        if s.keep_weight > 0:
+            logs["keep"] = self._keep_loss(z[:s.keep_batch], cond[:s.keep_batch])
+            loss = loss + s.keep_weight * logs["keep"]
         if self.terms:
             r_loss, r_logs = reward_loss(self.terms, t_.decode(x), prompts)
             loss, logs = loss + r_loss, logs | r_logs
         self._last = (x.detach(), cond)
         return loss, logs
+
+    def _keep_loss(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """‖ε_stu − ε_anchor‖² on real latents noised to the other samplers' timesteps."""
+        g = self.d.generator
+        t = torch.tensor(self.keep_t)[torch.randint(len(self.keep_t), (len(z),), generator=g)].to(z.device)
+        x_t = add_noise(z, torch.randn(z.shape, generator=g).to(z), t, self.acp)
+        with torch.no_grad(), lora.adapter(self.unet, lora.EMA):
+            anchor = self.teacher.eps(x_t, t, cond)
+        return (self.teacher.eps(x_t, t, cond) - anchor).pow(2).mean()
 
     def after_step(self) -> dict:
         # Every fake update reuses this step's samples with fresh noise and timesteps: a new

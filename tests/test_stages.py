@@ -1,0 +1,59 @@
+import torch
+
+from hypersd import lora
+from hypersd.recipe import from_dict
+from hypersd.stages import stage_run
+from hypersd.trainer import Distiller
+
+
+def _distiller(tmp_path, teacher_file, stages):
+    recipe = from_dict({"teacher": str(teacher_file), "lora_rank": 4, "grid_every_stage": False,
+                        "stage_defaults": {"batch": 4, "steps": 2}, "stages": stages})
+    return Distiller(recipe, tmp_path, progress=False)
+
+
+def _grads(unet, name):
+    return [p.grad for p in lora.adapter_params(unet, name)]
+
+
+def test_dmd_loss_trains_only_the_student_and_keep_starts_at_zero(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "d", "kind": "dmd", "fake_warmup": 1, "reg_pool": 4, "reg_steps": 2, "reg_batch": 2,
+         "keep_weight": 1.0, "keep_batch": 3}])
+    with torch.no_grad():  # a student that differs from the teacher
+        for p in lora.adapter_params(d.teacher.unet, lora.STUDENT):
+            p.add_(0.05 * torch.randn(p.shape))
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    assert run.keep_t == [124, 249, 374, 499, 624, 749, 874]
+    for p in d.teacher.unet.parameters():  # the warm-up's fake-score gradients
+        p.grad = None
+    z, prompts = d.data.batch(4, d.generator)
+    loss, logs = run.loss(z, prompts, d.teacher.encode_prompt(prompts))
+    assert logs["keep"].item() == 0.0  # the anchor is the student as the stage found it
+    assert torch.isfinite(loss) and logs["dmd"].item() > 0 and logs["reg"].item() > 0
+    loss.backward()
+    unet = d.teacher.unet
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(unet, lora.STUDENT))
+    assert all(g is None for g in _grads(unet, lora.FAKE) + _grads(unet, lora.EMA))
+    before = [p.detach().clone() for p in lora.adapter_params(unet, lora.FAKE)]
+    assert "fake" in run.after_step()  # fake-score updates move the fake adapter only
+    assert any(not torch.equal(a, p) for a, p in zip(before, lora.adapter_params(unet, lora.FAKE)))
+    assert all(p.requires_grad for p in lora.adapter_params(unet, lora.STUDENT))
+
+
+def test_feedback_trains_its_own_lora_on_a_frozen_student(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits", "alpha": 0.0}], "perceptual_weight": 1.0}])
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    unet = d.teacher.unet
+    assert lora.active(unet) == [lora.STUDENT, lora.FEEDBACK]
+    z, prompts = d.data.batch(4, d.generator)
+    loss, logs = run.loss(z, prompts, d.teacher.encode_prompt(prompts))
+    assert set(logs) == {"digits", "perc"} and logs["digits"].item() < 0  # a log-probability
+    loss.backward()
+    assert all(g is None for g in _grads(unet, lora.STUDENT))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(unet, lora.FEEDBACK))
