@@ -130,7 +130,9 @@ def cmd_distill(a) -> None:
         from .evaluation import DigitsBench, student_rows, write_report
 
         bench = DigitsBench(distiller.teacher, n=recipe.eval_n, seeds=range(recipe.eval_seeds))
-        rows = student_rows(bench, "distilled", recipe.eval_steps, recipe.eval_etas, loras=distiller.stage_loras())
+        # the final LoRA at every step count: the unified LoRA is one file for 1 to 8 steps
+        rows = student_rows(bench, "distilled", recipe.eval_steps, recipe.eval_etas,
+                            loras={k: final for k in recipe.eval_steps})
         meta = {"lora": str(final), "samples per seed": recipe.eval_n, "seeds": recipe.eval_seeds,
                 "judge": "held-out evaluator (CNN)", "student guidance": 1.0}
         js, md = write_report(rows, out, "metrics", "Distilled LoRA (digits world)", meta)

@@ -186,11 +186,6 @@ class Distiller:
             x = sample_prompts(self.teacher, prompts_for(balanced_labels(n)), steps, guidance=1.0, eta=eta, seed=0)
         return save_grid(self.teacher.decode(x), path)
 
-    def stage_loras(self) -> dict[int, Path]:
-        """Step count -> the LoRA of the last stage trained for that many segments."""
-        return {s.segments: self.out / "stages" / s.name / "lora.safetensors" for s in self.recipe.stages
-                if s.kind == "tscd" and (self.out / "stages" / s.name / "lora.safetensors").is_file()}
-
     def finish(self) -> Path:
         """The final LoRA (the last stage's) at ``out/lora.safetensors``, with sample grids."""
         last = self.recipe.stages[-1]
