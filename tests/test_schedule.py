@@ -52,3 +52,11 @@ def test_step_counts_that_do_not_divide_T_are_refused():
 def test_alpha_bar_reads_the_schedule_and_clean_is_one():
     acp = DDIMScheduler(**SD_SCHED).alphas_cumprod.float()
     assert alpha_bar(acp, torch.tensor([CLEAN, 0, 999])).tolist() == pytest.approx([1.0, acp[0].item(), acp[999].item()])
+
+
+def test_a_dedicated_one_step_generator_samples_at_its_own_timestep():
+    from hypersd.schedule import inference_timesteps
+
+    assert inference_timesteps(1, 1000, one_step_t=800) == [800]
+    assert inference_timesteps(4, 1000, one_step_t=800) == [999, 749, 499, 249]  # only k = 1 changes
+    assert inference_timesteps(1, 1000) == [999]

@@ -93,7 +93,7 @@ def full_recipe(teacher_file, **kw):
                        "perceptual_weight": 1.0},
                       {"name": "m", "kind": "merge", "ratio": 0.5},
                       {"name": "d", "kind": "dmd", "fake_warmup": 2, "fake_updates": 2, "reg_pool": 8,
-                       "reg_steps": 2, "reg_batch": 2}]}
+                       "reg_steps": 2, "reg_batch": 2, "generator_t": 800, "keep_weight": 1.0}]}
     raw.update(kw)
     return from_dict(raw)
 
@@ -109,6 +109,7 @@ def test_full_recipe_runs_every_kind_and_resumes_inside_each(tmp_path, random_te
     assert meta["rank"] == 4 and any(v.abs().sum() > 0 for k, v in fb.items() if "lora_B" in k)  # it learned
     merged, meta = lora.read_lora(stages / "m" / "lora.safetensors")
     assert meta["rank"] == 8 and want.keys() == merged.keys()  # the unified LoRA: ranks stacked
+    assert "one_step_t" not in meta and lora.read_lora(full.out / "lora.safetensors")[1]["one_step_t"] == 800
     assert any(not torch.equal(want[k], merged[k]) for k in want)  # DMD trained it further
     for kill_at in (6, 8, 10):  # inside feedback, at its end, inside DMD
         part = Distiller(full_recipe(random_teacher_file), tmp_path / f"part{kill_at}", progress=False)

@@ -70,14 +70,16 @@ def cmd_sample(a) -> None:
     if a.n < 1:
         raise HypersdError("--n must be at least 1")
     teacher = DigitsTeacher.load(a.teacher)
-    guidance = a.guidance
+    guidance, one_step_t = a.guidance, None
     if a.lora:
         from .lora import load_lora
 
         meta = load_lora(teacher.unet, a.lora)
         guidance = meta.get("guidance", 1.0) if guidance is None else guidance
+        one_step_t = meta.get("one_step_t")
     labels = balanced_labels(a.n) if a.digit is None else torch.full((a.n,), a.digit)
-    x = teacher.decode(sample_prompts(teacher, prompts_for(labels), a.steps, guidance=guidance, eta=a.eta, seed=a.seed))
+    x = teacher.decode(sample_prompts(teacher, prompts_for(labels), a.steps, guidance=guidance, eta=a.eta, seed=a.seed,
+                                      one_step_t=one_step_t))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, images=x.numpy().astype(np.float32), labels=labels.numpy().astype(np.int64))

@@ -179,19 +179,21 @@ def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=(0.0,
         lora.ensure_lora(unet, lora.STUDENT, **shape)
         lora.set_state(unet, current, lora.STUDENT)
         lora.activate(unet, lora.STUDENT)
+
     for k in tqdm(steps, desc=method, disable=not bench.progress):
-        used = None
+        used, one_step_t = None, None
         if loras and k in loras:
-            lora.load_lora(bench.teacher.unet, loras[k], lora.STUDENT)
+            one_step_t = lora.load_lora(bench.teacher.unet, loras[k], lora.STUDENT).get("one_step_t")
             used = str(loras[k])
         else:
             put_back()
         scored = {}
         # One step never re-noises, so every eta gives the same samples there.
         for eta in (etas if k > 1 else etas[:1]):
-            def fn(prompts, seed, eta=eta, k=k):
+            def fn(prompts, seed, eta=eta, k=k, one_step_t=one_step_t):
                 with lora.fused(bench.teacher.unet):
-                    x = sample_prompts(bench.teacher, prompts, k, guidance=guidance, eta=eta, seed=seed)
+                    x = sample_prompts(bench.teacher, prompts, k, guidance=guidance, eta=eta, seed=seed,
+                                       one_step_t=one_step_t)
                 return bench.teacher.decode(x)
             scored[eta] = bench.score(fn, desc=f"{method} {k} steps eta {eta:g}")
         best = min(scored, key=lambda e: scored[e]["fd"]["mean"])

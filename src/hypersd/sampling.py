@@ -52,11 +52,12 @@ def initial_noise(n: int, shape, seed: int) -> tuple[torch.Tensor, torch.Generat
 
 @torch.no_grad()
 def sample_prompts(teacher: Teacher, prompts: list[str], steps: int, *, guidance: float | None = None,
-                   eta: float = 0.0, seed: int = 0, batch_size: int = 1000) -> torch.Tensor:
+                   eta: float = 0.0, seed: int = 0, batch_size: int = 1000,
+                   one_step_t: int | None = None) -> torch.Tensor:
     """Latents x0 for ``prompts`` with the teacher's UNet as it is now (adapters on or off)."""
     w = teacher.default_guidance if guidance is None else guidance
     noise, g = initial_noise(len(prompts), teacher.latent_shape, seed)
-    timesteps = inference_timesteps(steps, teacher.T)
+    timesteps = inference_timesteps(steps, teacher.T, one_step_t)
     acp = teacher.alphas_cumprod.to(teacher.device)
     out = []
     for i in range(0, len(prompts), batch_size):

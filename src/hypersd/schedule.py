@@ -27,8 +27,13 @@ def trailing(T: int, n: int) -> list[int]:
     return [T - 1 - i * (T // n) for i in range(n)]
 
 
-def inference_timesteps(k: int, T: int = 1000) -> list[int]:
-    """The timesteps of a k-step sampler: exactly the k segment boundaries b_0..b_{k-1}."""
+def inference_timesteps(k: int, T: int = 1000, one_step_t: int | None = None) -> list[int]:
+    """The timesteps of a k-step sampler: exactly the k segment boundaries b_0..b_{k-1}.
+
+    ``one_step_t``: a dedicated one-step generator (DMD's ``generator_t``, e.g. 800) is sampled
+    at that timestep instead of T-1 when k = 1."""
+    if k == 1 and one_step_t is not None:
+        return [int(one_step_t)]
     return trailing(T, k)
 
 

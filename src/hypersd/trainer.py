@@ -167,23 +167,34 @@ class Distiller:
         run.finish(d)
         if self.recipe.grid_every_stage:
             k = getattr(stage, "segments", 1)
-            self.sample_grid(d / f"samples-{k}step.png", k)
+            self.sample_grid(d / f"samples-{k}step.png", k, one_step_t=self.one_step_t(stage))
 
     def lora_meta(self, stage: Stage) -> dict:
         meta = {"kind": "hypersd-lora", "stage": stage.name, "stage_kind": stage.kind, "guidance": 1.0,
                 "backbone": self.recipe.backbone, "recipe": self.recipe.fingerprint()}
         if hasattr(stage, "segments"):
             meta["segments"] = stage.segments
+        one_step_t = self.one_step_t(stage)
+        if one_step_t is not None:
+            meta["one_step_t"] = one_step_t
         return meta
 
+    def one_step_t(self, stage: Stage) -> int | None:
+        """The timestep a one-step sample takes once a DMD stage trained a generator elsewhere than T-1."""
+        stages = self.recipe.stages[: self.recipe.stages.index(stage) + 1]
+        dmd = [s for s in stages if s.kind == "dmd"]
+        t = dmd[-1].generator_t if dmd else None
+        return None if t is None or t == self.teacher.T - 1 else t
+
     @torch.no_grad()
-    def sample_grid(self, path, steps: int, eta: float = 0.0, n: int = 100):
+    def sample_grid(self, path, steps: int, eta: float = 0.0, n: int = 100, one_step_t: int | None = None):
         from .digits.data import balanced_labels, prompts_for
         from .grid import save_grid
         from .sampling import sample_prompts
 
         with lora.fused(self.teacher.unet):
-            x = sample_prompts(self.teacher, prompts_for(balanced_labels(n)), steps, guidance=1.0, eta=eta, seed=0)
+            x = sample_prompts(self.teacher, prompts_for(balanced_labels(n)), steps, guidance=1.0, eta=eta, seed=0,
+                               one_step_t=one_step_t)
         return save_grid(self.teacher.decode(x), path)
 
     def finish(self) -> Path:
@@ -192,6 +203,6 @@ class Distiller:
         state, spec = current_lora(self.teacher.unet)
         path = lora.save_state(self.out / "lora.safetensors", state, {**self.lora_meta(last), **spec})
         for k in self.recipe.eval_steps:
-            self.sample_grid(self.out / f"samples-{k}step.png", k)
+            self.sample_grid(self.out / f"samples-{k}step.png", k, one_step_t=self.one_step_t(last))
         write_text(self.out / "stats.json", json.dumps(self.stats, indent=1))
         return path
