@@ -173,9 +173,13 @@ def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=(0.0,
 
     rows = []
     unet = bench.teacher.unet
-    current, shape = lora.get_state(unet, lora.STUDENT), lora.spec(unet, lora.STUDENT)
+    had = lora.STUDENT in getattr(unet, "peft_config", {})
+    current, shape = (lora.get_state(unet, lora.STUDENT), lora.spec(unet, lora.STUDENT)) if had else (None, None)
 
     def put_back():  # the adapter as it was: stage LoRAs may differ from it in rank
+        if current is None:
+            lora.remove_lora(unet, lora.STUDENT)
+            return
         lora.ensure_lora(unet, lora.STUDENT, **shape)
         lora.set_state(unet, current, lora.STUDENT)
         lora.activate(unet, lora.STUDENT)
