@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import alpha_bar
-from .solver import add_noise, predict_x0
+from .solver import add_noise, denoise
 
 
 def generate(eps_fn, noise: torch.Tensor, t: int, alphas_cumprod) -> torch.Tensor:
     """x = x0(noise, f(noise, t), t): the one-step generator."""
-    a = alpha_bar(alphas_cumprod, torch.full((noise.shape[0],), t)).to(noise.device)
-    return predict_x0(noise, eps_fn(noise, t), a)
+    return denoise(eps_fn, noise, t, alphas_cumprod)
 
 
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -39,5 +37,4 @@ def denoising_loss(eps_fn, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
 @torch.no_grad()
 def score_x0(eps_fn, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod) -> torch.Tensor:
     """x0 that a score model predicts from x diffused to t."""
-    x_t = add_noise(x, noise, t, alphas_cumprod)
-    return predict_x0(x_t, eps_fn(x_t, t), alpha_bar(alphas_cumprod, t).to(x.device))
+    return denoise(eps_fn, add_noise(x, noise, t, alphas_cumprod), t, alphas_cumprod)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .errors import HypersdError
-from .schedule import alpha_bar, inference_timesteps
-from .solver import add_noise, ddim_jump, predict_x0
+from .schedule import inference_timesteps
+from .solver import add_noise, ddim_jump, denoise
 
 
 @dataclass
@@ -65,8 +65,7 @@ def sample_until(eps_fn, noise: torch.Tensor, timesteps: list[int], stop: int, a
     with torch.no_grad():
         for i in range(stop):
             x = ddim_jump(x, eps_fn(x, timesteps[i]), timesteps[i], timesteps[i + 1], alphas_cumprod)
-    t = timesteps[stop]
-    return predict_x0(x, eps_fn(x, t), alpha_bar(alphas_cumprod, torch.full((x.shape[0],), t)).to(x.device))
+    return denoise(eps_fn, x, timesteps[stop], alphas_cumprod)
 
 
 def draw_stop(sample_steps: list[int], t_range: list[int], T: int, generator=None) -> tuple[list[int], int]:
@@ -99,8 +98,7 @@ def load_perception(name: str) -> nn.Module:
 def perceptual_loss(features: nn.Module, eps_fn, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                     alphas_cumprod, decode) -> torch.Tensor:
     """Diffuse real latents z to t, denoise in one prediction, compare with z in feature space."""
-    x_t = add_noise(z, noise, t, alphas_cumprod)
-    x0 = predict_x0(x_t, eps_fn(x_t, t), alpha_bar(alphas_cumprod, t).to(z.device))
+    x0 = denoise(eps_fn, add_noise(z, noise, t, alphas_cumprod), t, alphas_cumprod)
     with torch.no_grad():
         want = features(decode(z))
     return (features(decode(x0)) - want).pow(2).mean()

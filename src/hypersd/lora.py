@@ -160,7 +160,7 @@ def adapter(unet, name: str):
     """Run with adapter ``name`` active, then restore the active set and which LoRA weights train
     (peft's switch makes the active adapter trainable and all others frozen)."""
     layers = _tuner_layers(unet)
-    before = layers[0].active_adapters
+    before = active(unet)
     params = [p for _, p in _cached(unet)[1]]
     grads = [p.requires_grad for p in params]
     for layer in layers:
@@ -184,11 +184,11 @@ def fused(unet: torch.nn.Module):
         return
     layers = _tuner_layers(unet)
     saved = [(layer.get_base_layer().weight, layer.get_base_layer().weight.detach().clone()) for layer in layers]
-    active = list(layers[0].active_adapters)
+    names = active(unet)
     try:
         with torch.no_grad():
             for layer in layers:
-                layer.merge(adapter_names=active)
+                layer.merge(adapter_names=names)
         yield unet
     finally:
         with torch.no_grad():

@@ -17,6 +17,11 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch
     return (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
 
 
+def denoise(eps_fn, x_t: torch.Tensor, t, alphas_cumprod) -> torch.Tensor:
+    """x0 that ``eps_fn`` predicts from x_t at t (an int, or one timestep per sample)."""
+    return predict_x0(x_t, eps_fn(x_t, t), alpha_bar(alphas_cumprod, t).to(x_t.device))
+
+
 def ddim_jump(x_t, eps, t, s, alphas_cumprod) -> torch.Tensor:
     """Ψ(x_t, ε, t → s) = √ᾱ_s·x0 + √(1−ᾱ_s)·ε; s = CLEAN returns x0, s = t returns x_t."""
     a_t, a_s = alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, s)

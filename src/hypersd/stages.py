@@ -189,10 +189,9 @@ class MergeRun(StageRun):
 
     def finish(self, folder: Path) -> None:
         state, spec = merged(self.unet, self.stage.ratio)
-        for name in (lora.FEEDBACK, lora.STUDENT, lora.EMA):
-            lora.remove_lora(self.unet, name)
+        lora.remove_lora(self.unet, lora.FEEDBACK)
         for name in (lora.STUDENT, lora.EMA):
-            lora.add_lora(self.unet, lora.lora_config(spec["rank"], spec["alpha"], spec["targets"]), name)
+            lora.ensure_lora(self.unet, name, **spec)
             lora.set_state(self.unet, state, name)
         lora.activate(self.unet, lora.STUDENT, trainable=(lora.STUDENT,))
         super().finish(folder)
