@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=2,
                    help="methods trained at once, each as a one-thread process (1: in this process)")
     b.set_defaults(fn=cmd_bench)
+
+    from . import lora_cli
+
+    lora_cli.add_parser(sub)
     return p
 
 
