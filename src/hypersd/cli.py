@@ -128,7 +128,9 @@ def cmd_distill(a) -> None:
     distiller.run(resume=a.resume)
     final = distiller.finish()
     print(f"wrote {final}")
-    if not a.no_eval:
+    if not a.no_eval and recipe.backbone != "digits":
+        print(f"no metrics: they are the digits world's; the samples are in {out}/samples-*step.png")
+    elif not a.no_eval:
         from .evaluation import DigitsBench, student_rows, write_report
 
         bench = DigitsBench(distiller.teacher, n=recipe.eval_n, seeds=range(recipe.eval_seeds))
@@ -150,6 +152,17 @@ def cmd_bench(a) -> None:
     print((Path(a.out) / "bench.md").read_text())
     print(f"wrote {Path(a.out) / 'bench.json'} and {Path(a.out) / 'bench.md'} ({len(rows)} rows); "
           f"each method's LoRA is in {a.out}/METHOD/lora.safetensors")
+
+
+def cmd_cache(a) -> None:
+    from .cache import build_cache, describe_skips
+
+    m = build_cache(a.backbone, a.model, a.data, a.out, resolution=a.resolution, batch=a.batch,
+                    shard_size=a.shard_size, crop=a.crop, seed=a.seed, vae=a.vae, dtype=a.dtype,
+                    image_column=a.image_column, caption_column=a.caption_column, device=a.device, force=a.force,
+                    progress=not a.quiet)
+    print(f"wrote {m['written']} items at {m['resolution']}px in {len(m['shards'])} shards to {a.out}; "
+          f"skipped {sum(m['skipped'].values())} ({describe_skips(m['skipped'])})")
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -242,6 +255,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=2,
                    help="methods trained at once, each as a one-thread process (1: in this process)")
     b.set_defaults(fn=cmd_bench)
+
+    c = sub.add_parser("cache", help="precompute VAE latents and prompt embeddings of image-caption data (sd15, sdxl)",
+                       description="Encodes an image-caption folder (image + .txt), webdataset .tar shards or a "
+                                   "datasets folder once, into safetensors shards that 'hypersd distill' reads "
+                                   "(recipe key data:). Bad items are skipped and counted; a stopped run continues "
+                                   "when run again with the same arguments. See docs/DATA.md.")
+    c.add_argument("--backbone", required=True, choices=["sd15", "sdxl"])
+    c.add_argument("--model", required=True, help="the teacher: a diffusers folder or hub id (the recipe's teacher)")
+    c.add_argument("--data", required=True, help="image folder, .tar shard or folder of them, or datasets folder")
+    c.add_argument("--out", required=True, help="cache folder")
+    c.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
+    c.add_argument("--crop", choices=["center", "random"], default="center",
+                   help="square crop after resizing the shorter side (random: seeded per item)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random crops")
+    c.add_argument("--batch", type=int, default=8, help="images encoded at once")
+    c.add_argument("--shard-size", type=int, default=1000, help="items per shard")
+    c.add_argument("--vae", default=None, help="a VAE in place of the model's own (folder or hub id)")
+    c.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
+    c.add_argument("--image-column", default=None, help="datasets folder: the image column (default: found)")
+    c.add_argument("--caption-column", default=None, help="datasets folder: the caption column (default: found)")
+    c.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    c.add_argument("--force", action="store_true", help="rebuild a cache that --out already holds")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(fn=cmd_cache)
 
     from . import lora_cli
 

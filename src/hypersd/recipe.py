@@ -103,6 +103,9 @@ class Recipe:
     stages: list[Stage]
     backbone: str = "digits"
     teacher: str | None = None
+    data: str | None = None  # sd15/sdxl: the folder written by hypersd cache (docs/DATA.md)
+    resolution: int | None = None  # sd15/sdxl: the training resolution the cache must have been made at
+    vae: str | None = None  # sd15/sdxl: a VAE in place of the model's own (e.g. SDXL's fp16-safe one)
     init_lora: str | None = None  # a distilled LoRA the first stage starts from
     seed: int = 0
     lora_rank: int = 32
@@ -125,6 +128,9 @@ class Recipe:
         d = self.to_dict()
         for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep"):
             d.pop(k)
+        for k in ("data", "resolution", "vae"):  # unset, they leave the fingerprints of earlier runs as they were
+            if d[k] is None:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def dump(self) -> str:

@@ -15,12 +15,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import lora
+from .cache import CachedData, describe_skips
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .errors import HypersdError
 from .outputs import write_text
 from .recipe import Recipe, Stage
 from .stages import StageRun, current_lora, stage_run
 from .teachers import load_teacher
+
+
+SD_SAMPLES = 8  # images per sample grid of an sd15/sdxl run
 
 
 class DigitsData:
@@ -37,13 +41,34 @@ class DigitsData:
         return self.teacher.encode(self.x[idx]).to(self.teacher.device), self.prompts_for(self.y[idx])
 
 
+def open_cache(recipe: Recipe):
+    """The recipe's cache for sd15/sdxl, read and checked before any model loads; None for digits."""
+    if recipe.backbone not in ("sd15", "sdxl"):
+        if recipe.data or recipe.resolution or recipe.vae:
+            raise HypersdError(f"data, resolution and vae are for the sd15 and sdxl backbones; {recipe.backbone} "
+                               f"trains on its own data: leave them unset")
+        return None
+    if not recipe.data:
+        raise HypersdError(f"distilling backbone {recipe.backbone!r} needs its data pipeline: set data: to a folder "
+                           f"written by 'hypersd cache --backbone {recipe.backbone} --model M --data SRC --out DIR' "
+                           f"(or --set data=DIR)")
+    cached = CachedData(recipe.data, recipe.backbone)
+    made_at = cached.manifest["resolution"]
+    if recipe.resolution and made_at != recipe.resolution:
+        raise HypersdError(f"cache {recipe.data} was made at resolution {made_at}, the recipe trains at "
+                           f"{recipe.resolution}; cache the data with --resolution {recipe.resolution}")
+    return cached
+
+
 class Distiller:
     def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, teacher=None):
         self.recipe, self.out, self.progress = recipe, Path(out_dir), progress
-        if recipe.backbone != "digits":  # refuse before loading a large model
-            raise HypersdError(f"distilling backbone {recipe.backbone!r} needs its data pipeline, not yet "
-                               f"available; the digits backbone runs today")
+        cached = open_cache(recipe)  # refuses a wrong or missing cache before a large model loads
         self.teacher = teacher or load_teacher(recipe.backbone, recipe.teacher)
+        if recipe.vae:
+            from .teachers.sd import replace_vae
+
+            replace_vae(self.teacher, recipe.vae)
         unet = self.teacher.unet
         unet.requires_grad_(False)
         torch.manual_seed(recipe.seed)  # LoRA A matrices start random: the same seed, the same run
@@ -52,11 +77,15 @@ class Distiller:
         elif lora.STUDENT not in getattr(unet, "peft_config", {}):
             lora.add_lora(unet, lora.lora_config(recipe.lora_rank, recipe.lora_alpha, recipe.lora_targets), lora.STUDENT)
         lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
-        self.data = DigitsData(self.teacher)
+        self.data = cached.attach(self.teacher) if cached is not None else DigitsData(self.teacher)
         self.generator = torch.Generator().manual_seed(recipe.seed)
         with torch.no_grad():
             self.uncond_row = self.teacher.empty_cond(1)
         self.stats: dict = {"nan_skipped": 0, "stages": {}}
+        if cached is not None:  # what the cache could not serve, in stats.json and on the console
+            self.stats["data"] = {"items": len(cached), "skipped": dict(cached.skipped)}
+            if cached.skipped and progress:
+                tqdm.write(f"cache {recipe.data}: {len(cached)} items; skipped {describe_skips(cached.skipped)}")
 
     @property
     def student(self) -> list[torch.nn.Parameter]:
@@ -141,9 +170,7 @@ class Distiller:
         for step in bar:
             if budget is not None and step - start >= budget:
                 return False, global_step
-            z, prompts = self.data.batch(stage.batch, self.generator)
-            with torch.no_grad():
-                cond = self.teacher.encode_prompt(prompts)
+            z, prompts, cond = self._batch(stage.batch)
             loss, logs = run.loss(z, prompts, cond)
             global_step += 1
             if not math.isfinite(loss.item()):  # skip, count, and never save from it
@@ -161,6 +188,15 @@ class Distiller:
                 self._save(i, step + 1, global_step, opt, run)
         stats["seconds"] = round(stats.get("seconds", 0) + time.perf_counter() - t0, 1)
         return True, global_step
+
+    def _batch(self, n: int):
+        """(latents, prompts, cond): the conditioning from the data where it holds it (a cache),
+        else from the teacher's prompt encoder."""
+        if hasattr(self.data, "batch_cond"):
+            return self.data.batch_cond(n, self.generator)
+        z, prompts = self.data.batch(n, self.generator)
+        with torch.no_grad():
+            return z, prompts, self.teacher.encode_prompt(prompts)
 
     def _finish_stage(self, stage: Stage, run: StageRun) -> None:
         d = self.out / "stages" / stage.name
@@ -188,14 +224,20 @@ class Distiller:
 
     @torch.no_grad()
     def sample_grid(self, path, steps: int, eta: float = 0.0, n: int = 100, one_step_t: int | None = None):
-        from .digits.data import balanced_labels, prompts_for
         from .grid import save_grid
         from .sampling import sample_prompts
 
+        if self.recipe.backbone == "digits":
+            from .digits.data import balanced_labels, prompts_for
+
+            prompts, layout = prompts_for(balanced_labels(n)), {}
+        else:  # a few of the data's own captions, written beside the images in grid order
+            captions = self.data.captions
+            prompts, layout = captions[::max(1, len(captions) // SD_SAMPLES)][:SD_SAMPLES], {"ncol": 4, "scale": 1}
+            write_text(Path(path).with_suffix(".txt"), "\n".join(prompts) + "\n")
         with lora.fused(self.teacher.unet):
-            x = sample_prompts(self.teacher, prompts_for(balanced_labels(n)), steps, guidance=1.0, eta=eta, seed=0,
-                               one_step_t=one_step_t)
-        return save_grid(self.teacher.decode(x), path)
+            x = sample_prompts(self.teacher, prompts, steps, guidance=1.0, eta=eta, seed=0, one_step_t=one_step_t)
+        return save_grid(self.teacher.decode(x), path, **layout)
 
     def finish(self) -> Path:
         """The final LoRA (the last stage's) at ``out/lora.safetensors``, with sample grids."""

@@ -76,6 +76,33 @@ def load_sd(backbone: str, path: str, device="cpu", dtype=None) -> Teacher:
     return SDXLTeacher(**parts, scheduler_config=sched, force_zeros_for_empty_prompt=zeros)
 
 
+def replace_vae(teacher: "_StableDiffusion", source: str) -> None:
+    """Use another VAE than the model's own, e.g. an fp16-safe SDXL VAE that can run in half
+    precision. ``source``: a folder holding an AutoencoderKL (its config.json and safetensors
+    weights), a diffusers model folder (its vae/ is used), or a hub id."""
+    folder = Path(str(source)).expanduser()
+    if folder.is_file() or (not folder.exists() and not _HUB_ID.fullmatch(str(source))):
+        raise HypersdError(f"VAE {source} is not a folder or a hub id; pass a folder with an AutoencoderKL "
+                           f"(config.json and diffusion_pytorch_model.safetensors) or a hub id")
+    sub = "vae" if (folder / "vae").is_dir() else None
+    path = str(folder) if folder.exists() else str(source)
+    try:
+        vae = AutoencoderKL.from_pretrained(path, subfolder=sub, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise HypersdError(f"cannot load a VAE from {source}: {reason}") from e
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if vae.config.latent_channels != teacher.latent_shape[0] or factor != teacher.vae_scale_factor:
+        raise HypersdError(f"VAE {source} makes {vae.config.latent_channels}-channel latents at 1/{factor} of the "
+                           f"image size; this model needs {teacher.latent_shape[0]} channels at "
+                           f"1/{teacher.vae_scale_factor}: pass a VAE made for it")
+    dtype = teacher.dtype
+    upcast = dtype == torch.float16 and vae.config.get("force_upcast", False)
+    torch.nn.Module.to(vae.requires_grad_(False).eval(), device=teacher.device,
+                       dtype=torch.float32 if upcast else dtype)
+    teacher.vae = vae
+
+
 def _load(load, path: str, name: str):
     """``load(path, subfolder=name)``, its failures turned into one line that says what to do."""
     try:
