@@ -23,6 +23,9 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+DIGITS_EVAL_STEPS = [1, 2, 4, 8, 25, 40]
+
+
 def _add_teacher_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="digits teacher .safetensors (default: the shipped one)")
 
@@ -89,14 +92,19 @@ def cmd_sample(a) -> None:
 
 def cmd_eval(a) -> None:
     from .evaluation import DigitsBench, teacher_baseline, write_report
+    from .image_eval import cmd_image_eval, real_only_flags
     from .outputs import check_writable
     from .teachers.digits import DigitsTeacher
 
+    if a.images or a.model:
+        return cmd_image_eval(a)
+    if real_only_flags(a):
+        raise HypersdError(f"{real_only_flags(a)[0]} is for real images: add --images DIR or --model M")
     for name in ("baseline.json", "baseline.md"):
         check_writable(Path(a.out_dir) / name, a.force)
     teacher = DigitsTeacher.load(a.teacher)
     bench = DigitsBench(teacher, n=a.n, seeds=range(a.seeds), guidance=a.guidance)
-    rows = teacher_baseline(bench, a.steps)
+    rows = teacher_baseline(bench, a.steps or DIGITS_EVAL_STEPS)
     meta = {"guidance": bench.guidance, "samples per seed": a.n, "seeds": a.seeds,
             "judge": "held-out evaluator (CNN)", "fd against": "real test digits"}
     js, md = write_report(rows, a.out_dir, "baseline", "Teacher baseline (digits world)", meta)
@@ -216,15 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite existing output files")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("eval", help="the teacher baseline table: fd, acc, traj_mse, reward at 1..40 DDIM steps")
+    e = sub.add_parser("eval", help="the teacher baseline table: fd, acc, traj_mse, reward at 1..40 DDIM steps; "
+                                    "with --images or --model: CLIP, aesthetic, ImageReward, HPSv2, PickScore, FID")
     _add_teacher_args(e)
-    e.add_argument("--steps", type=_ints, default=[1, 2, 4, 8, 25, 40])
+    e.add_argument("--steps", type=_ints, default=None, help="digits: 1,2,4,8,25,40; --model: one step count")
     e.add_argument("--n", type=int, default=1000, help="samples per seed")
     e.add_argument("--seeds", type=int, default=3)
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--out-dir", default="runs/eval")
     e.add_argument("--force", action="store_true")
+    from .image_eval import add_eval_args
+
+    add_eval_args(e)
     e.set_defaults(fn=cmd_eval)
+
+    from .generate import add_generate_parser
+
+    add_generate_parser(sub)
 
     d = sub.add_parser("distill", help="run a distillation recipe (default: TSCD 8->4->2->1 on the digits world)",
                        description="Runs the stages of a YAML recipe, checkpointing as it goes, and writes the "
