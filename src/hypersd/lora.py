@@ -48,6 +48,11 @@ def add_lora(unet, config: LoraConfig, name: str = STUDENT) -> None:
     with warnings.catch_warnings():  # peft warns on every second adapter; several are the design
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         unet.add_adapter(config, adapter_name=name)
+    # peft makes an adapter in the base weights' dtype; LoRA weights train in float32 (updates
+    # of 1e-4 relative size vanish in bf16), and autocast runs their matmuls in low precision anyway.
+    for n, p in unet.named_parameters():
+        if f".{name}." in n and "lora_" in n and p.dtype != torch.float32:
+            p.data = p.data.float()
     unet.__dict__.pop("_hypersd_tuner_layers", None)
 
 

@@ -1,0 +1,343 @@
+"""Time one distillation training step at real scale: the usual LoRA step against hypersd's.
+
+SD1.5 (512 px, batch 16) and SDXL (1024 px, batch 4), UNets of the real architectures with
+random weights (compute does not depend on weight values), a rank-64 LoRA on attention,
+feed-forward and resnet convolutions, bf16 autocast with float32 LoRA weights, latents and text
+embeddings given (as a latent cache gives them: no VAE or text encoder in the step).
+
+  reference   the LoRA consistency step as it is usually written: one UNet, the teacher with
+              adapters disabled, its conditional and unconditional passes as two calls, the student
+              forward and backward, a target forward; eager, default layout, foreach AdamW
+  tscd        hypersd's TSCD stage (stages.TSCDRun + the trainer's step), eager
+  tscd-adv    the same with the adversarial term (frozen-encoder discriminator, its heads' update)
+  dmd         hypersd's one-step DMD stage (fake-score LoRA, its updates, regulariser, keep term)
+  *+compile   the same with the UNet's repeated blocks compiled (speed.compile_blocks)
+
+Prints samples/s, the ratio to the reference, peak GiB, and achieved TFLOP/s (FLOPs of one step
+from torch's flop counter, over the step's median time). Then the memory checks: an SDXL TSCD
+step with the adversarial term at batch 1 and a DMD step at batch 2, with gradient checkpointing.
+
+  python benchmarks/train_step.py [--models sd15,sdxl] [--budget 420] [--json out.json]
+  python benchmarks/train_step.py --tiny      # a CPU smoke run on tiny UNets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from hypersd import archs, lora, speed  # noqa: E402
+from hypersd.recipe import DMDStage, TSCDStage  # noqa: E402
+from hypersd.schedule import SolverGrid  # noqa: E402
+from hypersd.solver import add_noise, cfg, ddim_jump  # noqa: E402
+from hypersd.stages import DMDRun, TSCDRun  # noqa: E402
+from hypersd.teachers.base import Cond, Teacher  # noqa: E402
+
+RANK = 64
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut"]
+SETUPS = {"sd15": {"batch": 16, "guidance": 7.5}, "sdxl": {"batch": 4, "guidance": 5.0}}
+TINY = dict(block_out_channels=(32, 64), attention_head_dim=(2, 4), layers_per_block=1, sample_size=16,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+class RandomTeacher(Teacher):
+    """A teacher whose prompts are already embeddings (random, of the real shapes)."""
+
+    def __init__(self, backbone: str, unet, guidance: float):
+        self.backbone, self.unet, self.default_guidance = backbone, unet, guidance
+        self.alphas_cumprod = archs.alphas_cumprod()
+        size = unet.config.sample_size
+        self.latent_shape = (4, size, size)
+        self.dim = unet.config.cross_attention_dim
+
+    def encode_prompt(self, prompts) -> Cond:
+        n, dev = len(prompts), self.device
+        added = {}
+        if self.backbone == "sdxl":
+            pooled = self.unet.config.projection_class_embeddings_input_dim - 6 * self.unet.config.addition_time_embed_dim
+            added = {"text_embeds": torch.randn(n, pooled, device=dev),
+                     "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]], device=dev).expand(n, 6)}
+        return Cond(torch.randn(n, archs.TOKENS, self.dim, device=dev), added)
+
+
+class RandomData:
+    def __init__(self, teacher: RandomTeacher):
+        self.teacher = teacher
+
+    def batch(self, n, generator):
+        z = torch.randn((n, *self.teacher.latent_shape), generator=generator).to(self.teacher.device)
+        return z, ["a prompt"] * n
+
+
+def distiller(teacher, stage) -> SimpleNamespace:
+    """What a stage asks of the trainer (the ``d`` of stages.StageRun)."""
+    recipe = SimpleNamespace(lora_rank=RANK, lora_alpha=RANK, grad_clip=1.0, seed=0, stages=[stage])
+    return SimpleNamespace(teacher=teacher, recipe=recipe, data=RandomData(teacher), progress=False,
+                           generator=torch.Generator().manual_seed(0), uncond_row=teacher.encode_prompt([""]),
+                           )
+
+
+def hypersd_step(run, opt, z, prompts, cond, grad_clip=1.0):
+    """One step of hypersd's trainer loop (trainer.Distiller._run_stage), without its files."""
+    loss, logs = run.loss(z, prompts, cond)
+    if not math.isfinite(loss.item()):
+        return
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, grad_clip)
+    opt.step()
+    run.after_step()
+
+
+class ReferenceStep:
+    """The LoRA consistency step as usually written (an LCM-LoRA style training script)."""
+
+    def __init__(self, teacher: RandomTeacher, guidance: float):
+        self.t, self.unet, self.w = teacher, teacher.unet, guidance
+        self.params = lora.adapter_params(self.unet, lora.STUDENT)
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4)  # foreach, the default
+        self.grid = SolverGrid(teacher.T, 40)
+        self.acp = teacher.alphas_cumprod.to(teacher.device)
+
+    def __call__(self, z, cond: Cond, uncond: Cond):
+        unet, acp, n = self.unet, self.acp, len(z)
+        t = self.grid.sample(n).to(z.device)
+        t_prev = self.grid.step_down(t.cpu()).clamp(min=0).to(z.device)
+        x_t = add_noise(z, torch.randn_like(z), t, acp)
+        kw = lambda c: {"added_cond_kwargs": c.added} if c.added else {}  # noqa: E731
+        pred = unet(x_t, t, encoder_hidden_states=cond.hidden, **kw(cond)).sample
+        pred_x0 = ddim_jump(x_t, pred, t, -1, acp)
+        with torch.no_grad():
+            unet.disable_adapters()
+            e_c = unet(x_t, t, encoder_hidden_states=cond.hidden, **kw(cond)).sample
+            e_u = unet(x_t, t, encoder_hidden_states=uncond.hidden, **kw(uncond)).sample
+            unet.enable_adapters()
+            x_prev = ddim_jump(x_t, cfg(e_c, e_u, self.w), t, t_prev, acp)
+            e_tgt = unet(x_prev, t_prev, encoder_hidden_states=cond.hidden, **kw(cond)).sample
+            target = ddim_jump(x_prev, e_tgt, t_prev, -1, acp)
+        loss = torch.nn.functional.mse_loss(pred_x0.float(), target.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def timed(fn, warmup: int, iters: int, device) -> tuple[float, float]:
+    """Median seconds per call after warm-up, and peak GiB allocated over all of it."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return statistics.median(times), peak
+
+
+def flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def build(backbone: str, device, tiny: bool, batch: int | None):
+    overrides = TINY if tiny else {}
+    if tiny and backbone == "sdxl":
+        overrides = TINY | dict(transformer_layers_per_block=(1, 2), addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64)
+    if tiny and backbone == "sd15":
+        overrides = TINY | dict(cross_attention_dim=32)
+    torch.manual_seed(0)
+    unet = archs.unet(backbone, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                      **overrides)
+    lora.add_lora(unet, lora.lora_config(RANK if not tiny else 4, None, TARGETS), lora.STUDENT)
+    lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
+    setup = SETUPS[backbone]
+    teacher = RandomTeacher(backbone, unet, setup["guidance"])
+    return teacher, (batch or (2 if tiny else setup["batch"]))
+
+
+def stage_for(kind: str, batch: int):
+    if kind in ("tscd", "tscd-adv"):
+        return TSCDStage(name=kind, segments=4, batch=batch, lr=1e-4, adv_weight=0.1 if kind == "tscd-adv" else 0.0)
+    quarter = max(1, batch // 4)
+    return DMDStage(name="dmd", batch=batch, lr=1e-4, fake_warmup=0, reg_pool=4 * quarter, reg_steps=4,
+                    reg_batch=quarter, keep_weight=1.0, keep_batch=quarter)
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class Bench:
+    def __init__(self, args, device):
+        self.a, self.device, self.rows = args, device, []
+        self.t0 = time.perf_counter()
+
+    def left(self) -> float:
+        return self.a.budget - (time.perf_counter() - self.t0)
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.a.json:
+            Path(self.a.json).write_text(json.dumps(self.rows, indent=1))
+
+    def measure(self, model, variant, batch, fn, flop_fn=None, note=""):
+        warmup, iters = (1, 2) if self.a.tiny else (self.a.warmup, self.a.iters)
+        t_first = time.perf_counter()
+        with autocast(self.device):
+            sec, peak = timed(fn, warmup, iters, self.device)
+            n_flops = flops(flop_fn or fn) if (self.a.flops and "compile" not in variant) else float("nan")
+        row = {"model": model, "variant": variant, "batch": batch, "step_ms": round(1000 * sec, 1),
+               "samples_per_s": round(batch / sec, 2), "peak_gib": round(peak, 2),
+               "tflop_per_step": round(n_flops / 1e12, 2), "tflops": round(n_flops / sec / 1e12, 1),
+               "wall_s": round(time.perf_counter() - t_first, 1), "note": note}
+        self.record(row)
+        return row
+
+
+def run_model(b: Bench, backbone: str):
+    """Eager: the reference, then hypersd's stages; returns what the compiled pass reuses."""
+    a, dev = b.a, b.device
+    teacher, batch = build(backbone, dev, a.tiny, None)
+    unet = teacher.unet
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn((batch, *teacher.latent_shape), generator=g).to(dev)
+    cond, uncond = teacher.encode_prompt(["p"] * batch), teacher.encode_prompt([""] * batch)
+    prompts = ["p"] * batch
+
+    ref = ReferenceStep(teacher, SETUPS[backbone]["guidance"])
+    base = b.measure(backbone, "reference", batch, lambda: ref(z, cond, uncond),
+                     note="two teacher calls, eager, default layout, foreach AdamW")
+    del ref
+
+    speed.channels_last(unet)
+    runs = {}
+    for kind in a.variants:
+        if b.left() < 0:
+            break
+        stage = stage_for(kind, batch)
+        with autocast(dev):
+            run = (DMDRun if kind == "dmd" else TSCDRun)(distiller(teacher, stage), stage)
+            run.enter(fresh=True)
+        opt = speed.optimizer(run.params, stage.lr)
+        runs[kind] = step = lambda run=run, opt=opt: hypersd_step(run, opt, z, prompts, cond)  # noqa: E731
+        row = b.measure(backbone, kind, batch, step, note="channels-last, batched CFG, fused AdamW")
+        row["vs_reference"] = round(row["samples_per_s"] / base["samples_per_s"], 2)
+        b.save()
+    return {"backbone": backbone, "unet": unet, "runs": runs, "base": base, "batch": batch}
+
+
+def run_compiled(b: Bench, state: dict):
+    backbone, base, batch = state["backbone"], state["base"], state["batch"]
+    if b.left() < b.a.compile_reserve:
+        print(f"  {backbone}: compile skipped ({b.left():.0f} s left)", flush=True)
+        return
+    t_c = time.perf_counter()
+    n = speed.compile_blocks(state["unet"])
+    for kind, step in state["runs"].items():
+        if b.left() < b.a.compile_reserve / 2:
+            print(f"  {backbone}: {kind}+compile skipped ({b.left():.0f} s left)", flush=True)
+            break
+        row = b.measure(backbone, kind + "+compile", batch, step, note=f"{n} blocks compiled")
+        row["vs_reference"] = round(row["samples_per_s"] / base["samples_per_s"], 2)
+        row["compile_and_warmup_s"] = round(time.perf_counter() - t_c, 1)
+        b.save()
+        t_c = time.perf_counter()
+
+
+def memory_checks(b: Bench):
+    """SDXL at 1024 px: TSCD + adversarial at batch 1, DMD at batch 2, gradient checkpointing on.
+
+    Peak is counted above what was allocated before the check's UNet was built, so models the
+    benchmark still holds do not count."""
+    cuda = b.device.type == "cuda"
+    for kind, batch, limit in (("tscd-adv", 1, 24), ("dmd", 2, 40)):
+        if b.left() < 30:
+            print(f"  memory check {kind} skipped ({b.left():.0f} s left)")
+            return
+        if cuda:
+            torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+        teacher, batch = build("sdxl", b.device, b.a.tiny, batch)
+        speed.gradient_checkpointing(teacher.unet)
+        speed.channels_last(teacher.unet)
+        z = torch.randn((batch, *teacher.latent_shape)).to(b.device)
+        cond = teacher.encode_prompt(["p"] * batch)
+        stage = stage_for(kind, batch)
+        with autocast(b.device):
+            run = (DMDRun if kind == "dmd" else TSCDRun)(distiller(teacher, stage), stage)
+            run.enter(fresh=True)
+        opt = speed.optimizer(run.params, stage.lr)
+        row = b.measure("sdxl", f"{kind} memory", batch, lambda: hypersd_step(run, opt, z, ["p"] * batch, cond),
+                        note=f"gradient checkpointing; goal peak < {limit} GiB")
+        row["peak_gib"] = round(row["peak_gib"] - before, 2)
+        row["fits"] = bool(row["peak_gib"] < limit)
+        b.save()
+        print(f"  sdxl {kind} batch {batch}: peak {row['peak_gib']} GiB (goal < {limit})", flush=True)
+        del run, opt, teacher
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="sd15,sdxl")
+    p.add_argument("--variants", default="tscd,tscd-adv,dmd")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-flops", dest="flops", action="store_false")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--budget", type=float, default=420, help="seconds; later parts are skipped past it")
+    p.add_argument("--compile-reserve", type=float, default=90, help="seconds a model's compile parts need")
+    p.add_argument("--tiny", action="store_true", help="tiny UNets: a CPU check that every step runs")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    a.variants = [v for v in a.variants.split(",") if v]
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
+    if device.type == "cuda":
+        speed.enable_tf32()
+        print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
+    b = Bench(a, device)
+    # cheap first: every eager number and the memory checks, then what compiling adds
+    states = [run_model(b, backbone) for backbone in a.models.split(",")]
+    if a.memory:
+        memory_checks(b)
+    if a.compile:
+        for state in states:
+            run_compiled(b, state)
+    print("\n| model | variant | batch | samples/s | vs reference | peak GiB | TFLOP/step | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in b.rows:
+        print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['samples_per_s']} | {r.get('vs_reference', '')} "
+              f"| {r['peak_gib']} | {r['tflop_per_step']} | {r['tflops']} |")
+    return b.rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Each speed/memory option computes what the plain path computes (tiny UNets, CPU)."""
+
+import copy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hypersd import lora, speed
+from hypersd.errors import HypersdError
+from hypersd.recipe import TSCDStage
+from hypersd.stages import TSCDRun
+from sd_tiny import TEXT_DIM, _unet
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _student(seed=0):
+    torch.manual_seed(seed)
+    unet = _unet(layers_per_block=1, cross_attention_dim=TEXT_DIM).requires_grad_(False)
+    for name in (lora.STUDENT, lora.EMA):
+        lora.add_lora(unet, lora.lora_config(4, 4, "all"), name)
+    for p in lora.adapter_params(unet, lora.EMA):
+        torch.nn.init.normal_(p, std=0.05)
+    lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
+    for p in lora.adapter_params(unet, lora.STUDENT):
+        torch.nn.init.normal_(p, std=0.05)
+    return unet
+
+
+def _inputs(n=2):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(n, 4, 8, 8, generator=g), torch.tensor([700, 300])[:n],
+            torch.randn(n, 16, TEXT_DIM, generator=g))
+
+
+def _adv_loss_and_grads(unet):
+    """TSCD with the adversarial term: its backward runs while the discriminator's pass had
+    adapters off, the case a careless checkpoint recomputes with the wrong adapter."""
+    from hypersd.teachers.base import Cond, Teacher
+
+    class T(Teacher):
+        default_guidance = 2.0
+
+        def __init__(self):
+            self.unet, self.alphas_cumprod, self.latent_shape = unet, torch.linspace(0.999, 0.01, 1000), (4, 8, 8)
+
+    teacher = T()
+    x, _, hidden = _inputs()
+    stage = TSCDStage(name="t", segments=2, batch=2, adv_weight=1.0)
+    d = SimpleNamespace(teacher=teacher, recipe=SimpleNamespace(lora_rank=4, lora_alpha=4),
+                        generator=torch.Generator().manual_seed(3), uncond_row=Cond(torch.zeros(1, 16, TEXT_DIM)))
+    torch.manual_seed(5)
+    run = TSCDRun(d, stage)
+    run.enter(fresh=False)
+    loss, _ = run.loss(x, ["a", "b"], Cond(hidden))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in run.params]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_across_adapter_switches():
+    plain, ckpt = _student(), _student()
+    loss0, grads0 = _adv_loss_and_grads(plain)
+    speed.gradient_checkpointing(ckpt)
+    loss1, grads1 = _adv_loss_and_grads(ckpt)
+    assert torch.allclose(loss0, loss1, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads0, grads1))
+    assert any(g.abs().sum() > 0 for g in grads1)
+    # the adapters stay as the stage left them: student active, not disabled
+    assert lora.active(ckpt) == [lora.STUDENT]
+
+
+def test_channels_last_changes_layout_not_results():
+    unet = _student()
+    x, t, c = _inputs()
+    with torch.no_grad():
+        before = unet(x, t, c).sample
+        speed.channels_last(unet)
+        after = unet(x, t, c).sample
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_optimizer_choices():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    assert isinstance(speed.optimizer(p, 1e-3), torch.optim.AdamW)
+    with pytest.raises(HypersdError, match="adamw"):
+        speed.optimizer(p, 1e-3, kind="sgd")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(HypersdError, match="pip install bitsandbytes"):
+            speed.optimizer(p, 1e-3, kind="adamw8bit")
+
+
+def test_lora_weights_train_in_float32_on_a_bf16_unet():
+    unet = _unet(layers_per_block=1, cross_attention_dim=TEXT_DIM).to(torch.bfloat16)
+    lora.add_lora(unet, lora.lora_config(4, 4, "all"), lora.STUDENT)
+    dtypes = {p.dtype for n, p in unet.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.float32}
+    assert unet.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_compile_blocks_refuses_unknown_kinds():
+    with pytest.raises(HypersdError, match="ResnetBlock2D"):
+        speed.compile_blocks(_student(), kinds=("Attention2D",))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_through_adapter_switches():
+    """Teacher (adapters off), EMA target (no grad) and student (with grad) through the compiled
+    blocks: the same outputs and gradients as eager, and no recompiles on a second round."""
+    from torch._dynamo.utils import counters
+
+    def round_(unet):
+        x, t, c = _inputs()
+        with torch.no_grad(), lora.adapters_disabled(unet):
+            a = unet(x, t, c).sample
+        with torch.no_grad(), lora.adapter(unet, lora.EMA):
+            b = unet(x, t, c).sample
+        s = unet(x, t, c).sample
+        s.square().mean().backward()
+        grads = [p.grad.clone() for p in lora.adapter_params(unet, lora.STUDENT)]
+        for p in lora.adapter_params(unet, lora.STUDENT):
+            p.grad = None
+        return [a, b, s.detach()], grads
+
+    eager = _student()
+    compiled = copy.deepcopy(eager)
+    out0, g0 = round_(eager)
+    assert speed.compile_blocks(compiled) > 0
+    counters.clear()
+    out1, g1 = round_(compiled)
+    first = dict(counters["stats"])
+    out2, _ = round_(compiled)
+    assert dict(counters["stats"]) == first  # the second round compiled nothing new
+    assert not counters["graph_break"]
+    for a, b in zip(out0 + g0, out1 + g1):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_benchmark_pipeline_is_hypersds_sampler():
+    """benchmarks/generate.py writes the sampler out with host-free arithmetic; it must still be
+    DDIM trailing as hypersd.sampling.sample_tcd does it."""
+    from hypersd.sampling import sample_tcd
+    from hypersd.schedule import inference_timesteps
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import generate as bench_generate
+    finally:
+        sys.path.remove(str(BENCH))
+    p = bench_generate.Pipeline("sd15", torch.device("cpu"), torch.float32, tiny=True)
+    with torch.no_grad():
+        for k in (1, 4):
+            img = p(k)
+            hidden, _ = p.encode()
+            x0 = sample_tcd(lambda x, t: p.unet(x, torch.full((1,), t), encoder_hidden_states=hidden).sample,
+                            p.noise, inference_timesteps(k, 1000), p.acp)
+            want = p.vae.decode(x0 / p.vae.config.scaling_factor).sample.clamp(-1, 1)
+            assert torch.allclose(img, want, atol=1e-4)
