@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -41,7 +40,9 @@ from hypersd.recipe import DMDStage, TSCDStage  # noqa: E402
 from hypersd.schedule import SolverGrid  # noqa: E402
 from hypersd.solver import add_noise, cfg, ddim_jump  # noqa: E402
 from hypersd.stages import DMDRun, TSCDRun  # noqa: E402
+from hypersd.runtime import Runtime  # noqa: E402
 from hypersd.teachers.base import Cond, Teacher  # noqa: E402
+from hypersd.trainer import train_step  # noqa: E402
 
 RANK = 64
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut"]
@@ -83,21 +84,16 @@ class RandomData:
 def distiller(teacher, stage) -> SimpleNamespace:
     """What a stage asks of the trainer (the ``d`` of stages.StageRun)."""
     recipe = SimpleNamespace(lora_rank=RANK, lora_alpha=RANK, grad_clip=1.0, seed=0, stages=[stage])
+    precision = "bf16" if teacher.device.type == "cuda" else "no"
     return SimpleNamespace(teacher=teacher, recipe=recipe, data=RandomData(teacher), progress=False,
+                           rt=Runtime(teacher.device, precision),
                            generator=torch.Generator().manual_seed(0), uncond_row=teacher.encode_prompt([""]),
                            )
 
 
-def hypersd_step(run, opt, z, prompts, cond, grad_clip=1.0):
-    """One step of hypersd's trainer loop (trainer.Distiller._run_stage), without its files."""
-    loss, logs = run.loss(z, prompts, cond)
-    if not math.isfinite(loss.item()):
-        return
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.params, grad_clip)
-    opt.step()
-    run.after_step()
+def hypersd_step(run, opt, z, prompts, cond):
+    """One step of hypersd's trainer loop (trainer.train_step), without its files."""
+    train_step(run.d.rt, run, opt, z, prompts, cond, grad_clip=1.0)
 
 
 class ReferenceStep:
@@ -116,9 +112,10 @@ class ReferenceStep:
         t_prev = self.grid.step_down(t.cpu()).clamp(min=0).to(z.device)
         x_t = add_noise(z, torch.randn_like(z), t, acp)
         kw = lambda c: {"added_cond_kwargs": c.added} if c.added else {}  # noqa: E731
-        pred = unet(x_t, t, encoder_hidden_states=cond.hidden, **kw(cond)).sample
+        with autocast(z.device):
+            pred = unet(x_t, t, encoder_hidden_states=cond.hidden, **kw(cond)).sample
         pred_x0 = ddim_jump(x_t, pred, t, -1, acp)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(z.device):
             unet.disable_adapters()
             e_c = unet(x_t, t, encoder_hidden_states=cond.hidden, **kw(cond)).sample
             e_u = unet(x_t, t, encoder_hidden_states=uncond.hidden, **kw(uncond)).sample
@@ -211,9 +208,8 @@ class Bench:
     def measure(self, model, variant, batch, fn, flop_fn=None, note=""):
         warmup, iters = (1, 2) if self.a.tiny else (self.a.warmup, self.a.iters)
         t_first = time.perf_counter()
-        with autocast(self.device):
-            sec, peak = timed(fn, warmup, iters, self.device)
-            n_flops = flops(flop_fn or fn) if (self.a.flops and "compile" not in variant) else float("nan")
+        sec, peak = timed(fn, warmup, iters, self.device)
+        n_flops = flops(flop_fn or fn) if (self.a.flops and "compile" not in variant) else float("nan")
         row = {"model": model, "variant": variant, "batch": batch, "step_ms": round(1000 * sec, 1),
                "samples_per_s": round(batch / sec, 2), "peak_gib": round(peak, 2),
                "tflop_per_step": round(n_flops / 1e12, 2), "tflops": round(n_flops / sec / 1e12, 1),

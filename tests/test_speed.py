@@ -11,6 +11,7 @@ import torch
 from hypersd import lora, speed
 from hypersd.errors import HypersdError
 from hypersd.recipe import TSCDStage
+from hypersd.runtime import Runtime
 from hypersd.stages import TSCDRun
 from sd_tiny import TEXT_DIM, _unet
 
@@ -51,7 +52,8 @@ def _adv_loss_and_grads(unet):
     x, _, hidden = _inputs()
     stage = TSCDStage(name="t", segments=2, batch=2, adv_weight=1.0)
     d = SimpleNamespace(teacher=teacher, recipe=SimpleNamespace(lora_rank=4, lora_alpha=4),
-                        generator=torch.Generator().manual_seed(3), uncond_row=Cond(torch.zeros(1, 16, TEXT_DIM)))
+                        generator=torch.Generator().manual_seed(3), uncond_row=Cond(torch.zeros(1, 16, TEXT_DIM)),
+                        rt=Runtime())
     torch.manual_seed(5)
     run = TSCDRun(d, stage)
     run.enter(fresh=False)
@@ -161,3 +163,37 @@ def test_benchmark_pipeline_is_hypersds_sampler():
                             p.noise, inference_timesteps(k, 1000), p.acp)
             want = p.vae.decode(x0 / p.vae.config.scaling_factor).sample.clamp(-1, 1)
             assert torch.allclose(img, want, atol=1e-4)
+
+
+def test_runtime_keys_are_checked_and_leave_the_fingerprint_alone():
+    from hypersd.recipe import from_dict
+
+    base = {"stages": [{"name": "t", "segments": 2}]}
+    plain = from_dict(base)
+    fast = from_dict(base | {"mixed_precision": "bf16", "gradient_checkpointing": True, "channels_last": True,
+                             "compile": True, "optimizer": "adamw8bit", "device": "cpu"})
+    assert plain.fingerprint() == fast.fingerprint()  # a run may resume with other memory settings
+    with pytest.raises(HypersdError, match="mixed_precision 'fp8'"):
+        from_dict(base | {"mixed_precision": "fp8"})
+    with pytest.raises(HypersdError, match="optimizer 'sgd'"):
+        from_dict(base | {"optimizer": "sgd"})
+    with pytest.raises(HypersdError, match="bf16 or no"):
+        from_dict(base | {"mixed_precision": "fp16"})
+
+
+def test_bf16_autocast_step_trains_float32_lora_weights():
+    """Mixed precision as the trainer runs it: bf16 matmuls, float32 LoRA weights and update."""
+    from hypersd.runtime import Runtime
+
+    unet = _student()
+    rt = Runtime(precision="bf16")
+    params = lora.adapter_params(unet, lora.STUDENT)
+    before = [p.detach().clone() for p in params]
+    opt = speed.optimizer(params, 1e-2)
+    x, t, c = _inputs()
+    with rt.autocast():
+        out = unet(x, t, c).sample
+    assert out.dtype == torch.bfloat16
+    rt.step(out.float().square().mean(), opt, params, clip=1.0)
+    assert all(p.dtype == torch.float32 for p in params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))

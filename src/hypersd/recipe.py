@@ -17,6 +17,7 @@ import yaml
 from .errors import HypersdError
 
 CONFIGS = Path(__file__).parent / "configs"
+RUNTIME_KEYS = ("device", "mixed_precision", "gradient_checkpointing", "channels_last", "compile", "tf32", "optimizer")
 
 
 @dataclass
@@ -119,6 +120,14 @@ class Recipe:
     eval_n: int = 1000
     eval_seeds: int = 3
     grid_every_stage: bool = True
+    # How the steps run, not what they compute: a run may resume with other settings (docs/SPEED.md).
+    device: str = "auto"  # auto (cuda when there is one), cpu, cuda, cuda:N; accelerate launch sets its own
+    mixed_precision: str = "no"  # no, bf16, fp16: the frozen weights and autocast; LoRA weights stay float32
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the UNet's repeated blocks
+    tf32: bool = True
+    optimizer: str = "adamw"  # or adamw8bit (bitsandbytes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,7 +135,7 @@ class Recipe:
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed (evaluation settings excluded)."""
         d = self.to_dict()
-        for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep"):
+        for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep", *RUNTIME_KEYS):
             d.pop(k)
         for k in ("data", "resolution", "vae"):  # unset, they leave the fingerprints of earlier runs as they were
             if d[k] is None:
@@ -177,7 +186,17 @@ def from_dict(raw: dict, source: str = "config") -> Recipe:
         raise HypersdError(f"{source}: stage names must be unique, got {names}")
     recipe = Recipe(stages=stages, **raw)
     _validate_order(recipe, source)
+    _validate_runtime(recipe, source)
     return recipe
+
+
+def _validate_runtime(recipe: Recipe, source: str) -> None:
+    choices = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adamw", "adamw8bit")}
+    for key, allowed in choices.items():
+        if getattr(recipe, key) not in allowed:
+            raise HypersdError(f"{source}: {key} {getattr(recipe, key)!r} is not one of {', '.join(allowed)}")
+    if recipe.mixed_precision == "fp16" and recipe.backbone == "digits":
+        raise HypersdError(f"{source}: the digits teacher trains in float32 or bf16; use mixed_precision: bf16 or no")
 
 
 def _range(value, where: str, what: str, lo, hi) -> None:

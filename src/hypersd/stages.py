@@ -110,8 +110,7 @@ class TSCDRun(StageRun):
         pred, tgt, t_end, cond = self._for_d
         d_loss = hinge_d_loss(self.disc(tgt, t_end, cond), self.disc(pred, t_end, cond))
         self.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.d_opt.step()
+        self.d.rt.step(d_loss, self.d_opt, self.disc.heads.parameters())
         return {"d": d_loss}
 
     def state(self):
@@ -262,11 +261,10 @@ class DMDRun(StageRun):
         t = torch.randint(0, self.teacher.T, (len(x),), generator=g).to(x.device)
         noise = torch.randn(x.shape, generator=g).to(x)
         with lora.adapter(self.unet, lora.FAKE):  # the fake adapter active and trainable
-            loss = denoising_loss(self._eps(cond), x, noise, t, self.acp)
+            with self.d.rt.autocast():
+                loss = denoising_loss(self._eps(cond), x, noise, t, self.acp)
             self.fake_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.fake_params, self.d.recipe.grad_clip)
-            self.fake_opt.step()
+            self.d.rt.step(loss, self.fake_opt, self.fake_params, self.d.recipe.grad_clip)
         return loss.detach()
 
     def loss(self, z, prompts, cond):

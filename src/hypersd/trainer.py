@@ -7,19 +7,19 @@ and builds its loss from the stage's config; the loop steps the optimizer and wr
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import lora
+from . import lora, speed
 from .cache import CachedData, describe_skips
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .errors import HypersdError
 from .outputs import write_text
 from .recipe import Recipe, Stage
+from .runtime import Runtime
 from .stages import StageRun, current_lora, stage_run
 from .teachers import load_teacher
 
@@ -60,11 +60,30 @@ def open_cache(recipe: Recipe):
     return cached
 
 
+RANK_SEED = 1_000_003  # process r of a data-parallel run draws from seed + r·RANK_SEED
+
+
+def train_step(rt: Runtime, run: StageRun, opt, z, prompts, cond, grad_clip: float) -> dict | None:
+    """One optimizer step of a stage: its loss (under autocast), the update, its after-step work.
+    None when the loss is not finite on some process: the step is skipped everywhere."""
+    with rt.autocast():
+        loss, logs = run.loss(z, prompts, cond)
+    if not rt.finite(loss):
+        return None
+    opt.zero_grad(set_to_none=True)
+    rt.step(loss, opt, run.params, grad_clip)
+    with rt.autocast():
+        return logs | run.after_step()
+
+
 class Distiller:
     def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, teacher=None):
         self.recipe, self.out, self.progress = recipe, Path(out_dir), progress
         cached = open_cache(recipe)  # refuses a wrong or missing cache before a large model loads
-        self.teacher = teacher or load_teacher(recipe.backbone, recipe.teacher)
+        self.rt = Runtime.create(recipe.device, recipe.mixed_precision)
+        # digits: a float32 teacher at any precision (autocast lowers its matmuls); SD: the frozen weights in it
+        dtype = self.rt.dtype if recipe.backbone != "digits" else None
+        self.teacher = teacher or load_teacher(recipe.backbone, recipe.teacher, device=self.rt.device, dtype=dtype)
         if recipe.vae:
             from .teachers.sd import replace_vae
 
@@ -77,8 +96,10 @@ class Distiller:
         elif lora.STUDENT not in getattr(unet, "peft_config", {}):
             lora.add_lora(unet, lora.lora_config(recipe.lora_rank, recipe.lora_alpha, recipe.lora_targets), lora.STUDENT)
         lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        self._speed_up(unet)
         self.data = cached.attach(self.teacher) if cached is not None else DigitsData(self.teacher)
-        self.generator = torch.Generator().manual_seed(recipe.seed)
+        # each process draws its own batches and noise; process 0 draws what a single process would
+        self.generator = torch.Generator().manual_seed(recipe.seed + RANK_SEED * self.rt.rank)
         with torch.no_grad():
             self.uncond_row = self.teacher.empty_cond(1)
         self.stats: dict = {"nan_skipped": 0, "stages": {}}
@@ -87,15 +108,34 @@ class Distiller:
             if cached.skipped and progress:
                 tqdm.write(f"cache {recipe.data}: {len(cached)} items; skipped {describe_skips(cached.skipped)}")
 
+    def _speed_up(self, unet) -> None:
+        r = self.recipe
+        if r.tf32 and self.rt.device.type == "cuda":
+            speed.enable_tf32()
+        if r.gradient_checkpointing:
+            speed.gradient_checkpointing(unet)
+        if r.channels_last:
+            speed.channels_last(unet)
+        if r.compile:
+            speed.compile_blocks(unet)
+
     @property
     def student(self) -> list[torch.nn.Parameter]:
         return lora.adapter_params(self.teacher.unet, lora.STUDENT)
 
     # -- state -----------------------------------------------------------------------------
     def _save(self, stage_idx: int, step: int, global_step: int, opt, run: StageRun | None) -> None:
+        streams = self.rt.gather(self.generator.get_state())  # each process's own data stream
+        if self.rt.is_main:  # the processes hold the same weights: one writes them
+            self._write_checkpoint(stage_idx, step, global_step, opt, run, streams)
+        self.rt.barrier()
+
+    def _write_checkpoint(self, stage_idx, step, global_step, opt, run: StageRun | None, streams: list) -> None:
         unet = self.teacher.unet
         tensors = {f"lora-{n}": lora.get_state(unet, n) for n in unet.peft_config}
-        tensors["rng"] = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        tensors["rng"] = {"generator": streams[0], "torch": torch.get_rng_state()}
+        if len(streams) > 1:
+            tensors["rng"] |= {f"process-{r}": stream.clone() for r, stream in enumerate(streams)}
         optim = {"opt": opt.state_dict() if opt else None}
         if run is not None:
             extra_tensors, extra_optim = run.state()
@@ -122,7 +162,14 @@ class Distiller:
         for name, spec in state["adapters"].items():
             lora.ensure_lora(unet, name, **spec)
             lora.set_state(unet, tensors[f"lora-{name}"], name)
-        self.generator.set_state(tensors["rng"]["generator"])
+        rng = tensors["rng"]
+        streams = [rng[f"process-{r}"] for r in range(len(rng)) if f"process-{r}" in rng] or [rng["generator"]]
+        if len(streams) == self.rt.world:
+            self.generator.set_state(streams[self.rt.rank])
+        else:  # resumed on another number of processes: process 0 goes on, the others start new streams
+            self.generator.set_state(streams[0])
+            if self.rt.rank:
+                self.generator.manual_seed(self.recipe.seed + RANK_SEED * self.rt.rank + state["global_step"])
         self.stats = state["stats"]
         return tensors, optim, state
 
@@ -146,7 +193,9 @@ class Distiller:
             run.enter(fresh=not resuming)
             if resuming:
                 torch.set_rng_state(restored[0]["rng"]["torch"])
-            opt = torch.optim.AdamW(run.params, lr=stage.lr, weight_decay=0.0) if run.params else None
+            if self.recipe.channels_last:  # the stage's new adapters too
+                speed.channels_last(self.teacher.unet)
+            opt = speed.optimizer(run.params, stage.lr, self.recipe.optimizer) if run.params else None
             if resuming:
                 tensors, optim, _ = restored
                 opt.load_state_dict(optim["opt"])
@@ -171,17 +220,12 @@ class Distiller:
             if budget is not None and step - start >= budget:
                 return False, global_step
             z, prompts, cond = self._batch(stage.batch)
-            loss, logs = run.loss(z, prompts, cond)
+            logs = train_step(self.rt, run, opt, z, prompts, cond, self.recipe.grad_clip)
             global_step += 1
-            if not math.isfinite(loss.item()):  # skip, count, and never save from it
+            if logs is None:  # a non-finite loss: skipped, counted, and nothing saved from it
                 stats["nan_skipped"] += 1
                 self.stats["nan_skipped"] += 1
                 continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(run.params, self.recipe.grad_clip)
-            opt.step()
-            logs |= run.after_step()
             if step % 10 == 0:
                 bar.set_postfix({k: f"{float(torch.as_tensor(v).detach()):.3g}" for k, v in logs.items()})
             if global_step % self.recipe.checkpoint_every == 0 and step + 1 < stage.steps:
@@ -200,8 +244,8 @@ class Distiller:
 
     def _finish_stage(self, stage: Stage, run: StageRun) -> None:
         d = self.out / "stages" / stage.name
-        run.finish(d)
-        if self.recipe.grid_every_stage:
+        run.finish(d)  # on every process: a merge changes the adapters (the files written are identical)
+        if self.recipe.grid_every_stage and self.rt.is_main:
             k = getattr(stage, "segments", 1)
             self.sample_grid(d / f"samples-{k}step.png", k, one_step_t=self.one_step_t(stage))
 
@@ -246,6 +290,13 @@ class Distiller:
     def finish(self) -> Path:
         """The final LoRA (the last stage's) at ``out/lora.safetensors``, with sample grids."""
         last = self.recipe.stages[-1]
+        if self.rt.world > 1:
+            if not self.rt.same_everywhere(self.student):
+                raise HypersdError(f"the {self.rt.world} processes ended with different LoRA weights; "
+                                   f"report this with the recipe (hypersd distill --dry-run)")
+            self.stats["processes"] = self.rt.world
+        if not self.rt.is_main:
+            return self.out / "lora.safetensors"
         state, spec = current_lora(self.teacher.unet)
         path = lora.save_state(self.out / "lora.safetensors", state, {**self.lora_meta(last), **spec})
         for k in self.recipe.eval_steps:

@@ -1,0 +1,84 @@
+"""Data-parallel distillation under ``accelerate launch``: two CPU processes on a tiny SD1.5."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from hypersd import lora
+from hypersd.cache import build_cache
+from hypersd.checkpoint import list_checkpoints
+from hypersd.runtime import Runtime
+from hypersd.teachers import load_teacher
+from sd_tiny import save_tiny
+from test_imagedata import write_folder
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    write_folder(root / "images", n_good=6)
+    model = str(save_tiny("sd15", root / "sd15"))
+    build_cache("sd15", model, str(root / "images"), root / "cache", teacher=load_teacher("sd15", model),
+                progress=False)
+    recipe = {"backbone": "sd15", "teacher": model, "data": str(root / "cache"), "resolution": 16, "lora_rank": 4,
+              "device": "cpu", "grid_every_stage": False, "eval_steps": [1], "checkpoint_every": 2,
+              "checkpoint_keep": 10, "stage_defaults": {"batch": 2, "steps": 3},
+              # the adversarial heads and the fake score have optimizers of their own: all must stay in step
+              "stages": [{"name": "t2", "segments": 2, "adv_weight": 0.5},
+                         {"name": "d", "kind": "dmd", "fake_warmup": 1, "fake_updates": 1, "reg_pool": 2,
+                          "reg_steps": 2, "reg_batch": 1}]}
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _launch(recipe, out, *extra):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hypersd", "distill", "--config", str(recipe),
+           "--out", str(out), "--quiet", "--no-eval", *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + "\n---\n" + done.stderr[-3000:]
+    return done
+
+
+def test_two_processes_train_one_lora_and_resume_exactly(recipe_file, tmp_path):
+    out = tmp_path / "run"
+    _launch(recipe_file, out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["processes"] == 2  # the end-of-run check found both processes' weights identical
+    whole, _ = lora.read_lora(out / "lora.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in whole.items() if "lora_B" in k)
+
+    # each process keeps its own data stream in the checkpoints
+    ckpts = list_checkpoints(out / "checkpoints")
+    mid = [c for c in ckpts if json.loads((c / "state.json").read_text())["step"] > 0]
+    assert mid, [c.name for c in ckpts]
+    from safetensors.torch import load_file
+
+    rng = load_file(str(mid[0] / "rng.safetensors"))
+    assert not torch.equal(rng["process-0"], rng["process-1"])
+
+    # killed after the first mid-stage checkpoint: resumed under two processes, the same LoRA
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(mid[0], resumed / "checkpoints" / mid[0].name)
+    _launch(recipe_file, resumed, "--resume")
+    again, _ = lora.read_lora(resumed / "lora.safetensors")
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_one_process_runtime_is_a_no_op():
+    rt = Runtime()
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    rt.average([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    assert rt.gather("x") == ["x"] and rt.same_everywhere([p]) and rt.is_main
+    assert rt.finite(torch.tensor(1.0)) and not rt.finite(torch.tensor(float("nan")))
