@@ -131,3 +131,16 @@ def test_stage_order_and_inputs_are_checked(tmp_path):
         from_dict({"stages": [{"name": "t"}, {**fb, "rewards": [{"name": "digits", "alpah": 1}]}]})
     with pytest.raises(HypersdError, match="LoRA file .* not found"):
         Distiller(from_dict({"init_lora": str(tmp_path / "none.safetensors"), "stages": [fb]}), tmp_path)
+
+
+def test_set_reaches_nested_keys_and_stages_by_name():
+    from hypersd.recipe import load_recipe
+
+    r = load_recipe("digits", ["stage_defaults.lr=0.125", "stages.tscd-1.steps=7", "lora_rank=8"])
+    assert r.lora_rank == 8
+    assert {s.name: s.steps for s in r.stages}["tscd-1"] == 7
+    assert all(s.lr == 0.125 for s in r.stages if s.kind == "tscd")  # no tscd stage sets its own lr
+    with pytest.raises(HypersdError, match="no stage named 'tscd-9'"):
+        load_recipe("digits", ["stages.tscd-9.steps=1"])
+    with pytest.raises(HypersdError, match="stages.NAME.steps"):
+        load_recipe("digits", ["stages.steps=1"])

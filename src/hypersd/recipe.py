@@ -268,8 +268,31 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
         key, sep, value = item.partition("=")
         if not sep:
             raise HypersdError(f"--set takes key=value, got {item!r}")
-        raw[key.strip()] = yaml.safe_load(value)
+        _set(raw, key.strip(), yaml.safe_load(value), item)
     return from_dict(raw, str(path))
+
+
+def _set(raw: dict, key: str, value, item: str) -> None:
+    """``a.b=v`` sets raw[a][b]; ``stages.NAME.k=v`` sets key k of the stage named NAME."""
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        if node is raw.get("stages") and isinstance(node, list):
+            match = [s for s in node if isinstance(s, dict) and s.get("name") == part]
+            if not match:
+                names = ", ".join(str(s.get("name")) for s in node if isinstance(s, dict))
+                raise HypersdError(f"--set {item}: no stage named {part!r}; stages: {names}")
+            node = match[0]
+            continue
+        child = node.setdefault(part, {}) if part == "stage_defaults" else node.get(part)
+        if child is None and isinstance(node, dict):
+            child = node[part] = {}
+        if not isinstance(child, (dict, list)):
+            raise HypersdError(f"--set {item}: {part!r} holds no keys to set")
+        node = child
+    if not isinstance(node, dict):
+        raise HypersdError(f"--set {item}: name a stage, as stages.NAME.{last}=...")
+    node[last] = value
 
 
 def resolve_path(name: str | Path) -> Path:
