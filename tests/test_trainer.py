@@ -144,3 +144,16 @@ def test_set_reaches_nested_keys_and_stages_by_name():
         load_recipe("digits", ["stages.tscd-9.steps=1"])
     with pytest.raises(HypersdError, match="stages.NAME.steps"):
         load_recipe("digits", ["stages.steps=1"])
+
+
+def test_a_reward_that_cannot_load_stops_the_run_before_its_first_step(tmp_path):
+    from hypersd.recipe import from_dict
+    from hypersd.trainer import Distiller
+
+    recipe = from_dict({"stages": [
+        {"name": "t", "segments": 2, "steps": 1, "batch": 2},
+        {"name": "fb", "kind": "feedback", "steps": 1, "batch": 2,
+         "rewards": [{"name": "digits", "path": str(tmp_path / "missing.safetensors")}]}]})
+    with pytest.raises(HypersdError, match="stage 'fb'.*missing.safetensors"):
+        Distiller(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written

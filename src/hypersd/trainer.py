@@ -76,6 +76,19 @@ def train_step(rt: Runtime, run: StageRun, opt, z, prompts, cond, grad_clip: flo
         return logs | run.after_step()
 
 
+def check_rewards(recipe: Recipe) -> None:
+    """Load every stage's rewards once, now: a missing weight file should stop the run before its
+    first stage, not hours later when the feedback stage begins."""
+    from .feedback import load_terms
+
+    for stage in recipe.stages:
+        try:
+            terms = load_terms(getattr(stage, "rewards", None) or [])
+        except HypersdError as e:
+            raise HypersdError(f"stage {stage.name!r}: {e}") from None
+        del terms
+
+
 class Distiller:
     def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, teacher=None):
         self.recipe, self.out, self.progress = recipe, Path(out_dir), progress
@@ -90,6 +103,7 @@ class Distiller:
             replace_vae(self.teacher, recipe.vae)
         unet = self.teacher.unet
         unet.requires_grad_(False)
+        check_rewards(recipe)
         torch.manual_seed(recipe.seed)  # LoRA A matrices start random: the same seed, the same run
         if recipe.init_lora:
             lora.load_lora(unet, recipe.init_lora, lora.STUDENT)
