@@ -75,6 +75,21 @@ def test_sdxl_time_ids_record_size_and_crop(saved):
     assert t.empty_cond(3, crop=(5, 6)).added["time_ids"].tolist() == [[16, 16, 5, 6, 16, 16]] * 3
 
 
+def test_unconditional_rows_keep_each_images_size_and_crop(saved):
+    kind, _, _, t = saved
+    cond = t.encode_prompt(PROMPTS, size=(20, 24), crop=[(1, 2), (3, 4)]) if kind == "sdxl" \
+        else t.encode_prompt(PROMPTS)
+    uncond = cond.unconditional(t.empty_cond(1))
+    empty = t.empty_cond(len(PROMPTS))
+    assert len(uncond) == len(PROMPTS)
+    torch.testing.assert_close(uncond.hidden, empty.hidden)
+    if kind == "sdxl":  # the empty prompt's embeddings, the batch's own micro-conditioning
+        torch.testing.assert_close(uncond.added["text_embeds"], empty.added["text_embeds"])
+        torch.testing.assert_close(uncond.added["time_ids"], cond.added["time_ids"])
+    else:
+        assert uncond.added == {}
+
+
 def test_empty_cond(saved):
     kind, _, _, t = saved
     empty = t.empty_cond(3)

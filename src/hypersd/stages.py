@@ -93,7 +93,7 @@ class TSCDRun(StageRun):
 
     def loss(self, z, prompts, cond):
         s = self.stage
-        pred, tgt, t_end = self.step(z, cond, self.d.uncond_row.repeat(len(z)), self.d.generator)
+        pred, tgt, t_end = self.step(z, cond, cond.unconditional(self.d.uncond_row), self.d.generator)
         mse = self.step.loss(pred, tgt)
         loss, logs = s.mse_weight * mse, {"mse": mse}
         if self.disc is not None:
@@ -279,7 +279,7 @@ class DMDRun(StageRun):
 
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
         noise_t = torch.randn(x.shape, generator=g).to(x)
-        uncond = self.d.uncond_row.repeat(n)
+        uncond = cond.unconditional(self.d.uncond_row)
         with lora.adapters_disabled(self.unet):
             x0_real = score_x0(lambda xt, tt: t_.eps_cfg(xt, tt, cond, uncond, self.w_real), x.detach(), noise_t, t,
                                self.acp)

@@ -41,6 +41,14 @@ class Cond:
         """Each row repeated n times in place (row i becomes rows i*n .. i*n+n-1)."""
         return self._map(lambda v: v.repeat_interleave(n, 0))
 
+    def unconditional(self, uncond_row: "Cond") -> "Cond":
+        """The unconditional rows for this batch: the empty prompt, with this batch's own
+        micro-conditioning (SDXL's size/crop ids), as the SDXL pipeline pairs them."""
+        rows = uncond_row.repeat(len(self))
+        if "time_ids" in self.added:
+            rows.added["time_ids"] = self.added["time_ids"]
+        return rows
+
     @staticmethod
     def cat(conds: list["Cond"]) -> "Cond":
         first = conds[0]
