@@ -87,6 +87,8 @@ def distiller(teacher, stage) -> SimpleNamespace:
     precision = "bf16" if teacher.device.type == "cuda" else "no"
     return SimpleNamespace(teacher=teacher, recipe=recipe, data=RandomData(teacher), progress=False,
                            rt=Runtime(teacher.device, precision),
+                           batch=lambda n, g=None: (*RandomData(teacher).batch(n, g or torch.Generator()),
+                                                    teacher.encode_prompt(["p"] * n)),
                            generator=torch.Generator().manual_seed(0), uncond_row=teacher.encode_prompt([""]),
                            )
 

@@ -226,9 +226,7 @@ class DMDRun(StageRun):
         if fresh and s.fake_warmup:
             for _ in tqdm(range(s.fake_warmup), desc=f"{s.name} fake-score warm-up", disable=not self.d.progress,
                           leave=False):
-                z, prompts = self.d.data.batch(s.batch, self.d.generator)
-                with torch.no_grad():
-                    cond = self.teacher.encode_prompt(prompts)
+                _, _, cond = self.d.batch(s.batch)
                 self._fake_update(self._sample(cond), cond)
 
     @torch.no_grad()
@@ -238,7 +236,7 @@ class DMDRun(StageRun):
         Its own seed, so a resumed run rebuilds the same pool instead of storing it."""
         s, t = self.stage, self.teacher
         g = torch.Generator().manual_seed(self.d.recipe.seed + 7919 * (1 + self.d.recipe.stages.index(s)))
-        _, prompts = self.d.data.batch(s.reg_pool, g)
+        _, _, cond = self.d.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
         noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device, t.dtype)
         cond = t.encode_prompt(prompts)
         uncond = t.empty_cond(1)
@@ -247,7 +245,7 @@ class DMDRun(StageRun):
         with lora.adapters_disabled(self.unet):
             for i in range(0, s.reg_pool, 256):
                 c = cond[i:i + 256]
-                eps = lambda x, tt, c=c: t.eps_cfg(x, tt, c, uncond.repeat(len(c)), t.default_guidance)  # noqa: E731
+                eps = lambda x, tt, c=c: t.eps_cfg(x, tt, c, c.unconditional(uncond), t.default_guidance)  # noqa: E731
                 out.append(sample_tcd(eps, noise[i:i + 256], timesteps, self.acp))
         self.pool = (noise, cond, torch.cat(out))
 

@@ -233,7 +233,7 @@ class Distiller:
         for step in bar:
             if budget is not None and step - start >= budget:
                 return False, global_step
-            z, prompts, cond = self._batch(stage.batch)
+            z, prompts, cond = self.batch(stage.batch)
             logs = train_step(self.rt, run, opt, z, prompts, cond, self.recipe.grad_clip)
             global_step += 1
             if logs is None:  # a non-finite loss: skipped, counted, and nothing saved from it
@@ -247,12 +247,13 @@ class Distiller:
         stats["seconds"] = round(stats.get("seconds", 0) + time.perf_counter() - t0, 1)
         return True, global_step
 
-    def _batch(self, n: int):
+    def batch(self, n: int, generator: torch.Generator | None = None):
         """(latents, prompts, cond): the conditioning from the data where it holds it (a cache),
-        else from the teacher's prompt encoder."""
+        else from the teacher's prompt encoder. ``generator``: the run's own by default."""
+        generator = generator or self.generator
         if hasattr(self.data, "batch_cond"):
-            return self.data.batch_cond(n, self.generator)
-        z, prompts = self.data.batch(n, self.generator)
+            return self.data.batch_cond(n, generator)
+        z, prompts = self.data.batch(n, generator)
         with torch.no_grad():
             return z, prompts, self.teacher.encode_prompt(prompts)
 
