@@ -238,7 +238,6 @@ class DMDRun(StageRun):
         g = torch.Generator().manual_seed(self.d.recipe.seed + 7919 * (1 + self.d.recipe.stages.index(s)))
         _, _, cond = self.d.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
         noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device, t.dtype)
-        cond = t.encode_prompt(prompts)
         uncond = t.empty_cond(1)
         timesteps = inference_timesteps(s.reg_steps, t.T)
         out = []
