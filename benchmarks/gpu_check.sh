@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Both benchmarks in one call on one GPU, about 8 minutes with compilation. On a machine without
+# diffusers, carry its wheel and peft's in .whl/ (pip download --no-deps diffusers peft).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+if ! python3 -c "import diffusers, peft" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+timeout 360 python3 benchmarks/train_step.py --budget 300 --json "$OUT/train_step.json" > "$OUT/train_step.log" 2>&1
+grep -v -i warn "$OUT/train_step.log" | tail -25
+timeout 200 python3 benchmarks/generate.py --budget 150 --json "$OUT/generate.json" > "$OUT/generate.log" 2>&1
+grep -v -i warn "$OUT/generate.log" | tail -16
