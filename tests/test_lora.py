@@ -144,3 +144,73 @@ def test_fused_sampling_matches_and_restores_the_base_weights_exactly():
             teacher = t.eps(x, 300, cond)
     assert all(torch.equal(p, base[n]) for n, p in t.unet.named_parameters() if "lora_" not in n)
     assert not torch.allclose(teacher, want)
+
+
+def _updates(state, spec_):
+    """Each layer's update (alpha/r)·B·A as a matrix: out × (in·kh·kw) for a conv LoRA."""
+    out = {}
+    for k, a in state.items():
+        if ".lora_A." in k:
+            r, b = a.shape[0], state[k.replace(".lora_A.", ".lora_B.")]
+            out[k] = spec_["alpha"] / spec_["rank"] * b.reshape(b.shape[0], r).double() @ a.reshape(r, -1).double()
+    return out
+
+
+def _stacked(t, targets="all"):
+    """A rank-8 merge of two random rank-4 LoRAs, over linear and conv layers."""
+    _randomised(t, lora.STUDENT, targets=targets, seed=1)
+    _randomised(t, lora.FEEDBACK, targets=targets, seed=2)
+    return lora.merge_states(lora.get_state(t.unet, lora.STUDENT), lora.spec(t.unet, lora.STUDENT),
+                             lora.get_state(t.unet, lora.FEEDBACK), lora.spec(t.unet, lora.FEEDBACK), 0.5)
+
+
+def test_compress_is_exact_where_the_rank_fits():
+    t = _teacher()
+    state, spec = _stacked(t)
+    assert any(v.dim() == 4 for v in state.values())  # conv LoRAs are in it
+    small, small_spec = lora.compress_state(state, spec, 8)  # the stacked rank: nothing to drop
+    assert small_spec == {"rank": 8, "alpha": 8, "targets": spec["targets"]}
+    want, got = _updates(state, spec), _updates(small, small_spec)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k  # float32 factors
+    # and the UNet samples the same with it
+    x, cond = torch.randn(2, 1, 8, 8), t.encode_prompt(prompts_for([7, 8]))
+    for name, (s, sp) in (("stacked", (state, spec)), ("compressed", (small, small_spec))):
+        lora.add_lora(t.unet, lora.lora_config(sp["rank"], sp["alpha"], sp["targets"]), name)
+        lora.set_state(t.unet, s, name)
+    with torch.no_grad():
+        lora.activate(t.unet, "stacked")
+        stacked = t.eps(x, 700, cond)
+        lora.activate(t.unet, "compressed")
+        assert torch.allclose(t.eps(x, 700, cond), stacked, atol=1e-5)
+
+
+def test_compress_drops_exactly_the_smallest_singular_values():
+    t = _teacher()
+    state, spec = _stacked(t)
+    small, small_spec = lora.compress_state(state, spec, 3)
+    assert all(v.shape[0 if ".lora_A." in k else 1] == 3 for k, v in small.items())
+    want, got = _updates(state, spec), _updates(small, small_spec)
+    for k in want:
+        s = torch.linalg.svdvals(want[k])
+        assert s[3] > 1e-3  # something is truly dropped
+        # Eckart-Young: the best rank-3 error is the discarded singular values, and this is it
+        assert torch.allclose((want[k] - got[k]).pow(2).sum(), s[3:].pow(2).sum(), rtol=1e-4), k
+        assert torch.allclose(torch.linalg.svdvals(got[k])[:3], s[:3], rtol=1e-4), k
+        # each kept singular value splits evenly: B's column and A's row have the same norm
+        a, b = small[k], small[k.replace(".lora_A.", ".lora_B.")]
+        assert torch.allclose(b.reshape(len(b), 3).norm(dim=0), a.reshape(3, -1).norm(dim=1), rtol=1e-4), k
+
+
+def test_compress_keeps_a_zero_update_zero_but_trainable():
+    t = _teacher()
+    lora.add_lora(t.unet, lora.lora_config(4, targets="attn"))  # fresh: B = 0
+    state, spec = lora.get_state(t.unet), lora.spec(t.unet, lora.STUDENT)
+    small, _ = lora.compress_state(state, spec, 2, torch.Generator().manual_seed(0))
+    for k, v in small.items():
+        if ".lora_B." in k:
+            assert not v.any()
+        else:  # A rows as a fresh LoRA's, so B gets gradients
+            assert v.abs().sum(1).min() > 0
+    with pytest.raises(HypersdError, match="rank must be >= 1"):
+        lora.compress_state(state, spec, 0)

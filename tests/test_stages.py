@@ -1,8 +1,10 @@
+import pytest
 import torch
 
 from hypersd import lora
+from hypersd.errors import HypersdError
 from hypersd.recipe import from_dict
-from hypersd.stages import stage_run
+from hypersd.stages import merged, stage_run
 from hypersd.trainer import Distiller
 
 
@@ -57,3 +59,42 @@ def test_feedback_trains_its_own_lora_on_a_frozen_student(tmp_path, random_teach
     loss.backward()
     assert all(g is None for g in _grads(unet, lora.STUDENT))
     assert any(g is not None and g.abs().sum() > 0 for g in _grads(unet, lora.FEEDBACK))
+
+
+def test_merge_with_a_rank_leaves_the_compressed_merge_in_student_and_anchor(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits"}]},
+        {"name": "m", "kind": "merge", "ratio": 0.5, "rank": 4}])
+    unet = d.teacher.unet
+    stage_run(d, d.recipe.stages[1]).enter(fresh=True)
+    with torch.no_grad():  # a student and a feedback LoRA with something to merge
+        for p in lora.adapter_params(unet, lora.STUDENT) + lora.adapter_params(unet, lora.FEEDBACK):
+            p.add_(0.05 * torch.randn(p.shape))
+    stacked, stacked_spec = merged(unet, 0.5)
+    assert stacked_spec["rank"] == 8
+    want, want_spec = lora.compress_state(stacked, stacked_spec, 4)
+    stage_run(d, d.recipe.stages[2]).finish(tmp_path / "m")
+    assert lora.FEEDBACK not in unet.peft_config and lora.active(unet) == [lora.STUDENT]
+    for name in (lora.STUDENT, lora.EMA):
+        assert lora.spec(unet, name) == want_spec
+        got = lora.get_state(unet, name)
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    state, meta = lora.read_lora(tmp_path / "m" / "lora.safetensors")
+    assert meta["rank"] == 4 and all(torch.equal(state[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("rank", [0, 2.5])
+def test_merge_rank_must_be_a_positive_whole_number(random_teacher_file, rank):
+    with pytest.raises(HypersdError, match="rank must be a whole number"):
+        from_dict({"teacher": str(random_teacher_file), "stages": [
+            {"name": "t"}, {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits"}]},
+            {"name": "m", "kind": "merge", "rank": rank}]})
+
+
+def test_a_merge_rank_changes_the_fingerprint_so_no_checkpoint_resumes_across_it():
+    stages = [{"name": "t"}, {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits"}]},
+              {"name": "m", "kind": "merge"}]
+    exact = from_dict({"stages": stages}).fingerprint()
+    assert exact == from_dict({"stages": [*stages[:2], {"name": "m", "kind": "merge", "rank": None}]}).fingerprint()
+    assert exact != from_dict({"stages": [*stages[:2], {"name": "m", "kind": "merge", "rank": 32}]}).fingerprint()

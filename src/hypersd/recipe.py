@@ -70,6 +70,9 @@ class MergeStage(Stage):
 
     steps: int = 0
     ratio: float = 1.0
+    # None: the exact merge, of rank r_student + r_feedback. A rank: the merge's truncated SVD per
+    # layer at that rank (lora.compress_state), so the stages after it pay for that rank only.
+    rank: int | None = None
 
 
 @dataclass
@@ -140,6 +143,9 @@ class Recipe:
         for k in ("data", "resolution", "vae"):  # unset, they leave the fingerprints of earlier runs as they were
             if d[k] is None:
                 d.pop(k)
+        for s in d["stages"]:  # likewise a merge's unset rank
+            if s["kind"] == "merge" and s.get("rank", 0) is None:
+                s.pop("rank")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def dump(self) -> str:
@@ -232,6 +238,9 @@ def _validate_stage(s: Stage, where: str) -> None:
             raise HypersdError(f"{where}: sample_steps must list step counts >= 1, got {s.sample_steps}")
     if isinstance(s, MergeStage) and s.steps != 0:
         raise HypersdError(f"{where}: a merge stage does not train; leave out 'steps'")
+    if isinstance(s, MergeStage) and s.rank is not None and not (isinstance(s.rank, int) and s.rank >= 1):
+        raise HypersdError(f"{where}: rank must be a whole number >= 1 (or left out for the exact merge), "
+                           f"got {s.rank!r}")
     if isinstance(s, DMDStage):
         _range(s.t_range, where, "t_range", 0, 999)
         if not 0 <= s.generator_t <= 999:

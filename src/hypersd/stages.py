@@ -182,12 +182,15 @@ def current_lora(unet) -> tuple[dict, dict]:
 
 
 class MergeRun(StageRun):
-    """student := student + ratio·feedback, exactly; the feedback adapter is then removed."""
+    """student := student + ratio·feedback, exactly, or its nearest LoRA of the stage's ``rank``;
+    the feedback adapter is then removed."""
 
     stage: MergeStage
 
     def finish(self, folder: Path) -> None:
         state, spec = merged(self.unet, self.stage.ratio)
+        if self.stage.rank is not None:
+            state, spec = lora.compress_state(state, spec, self.stage.rank)
         lora.remove_lora(self.unet, lora.FEEDBACK)
         for name in (lora.STUDENT, lora.EMA):
             lora.ensure_lora(self.unet, name, **spec)
