@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import timed  # noqa: E402
 
 from hypersd import archs, speed  # noqa: E402
 from hypersd.schedule import inference_timesteps  # noqa: E402
@@ -99,22 +101,6 @@ def _tiny_encoders(backbone, device, dtype):
     return [m.to(device=device, dtype=dtype).eval() for m in out]
 
 
-def timed(fn, iters: int, cuda: bool) -> float:
-    """Median milliseconds of ``fn`` (after two warm-up calls)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def graphed(fn):
     """Capture ``fn`` (no arguments, fixed input buffers) as a CUDA graph; returns replay -> output."""
     stream = torch.cuda.Stream()
@@ -157,7 +143,7 @@ def run(a):
         steps_list = [int(s) for s in a.steps.split(",")]
         ref = {k: p(k).float() for k in steps_list}
         for k in steps_list:
-            ms = timed(lambda: p(k), a.iters, cuda)
+            ms = 1000 * timed(lambda: p(k), 2, a.iters, device)[0]
             record({"model": backbone, "steps": k, "variant": "eager", "ms": round(ms, 2), "max_abs_diff": 0.0})
         if not cuda:
             continue
@@ -165,7 +151,7 @@ def run(a):
             try:
                 replay = graphed(lambda k=k: p(k))
                 diff = (replay().float() - ref[k]).abs().max().item()
-                ms = timed(replay, a.iters, cuda)
+                ms = 1000 * timed(replay, 2, a.iters, device)[0]
                 record({"model": backbone, "steps": k, "variant": "graph", "ms": round(ms, 2), "max_abs_diff": diff})
                 del replay
             except Exception as e:  # report and go on: the other variants still measure
@@ -183,7 +169,7 @@ def run(a):
                     p(k)
                 replay = graphed(lambda k=k: p(k))
                 diff = (replay().float() - ref[k]).abs().max().item()
-                ms = timed(replay, a.iters, cuda)
+                ms = 1000 * timed(replay, 2, a.iters, device)[0]
                 record({"model": backbone, "steps": k, "variant": "compile+graph", "ms": round(ms, 2),
                         "max_abs_diff": diff, "compile_s": round(time.perf_counter() - t_c, 1)})
                 del replay

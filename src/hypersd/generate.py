@@ -271,7 +271,7 @@ def _single_file(path: Path, backbone: str, device, dtype, config: str | None):
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .teachers.sd import SD15Teacher, SDXLTeacher
+    from .teachers.sd import SD15Teacher, SDXLTeacher, place
 
     cls = StableDiffusionXLPipeline if backbone == "sdxl" else StableDiffusionPipeline
     kw = {"safety_checker": None, "requires_safety_checker": False} if backbone == "sd15" else {}
@@ -284,12 +284,7 @@ def _single_file(path: Path, backbone: str, device, dtype, config: str | None):
     parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
     if backbone == "sdxl":
         parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
-    for name, part in parts.items():
-        if isinstance(part, torch.nn.Module):
-            # fp16 overflows in SDXL's VAE; kept in float32 as teachers.sd keeps it
-            upcast = name == "vae" and dtype == torch.float16 and part.config.get("force_upcast", False)
-            torch.nn.Module.to(part.requires_grad_(False).eval(), device=device,
-                               dtype=torch.float32 if upcast else dtype)
+    place(parts, device, dtype)
     if backbone == "sd15":
         return SD15Teacher(**parts, scheduler_config=dict(pipe.scheduler.config))
     return SDXLTeacher(**parts, scheduler_config=dict(pipe.scheduler.config),

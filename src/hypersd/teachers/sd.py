@@ -60,13 +60,7 @@ def load_sd(backbone: str, path: str, device="cpu", dtype=None) -> Teacher:
     if (parts["unet"].config.addition_embed_type == "text_time") != (backbone == "sdxl"):
         actual = "sdxl" if backbone == "sd15" else "sd15"
         raise HypersdError(f"{path} is not an {backbone} model (its UNet is {actual}'s); use backbone {actual}")
-    for name, part in parts.items():
-        if isinstance(part, torch.nn.Module):
-            # fp16 overflows in some VAEs (SDXL's); diffusers keeps those in float32, and so do we.
-            upcast = name == "vae" and dtype == torch.float16 and part.config.get("force_upcast", False)
-            # nn.Module.to, not diffusers' override: that one warns on any dtype, even with no fp32 modules
-            torch.nn.Module.to(part.requires_grad_(False).eval(), device=device,
-                               dtype=torch.float32 if upcast else dtype)
+    place(parts, device, dtype)
     if backbone == "sd15":
         return SD15Teacher(**parts, scheduler_config=sched)
     try:
@@ -101,6 +95,17 @@ def replace_vae(teacher: "_StableDiffusion", source: str) -> None:
     torch.nn.Module.to(vae.requires_grad_(False).eval(), device=teacher.device,
                        dtype=torch.float32 if upcast else dtype)
     teacher.vae = vae
+
+
+def place(parts: dict, device, dtype) -> None:
+    """A pipeline's modules frozen, in eval mode, on ``device`` in ``dtype``."""
+    for name, part in parts.items():
+        if isinstance(part, torch.nn.Module):
+            # fp16 overflows in some VAEs (SDXL's); diffusers keeps those in float32, and so do we.
+            upcast = name == "vae" and dtype == torch.float16 and part.config.get("force_upcast", False)
+            # nn.Module.to, not diffusers' override: that one warns on any dtype, even with no fp32 modules
+            torch.nn.Module.to(part.requires_grad_(False).eval(), device=device,
+                               dtype=torch.float32 if upcast else dtype)
 
 
 def _load(load, path: str, name: str):
