@@ -98,3 +98,36 @@ def test_a_merge_rank_changes_the_fingerprint_so_no_checkpoint_resumes_across_it
     exact = from_dict({"stages": stages}).fingerprint()
     assert exact == from_dict({"stages": [*stages[:2], {"name": "m", "kind": "merge", "rank": None}]}).fingerprint()
     assert exact != from_dict({"stages": [*stages[:2], {"name": "m", "kind": "merge", "rank": 32}]}).fingerprint()
+
+
+def test_dmd_generator_ema_follows_the_student_and_is_what_the_stage_hands_on(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "d", "kind": "dmd", "fake_warmup": 0, "reg_pool": 4, "reg_steps": 2, "reg_batch": 2,
+         "generator_ema": 0.75}])
+    unet = d.teacher.unet
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    start = [p.detach().clone() for p in run.params]
+    assert all(torch.equal(a, p) for a, p in zip(run.average, start))  # the average starts at the generator
+    assert lora.active(unet) == [lora.STUDENT]
+    opt = torch.optim.AdamW(run.params, lr=1e-2)
+    z, prompts, cond = d.batch(4)
+    run.loss(z, prompts, cond)[0].backward()
+    opt.step()
+    run.after_step()
+    moved = [p.detach().clone() for p in run.params]
+    assert any(not torch.equal(a, b) for a, b in zip(start, moved))
+    for avg, a, b in zip(run.average, start, moved):  # one EMA step: 0.75 of the old, 0.25 of the new
+        assert torch.allclose(avg, 0.75 * a + 0.25 * b, atol=1e-7)
+    want = [a.detach().clone() for a in run.average]
+    run.finish(tmp_path / "d")
+    assert lora.AVERAGE not in unet.peft_config and lora.active(unet) == [lora.STUDENT]
+    assert all(torch.equal(p, w) for p, w in zip(lora.adapter_params(unet, lora.STUDENT), want))
+    saved, _ = lora.read_lora(tmp_path / "d" / "lora.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in lora.get_state(unet, lora.STUDENT).items())
+
+
+def test_generator_ema_must_be_a_decay():
+    with pytest.raises(HypersdError, match="generator_ema must be in"):
+        from_dict({"stages": [{"name": "t"}, {"name": "d", "kind": "dmd", "generator_ema": 1.0}]})

@@ -19,8 +19,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from .errors import HypersdError
 
 # student: the distilled LoRA; ema: its target; feedback: the feedback LoRA trained on top of the
-# student; fake: DMD's fake score. All are adapters on the one UNet.
-STUDENT, EMA, FEEDBACK, FAKE = "student", "ema", "feedback", "fake"
+# student; fake: DMD's fake score; average: an EMA of DMD's generator. All are adapters on the one UNet.
+STUDENT, EMA, FEEDBACK, FAKE, AVERAGE = "student", "ema", "feedback", "fake", "average"
 
 # Module-name suffixes a LoRA may target: attention, feed-forward, resnet convolutions.
 TARGET_PRESETS = {

@@ -97,6 +97,9 @@ class DMDStage(Stage):
     keep_steps: list[int] = field(default_factory=lambda: [2, 4, 8])
     keep_batch: int = 16
     rewards: list[dict] = field(default_factory=list)  # optional feedback terms on the generator
+    # The generator's one-step samples swing with the fake score from step to step; > 0: the stage
+    # hands on an EMA of the generator (this decay per step) instead of its last state.
+    generator_ema: float = 0.0
 
 
 STAGE_KINDS = {"tscd": TSCDStage, "feedback": FeedbackStage, "merge": MergeStage, "dmd": DMDStage}
@@ -143,9 +146,11 @@ class Recipe:
         for k in ("data", "resolution", "vae"):  # unset, they leave the fingerprints of earlier runs as they were
             if d[k] is None:
                 d.pop(k)
-        for s in d["stages"]:  # likewise a merge's unset rank
+        for s in d["stages"]:  # likewise a merge's unset rank and DMD without a generator average
             if s["kind"] == "merge" and s.get("rank", 0) is None:
                 s.pop("rank")
+            if s["kind"] == "dmd" and s.get("generator_ema") == 0:
+                s.pop("generator_ema")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def dump(self) -> str:
@@ -247,6 +252,8 @@ def _validate_stage(s: Stage, where: str) -> None:
             raise HypersdError(f"{where}: generator_t must be a timestep in [0, 999], got {s.generator_t}")
         if s.fake_updates < 1 or s.fake_warmup < 0 or s.reg_pool < 1 or s.reg_batch < 1:
             raise HypersdError(f"{where}: fake_updates, reg_pool and reg_batch must be >= 1, fake_warmup >= 0")
+        if not 0 <= s.generator_ema < 1:
+            raise HypersdError(f"{where}: generator_ema must be in [0, 1) (0: no average), got {s.generator_ema}")
 
 
 def _validate_order(r: Recipe, source: str) -> None:

@@ -221,8 +221,13 @@ class DMDRun(StageRun):
                 lora.set_state(unet, lora.get_state(unet, lora.STUDENT), lora.EMA)
             self.keep_t = sorted({t for k in s.keep_steps for t in inference_timesteps(k, self.teacher.T)}
                                  - {s.generator_t})
+        if s.generator_ema > 0:  # the average starts where the generator does
+            lora.ensure_lora(unet, lora.AVERAGE, **lora.spec(unet, lora.STUDENT))
+            if fresh:
+                lora.set_state(unet, lora.get_state(unet, lora.STUDENT), lora.AVERAGE)
         lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))  # after any add: an added adapter becomes active
         self.params = lora.adapter_params(unet, lora.STUDENT)
+        self.average = lora.adapter_params(unet, lora.AVERAGE) if s.generator_ema > 0 else []
         self.fake_params = lora.adapter_params(unet, lora.FAKE)
         self.fake_opt = torch.optim.AdamW(self.fake_params, lr=s.fake_lr, weight_decay=0.0)
         self._make_pool()
@@ -312,7 +317,18 @@ class DMDRun(StageRun):
         # further (the generator has not changed in between).
         x, cond = self._last
         fake = [self._fake_update(x, cond) for _ in range(self.stage.fake_updates)]
+        if self.average:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.average, self.params, 1 - self.stage.generator_ema)
         return {"fake": torch.stack(fake).mean()}
+
+    def finish(self, folder: Path) -> None:
+        """With ``generator_ema``, the average becomes the student the stage hands on."""
+        if self.average:
+            lora.set_state(self.unet, lora.get_state(self.unet, lora.AVERAGE), lora.STUDENT)
+            lora.remove_lora(self.unet, lora.AVERAGE)
+            lora.activate(self.unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        super().finish(folder)
 
     def state(self):
         return {}, {"fake_opt": self.fake_opt.state_dict()}
