@@ -13,10 +13,13 @@ from hypersd import lora
 from hypersd.cli import main
 from hypersd.errors import HypersdError
 from hypersd.generate import (
+    COMPILE_MIN_IMAGES,
     Generator,
     Recipe,
     detect_backbone,
     make_scheduler,
+    pick_compile,
+    pick_path,
     plan_jobs,
     published_recipe,
     read_prompts,
@@ -130,6 +133,70 @@ def test_hypersd_lora_equals_hypersd_sampler(models, sd15_lora):
     assert one.pipe.scheduler.timesteps.tolist() == [800]
     torch.testing.assert_close(image, reference(models["sd15"], "sd15", ["a cat"], [3], 1, 2.0, lora_path=sd15_lora,
                                                 one_step_t=800), atol=1e-4, rtol=0)
+
+
+def _shifted_backend(gm, example_inputs):
+    """A 'compiler' whose code gives other numbers: the check must catch it."""
+    def run(*args):
+        return [o + 0.5 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in gm(*args)]
+    return run
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("no compiler here")
+
+
+def test_compiled_path_gives_the_eager_images(models, sd15_lora):
+    """The compiled UNet and VAE decoder (aot_eager: dynamo's graph capture without a C++ compile)
+    give eager's images; the first batch decides the path and says what it measured."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    kw = dict(steps=2, eta=0.3, device="cpu")
+    prompts, seeds = ["a cat", "a dog"], [3, 4]
+    eager = Generator(models["sd15"], str(sd15_lora), **kw)
+    fast = Generator(models["sd15"], str(sd15_lora), compile="on", compile_backend="aot_eager", **kw)
+    assert (eager.path, fast.path) == ("eager", "undecided")
+    want = eager.images(prompts, seeds)
+    torch.testing.assert_close(fast.images(prompts, seeds), want, atol=1e-5, rtol=0)
+    assert fast.path in ("eager", "compiled") and "max |diff|" in fast.path_note
+    fast._paths[2] = ("compiled", "forced")  # whatever the timing chose: the compiled modules themselves
+    again = fast.images(["a red house", "a cat"], [7, 3])
+    assert isinstance(fast.pipe.unet, torch._dynamo.eval_frame.OptimizedModule) and fast.path == "compiled"
+    assert fast.pipe.unet.config.sample_size == eager.pipe.unet.config.sample_size
+    torch.testing.assert_close(again, eager.images(["a red house", "a cat"], [7, 3]), atol=1e-5, rtol=0)
+    # a new batch size is checked on its own (compiled code is specialised to it). Not batch 1:
+    # aot_eager on the CPU trips on the VAE's group norm there (a stride it traced otherwise), which
+    # the check turns into the eager path, as the failing compiler below shows.
+    torch.testing.assert_close(fast.images(["a dog", "a cat", "a dog"], [4, 3, 4]), want[[1, 0, 1]], atol=1e-5, rtol=0)
+    assert "batch 3: " in fast.path_note and "failed" not in fast.path_note and "other images" not in fast.path_note
+
+
+@pytest.mark.parametrize("backend,why", [(_shifted_backend, "other images"), (_failing_backend, "compiling failed")])
+def test_compiled_path_is_kept_only_if_it_gives_eager_images(models, backend, why):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    kw = dict(steps=1, scheduler="ddim", guidance=3.0, device="cpu")
+    want = Generator(models["sd15"], **kw).images(["a cat"], [5])
+    gen = Generator(models["sd15"], compile="on", compile_backend=backend, **kw)
+    torch.testing.assert_close(gen.images(["a cat"], [5]), want, atol=1e-5, rtol=0)  # eager's, either way
+    assert gen.path == "eager" and why in gen.path_note
+    assert not gen._compiled.active and gen.pipe.unet is gen.teacher.unet
+    torch.testing.assert_close(gen.images(["a cat"], [5]), want, atol=1e-5, rtol=0)
+
+
+def test_path_choice():
+    assert pick_path(0.001, eager_s=0.05, compiled_s=0.02)[0] == "compiled"
+    assert pick_path(0.001, eager_s=0.02, compiled_s=0.05)[0] == "eager"
+    assert pick_path(0.5, eager_s=0.05, compiled_s=0.02)[0] == "eager"
+    assert pick_path(float("nan"), eager_s=0.05, compiled_s=0.02)[0] == "eager"
+    assert pick_compile("auto", "cpu", 1000) == "off"
+    assert pick_compile("auto", "cuda", COMPILE_MIN_IMAGES - 1) == "off"
+    assert pick_compile("auto", "cuda:1", COMPILE_MIN_IMAGES) == "on"
+    assert pick_compile("on", "cpu", 1) == "on" and pick_compile("off", "cuda", 10_000) == "off"
+    with pytest.raises(HypersdError, match="--compile"):
+        Generator("unused", compile="fast", device="cpu")
 
 
 def test_published_file_gets_its_recipe(models, sd15_lora, tmp_path):

@@ -306,9 +306,9 @@ def cmd_image_eval(a) -> None:
     rewards = load_rewards(settings, device)
     fid = make_fid(a.fid_feature) if reference else None
     if a.model:
-        gen = generator_from_args(a, steps=a.steps[0] if a.steps else None)
+        gen = generator_from_args(a, steps=a.steps[0] if a.steps else None, n_images=len(jobs))
         files = run_jobs(gen, jobs, a.batch_size)
-        info["generated"] = asdict(gen.plan)
+        info["generated"] = {**asdict(gen.plan), "path": gen.path_note}
         info["images"] = str(out_dir / "images")
     result = evaluate(files, prompts, rewards, reference, a.fid_feature, a.batch_size, device, progress=True,
                       settings=info, fid=fid)
