@@ -9,6 +9,9 @@ no LoRA matmuls at inference). Token ids are given: tokenising is CPU work outsi
               ~1,000 small kernels collapse into one (at batch 1 the GPU otherwise waits on Python)
   compile     the UNet's and the VAE's repeated blocks compiled (fused elementwise work), then
               captured as a CUDA graph the same way
+  pipeline    what ``hypersd generate`` runs: diffusers' pipeline with hypersd's scheduler, eager
+              and with ``--compile`` (speed.CompiledInference: UNet and VAE decoder compiled with
+              reduce-overhead, i.e. CUDA graphs), prompt embeddings from the same text encoder(s)
 
 Each fast variant is checked against eager on the same inputs (max |Δ| of the image in [-1, 1]).
 
@@ -63,7 +66,7 @@ class Pipeline:
         size = self.unet.config.sample_size
         self.ids = torch.randint(1, 49000 if not tiny else 90, (1, archs.TOKENS if not tiny else 8), device=device)
         self.noise = torch.randn((1, 4, size, size), device=device, dtype=dtype)
-        res = float(size * 8)
+        res = float(size * 2 ** (len(self.vae.config.block_out_channels) - 1))  # the VAE's scale: 8
         self.time_ids = torch.tensor([[res, res, 0.0, 0.0, res, res]], device=device, dtype=dtype)
         # timestep inputs made once: creating them inside the pipeline would copy host to device
         self._t = {t: torch.full((1,), t, device=device, dtype=torch.long) for t in range(len(self.acp))}
@@ -146,6 +149,7 @@ def run(a):
             ms = 1000 * timed(lambda: p(k), 2, a.iters, device)[0]
             record({"model": backbone, "steps": k, "variant": "eager", "ms": round(ms, 2), "max_abs_diff": 0.0})
         if not cuda:
+            pipeline_rows(p, steps_list, ref, a, record, compile=False)
             continue
         for k in steps_list:
             try:
@@ -156,6 +160,8 @@ def run(a):
                 del replay
             except Exception as e:  # report and go on: the other variants still measure
                 record({"model": backbone, "steps": k, "variant": "graph", "error": f"{type(e).__name__}: {e}"[:300]})
+        left = a.budget - (time.perf_counter() - t_start)
+        pipeline_rows(p, steps_list, ref, a, record, compile=a.compile and left >= a.compile_reserve)
         left = a.budget - (time.perf_counter() - t_start)
         if not a.compile or left < a.compile_reserve:
             print(f"  {backbone}: compile skipped ({left:.0f} s left)", flush=True)
@@ -185,6 +191,48 @@ def run(a):
         print(f"| {r['model']} | {r['steps']} | {r['variant']} | {r.get('ms', r.get('error', ''))} "
               f"| {r.get('max_abs_diff', '')} |")
     return rows
+
+
+def pipeline_rows(p: Pipeline, steps_list, ref, a, record, compile: bool) -> None:
+    """hypersd generate's path on the same modules: diffusers' pipeline, eager then compiled."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from hypersd.generate import make_scheduler
+
+    scheduler = make_scheduler("tcd", archs.SCHEDULE)
+    if p.backbone == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=p.vae, text_encoder=p.encoders[0], text_encoder_2=p.encoders[1],
+                                         tokenizer=None, tokenizer_2=None, unet=p.unet, scheduler=scheduler,
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=p.vae, text_encoder=p.encoders[0], tokenizer=None, unet=p.unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(k):
+        hidden, added = p.encode()
+        extra = {"pooled_prompt_embeds": added["added_cond_kwargs"]["text_embeds"]} if added else {}
+        return pipe(prompt_embeds=hidden, **extra, guidance_scale=0.0, latents=p.noise, output_type="pt",
+                    timesteps=inference_timesteps(k, len(p.acp)), eta=0.0).images.mul(2).sub(1)
+
+    fast = speed.CompiledInference(pipe, p.vae, mode="reduce-overhead") if compile else None
+    for compiled in (False, True) if compile else (False,):
+        if fast:
+            fast.use(compiled)
+        variant = "pipeline+compile" if compiled else "pipeline"
+        t_c = time.perf_counter()
+        for k in steps_list:
+            try:
+                for _ in range(3):  # compile and record the graphs outside the timing
+                    call(k)
+                diff = (call(k).float() - ref[k]).abs().max().item()
+                ms = 1000 * timed(lambda: call(k), 2, a.iters, p.device)[0]
+                record({"model": p.backbone, "steps": k, "variant": variant, "ms": round(ms, 2), "max_abs_diff": diff,
+                        **({"compile_s": round(time.perf_counter() - t_c, 1)} if compiled else {})})
+            except Exception as e:
+                record({"model": p.backbone, "steps": k, "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]})
+            t_c = time.perf_counter()
 
 
 def main(argv=None):

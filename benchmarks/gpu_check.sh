@@ -10,7 +10,7 @@ if ! python3 -c "import diffusers, peft" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout 360 python3 benchmarks/train_step.py --budget 300 --json "$OUT/train_step.json" > "$OUT/train_step.log" 2>&1
+timeout 320 python3 benchmarks/train_step.py --budget 270 --json "$OUT/train_step.json" > "$OUT/train_step.log" 2>&1
 grep -v -i warn "$OUT/train_step.log" | tail -25
-timeout 200 python3 benchmarks/generate.py --budget 150 --json "$OUT/generate.json" > "$OUT/generate.log" 2>&1
+timeout 240 python3 benchmarks/generate.py --budget 190 --json "$OUT/generate.json" > "$OUT/generate.log" 2>&1
 grep -v -i warn "$OUT/generate.log" | tail -16

@@ -165,6 +165,26 @@ def test_benchmark_pipeline_is_hypersds_sampler():
             assert torch.allclose(img, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("backbone", ["sd15", "sdxl"])
+def test_benchmark_times_generates_own_path_on_the_same_image(backbone):
+    """The benchmark's "pipeline" rows are hypersd generate's path (diffusers' pipeline, hypersd's
+    TCD scheduler on the segment boundaries): the same image as the host-free pipeline it times."""
+    import argparse
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import generate as bench_generate
+    finally:
+        sys.path.remove(str(BENCH))
+    p = bench_generate.Pipeline(backbone, torch.device("cpu"), torch.float32, tiny=True)
+    with torch.no_grad():
+        ref = {k: p(k) for k in (1, 2)}
+        rows = []
+        bench_generate.pipeline_rows(p, [1, 2], ref, argparse.Namespace(iters=1), rows.append, compile=False)
+    assert [(r["steps"], r["variant"]) for r in rows] == [(1, "pipeline"), (2, "pipeline")]
+    assert all(r["max_abs_diff"] < 1e-4 for r in rows), rows
+
+
 def test_runtime_keys_are_checked_and_leave_the_fingerprint_alone():
     from hypersd.recipe import from_dict
 
