@@ -13,8 +13,10 @@ def _recipe(teacher, stages):
 
 
 def test_packaged_methods_share_one_budget():
-    recipes = method_recipes(["lcm", "phased", "hypersd"])
+    recipes = method_recipes(["lcm", "phased", "tscd", "hypersd"])
     assert len({budget(r) for r in recipes.values()}) == 1
+    assert [s.segments for s in recipes["tscd"].stages] == [8, 4, 2, 1]
+    assert {s.kind for s in recipes["tscd"].stages} == {"tscd"}
     assert recipes["lcm"].stages[0].segments == 1 and recipes["lcm"].stages[0].end == "boundary"
     assert recipes["phased"].stages[0].end == "boundary"
     with pytest.raises(HypersdError, match="unknown bench method"):

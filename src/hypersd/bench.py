@@ -15,8 +15,8 @@ from .errors import HypersdError
 from .evaluation import DigitsBench, student_rows, teacher_baseline, write_report
 from .recipe import load_recipe
 
-METHODS = {"lcm": "lcm", "phased": "phased", "hypersd": "digits"}
-LABELS = {"lcm": "LCM-style", "phased": "phased (4 segments)", "hypersd": "Hyper-SD"}
+METHODS = {"lcm": "lcm", "phased": "phased", "tscd": "tscd", "hypersd": "digits"}
+LABELS = {"lcm": "LCM-style", "phased": "phased (4 segments)", "tscd": "TSCD 8-4-2-1", "hypersd": "Hyper-SD"}
 
 
 def method_loras(label: str, recipe, run_dir: Path, steps) -> list[tuple[str, dict]]:

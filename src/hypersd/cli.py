@@ -256,13 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_distill)
 
-    b = sub.add_parser("bench", help="LCM-style, phased and Hyper-SD at one budget, each at 1/2/4/8 steps with its "
-                                     "best eta, with Hyper-SD's ablation (TSCD, + feedback, + DMD)",
+    b = sub.add_parser("bench", help="LCM-style, phased, TSCD and Hyper-SD at one budget, each at 1/2/4/8 steps with "
+                                     "its best eta, with Hyper-SD's ablation (TSCD, + feedback, + DMD)",
                        description="Distils each method (resuming any finished or partial run in --out), then "
                                    "writes bench.json and bench.md with the held-out evaluator's metrics.")
     _add_teacher_args(b)
-    b.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=["lcm", "phased", "hypersd"],
-                   help="comma-separated: lcm, phased, hypersd (the default recipe)")
+    b.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
+                   default=["lcm", "phased", "tscd", "hypersd"],
+                   help="comma-separated: lcm, phased, tscd (TSCD alone), hypersd (the default recipe)")
     b.add_argument("--steps", type=_ints, default=[1, 2, 4, 8])
     b.add_argument("--etas", type=_floats, default=[0.0, 0.3, 0.5, 1.0])
     b.add_argument("--n", type=int, default=1000)
