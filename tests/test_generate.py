@@ -155,7 +155,7 @@ def test_compiled_path_gives_the_eager_images(models, sd15_lora):
     kw = dict(steps=2, eta=0.3, device="cpu")
     prompts, seeds = ["a cat", "a dog"], [3, 4]
     eager = Generator(models["sd15"], str(sd15_lora), **kw)
-    fast = Generator(models["sd15"], str(sd15_lora), compile="on", compile_backend="aot_eager", **kw)
+    fast = Generator(models["sd15"], str(sd15_lora), compile=True, compile_backend="aot_eager", **kw)
     assert (eager.path, fast.path) == ("eager", "undecided")
     want = eager.images(prompts, seeds)
     torch.testing.assert_close(fast.images(prompts, seeds), want, atol=1e-5, rtol=0)
@@ -179,7 +179,7 @@ def test_compiled_path_is_kept_only_if_it_gives_eager_images(models, backend, wh
     torch._dynamo.reset()
     kw = dict(steps=1, scheduler="ddim", guidance=3.0, device="cpu")
     want = Generator(models["sd15"], **kw).images(["a cat"], [5])
-    gen = Generator(models["sd15"], compile="on", compile_backend=backend, **kw)
+    gen = Generator(models["sd15"], compile=True, compile_backend=backend, **kw)
     torch.testing.assert_close(gen.images(["a cat"], [5]), want, atol=1e-5, rtol=0)  # eager's, either way
     assert gen.path == "eager" and why in gen.path_note
     assert not gen._compiled.active and gen.pipe.unet is gen.teacher.unet
@@ -191,12 +191,12 @@ def test_path_choice():
     assert pick_path(0.001, eager_s=0.02, compiled_s=0.05)[0] == "eager"
     assert pick_path(0.5, eager_s=0.05, compiled_s=0.02)[0] == "eager"
     assert pick_path(float("nan"), eager_s=0.05, compiled_s=0.02)[0] == "eager"
-    assert pick_compile("auto", "cpu", 1000) == "off"
-    assert pick_compile("auto", "cuda", COMPILE_MIN_IMAGES - 1) == "off"
-    assert pick_compile("auto", "cuda:1", COMPILE_MIN_IMAGES) == "on"
-    assert pick_compile("on", "cpu", 1) == "on" and pick_compile("off", "cuda", 10_000) == "off"
+    assert pick_compile("auto", "cpu", 1000) is False
+    assert pick_compile("auto", "cuda", COMPILE_MIN_IMAGES - 1) is False
+    assert pick_compile("auto", "cuda:1", COMPILE_MIN_IMAGES) is True
+    assert pick_compile("on", "cpu", 1) is True and pick_compile("off", "cuda", 10_000) is False
     with pytest.raises(HypersdError, match="--compile"):
-        Generator("unused", compile="fast", device="cpu")
+        pick_compile("fast", "cpu", 1)
 
 
 def test_published_file_gets_its_recipe(models, sd15_lora, tmp_path):

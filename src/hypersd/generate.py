@@ -359,10 +359,8 @@ class Generator:
 
     def __init__(self, model: str, lora: str | None = None, *, backbone: str | None = None, steps=None,
                  scheduler=None, eta=None, guidance=None, lora_scale: float = 1.0, negative_prompt=None,
-                 device: str = "auto", dtype: str = "auto", config: str | None = None, compile: str = "off",
-                 compile_backend: str = "inductor"):
-        if compile not in COMPILE:
-            raise HypersdError(f"unknown --compile {compile!r}; choose one of {', '.join(COMPILE)}")
+                 device: str = "auto", dtype: str = "auto", config: str | None = None, compile: bool = False,
+                 compile_backend="inductor"):
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         recipe, meta = lora_recipe(lora) if lora else (Recipe(), None)
@@ -380,13 +378,14 @@ class Generator:
         # the path images are made on: "eager", or "compiled" where the first batch of a size showed
         # that it gives eager's images faster (compiled code is specialised to the batch size)
         self._compiled, self._paths = None, {}
-        if compile == "on" or (compile == "auto" and str(device).startswith("cuda")):
+        if compile:
             from .speed import CompiledInference, channels_last
 
-            if str(device).startswith("cuda"):
+            on_gpu = str(device).startswith("cuda")
+            if on_gpu:
                 channels_last(self.pipe.unet)
                 channels_last(self.teacher.vae)
-            mode = "reduce-overhead" if str(device).startswith("cuda") and compile_backend == "inductor" else None
+            mode = "reduce-overhead" if on_gpu and compile_backend == "inductor" else None
             self._compiled = CompiledInference(self.pipe, self.teacher.vae, compile_backend, mode)
         self.path = "eager" if self._compiled is None else "undecided"
 
@@ -475,11 +474,13 @@ def pick_path(max_diff: float, eager_s: float, compiled_s: float) -> tuple[str, 
     return "compiled", f"compiled ({measured})"
 
 
-def pick_compile(flag: str, device: str, n_images: int) -> str:
-    """--compile auto: on a GPU and from ``COMPILE_MIN_IMAGES`` images on, where the compile pays."""
+def pick_compile(flag: str, device: str, n_images: int) -> bool:
+    """--compile on / off, or auto: on a GPU and from ``COMPILE_MIN_IMAGES`` images on, where it pays."""
+    if flag not in COMPILE:
+        raise HypersdError(f"unknown --compile {flag!r}; choose one of {', '.join(COMPILE)}")
     if flag == "auto":
-        return "on" if str(device).startswith("cuda") and n_images >= COMPILE_MIN_IMAGES else "off"
-    return flag
+        return str(device).startswith("cuda") and n_images >= COMPILE_MIN_IMAGES
+    return flag == "on"
 
 
 def pick_device(device: str) -> str:
