@@ -15,7 +15,9 @@ embeddings given (as a latent cache gives them: no VAE or text encoder in the st
 
 Prints samples/s, the ratio to the reference, peak GiB, and achieved TFLOP/s (FLOPs of one step
 from torch's flop counter, over the step's median time). Then the memory checks: an SDXL TSCD
-step with the adversarial term at batch 1 and a DMD step at batch 2, with gradient checkpointing.
+step with the adversarial term at batch 1 and a DMD step at batch 2, with gradient checkpointing;
+with ``--options``, the TSCD + adversarial step's peak as each memory option is added (float32,
+bf16, + gradient checkpointing, + 8-bit AdamW).
 
   python benchmarks/train_step.py [--models sd15,sdxl] [--budget 420] [--json out.json]
   python benchmarks/train_step.py --tiny      # a CPU smoke run on tiny UNets
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import timed  # noqa: E402
 
 from hypersd import archs, lora, speed  # noqa: E402
+from hypersd.errors import HypersdError  # noqa: E402
 from hypersd.recipe import DMDStage, TSCDStage  # noqa: E402
 from hypersd.schedule import SolverGrid  # noqa: E402
 from hypersd.solver import add_noise, cfg, ddim_jump  # noqa: E402
@@ -83,10 +86,10 @@ class RandomData:
         return z, ["a prompt"] * n
 
 
-def distiller(teacher, stage) -> SimpleNamespace:
+def distiller(teacher, stage, precision: str | None = None) -> SimpleNamespace:
     """What a stage asks of the trainer (the ``d`` of stages.StageRun)."""
     recipe = SimpleNamespace(lora_rank=RANK, lora_alpha=RANK, grad_clip=1.0, seed=0, stages=[stage])
-    precision = "bf16" if teacher.device.type == "cuda" else "no"
+    precision = precision or ("bf16" if teacher.device.type == "cuda" else "no")
     return SimpleNamespace(teacher=teacher, recipe=recipe, data=RandomData(teacher), progress=False,
                            rt=Runtime(teacher.device, precision),
                            batch=lambda n, g=None: (*RandomData(teacher).batch(n, g or torch.Generator()),
@@ -142,7 +145,7 @@ def flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def build(backbone: str, device, tiny: bool, batch: int | None):
+def build(backbone: str, device, tiny: bool, batch: int | None, dtype=None):
     overrides = TINY if tiny else {}
     if tiny and backbone == "sdxl":
         overrides = TINY | dict(transformer_layers_per_block=(1, 2), addition_time_embed_dim=8,
@@ -150,8 +153,8 @@ def build(backbone: str, device, tiny: bool, batch: int | None):
     if tiny and backbone == "sd15":
         overrides = TINY | dict(cross_attention_dim=32)
     torch.manual_seed(0)
-    unet = archs.unet(backbone, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                      **overrides)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    unet = archs.unet(backbone, device=device, dtype=dtype, **overrides)
     lora.add_lora(unet, lora.lora_config(RANK if not tiny else 4, None, TARGETS), lora.STUDENT)
     lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
     setup = SETUPS[backbone]
@@ -251,36 +254,67 @@ def run_compiled(b: Bench, state: dict):
         t_c = time.perf_counter()
 
 
-def memory_checks(b: Bench):
-    """SDXL at 1024 px: TSCD + adversarial at batch 1, DMD at batch 2, gradient checkpointing on.
-
-    Peak is counted above what was allocated before the check's UNet was built, so models the
-    benchmark still holds do not count."""
+def memory_row(b: Bench, kind: str, batch: int, variant: str, note: str, *, dtype=None, precision=None,
+               checkpointing: bool = True, optimizer: str = "adamw") -> dict:
+    """One SDXL 1024 px step on a UNet built for it, its peak counted above what was allocated
+    before (so models the benchmark still holds do not count)."""
     cuda = b.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    teacher, batch = build("sdxl", b.device, b.a.tiny, batch, dtype)
+    if checkpointing:
+        speed.gradient_checkpointing(teacher.unet)
+    speed.channels_last(teacher.unet)
+    z = torch.randn((batch, *teacher.latent_shape)).to(b.device)
+    cond = teacher.encode_prompt(["p"] * batch)
+    stage = stage_for(kind, batch)
+    d = distiller(teacher, stage, precision)
+    with d.rt.autocast():
+        run = (DMDRun if kind == "dmd" else TSCDRun)(d, stage)
+        run.enter(fresh=True)
+    opt = speed.optimizer(run.params, stage.lr, optimizer)
+    row = b.measure("sdxl", variant, batch, lambda: hypersd_step(run, opt, z, ["p"] * batch, cond), note=note)
+    row["peak_gib"] = round(row["peak_gib"] - before, 2)
+    b.save()
+    return row
+
+
+def memory_checks(b: Bench):
+    """SDXL at 1024 px: TSCD + adversarial at batch 1, DMD at batch 2, gradient checkpointing on."""
     for kind, batch, limit in (("tscd-adv", 1, 24), ("dmd", 2, 40)):
         if b.left() < 30:
             print(f"  memory check {kind} skipped ({b.left():.0f} s left)")
             return
-        if cuda:
-            torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
-        teacher, batch = build("sdxl", b.device, b.a.tiny, batch)
-        speed.gradient_checkpointing(teacher.unet)
-        speed.channels_last(teacher.unet)
-        z = torch.randn((batch, *teacher.latent_shape)).to(b.device)
-        cond = teacher.encode_prompt(["p"] * batch)
-        stage = stage_for(kind, batch)
-        with autocast(b.device):
-            run = (DMDRun if kind == "dmd" else TSCDRun)(distiller(teacher, stage), stage)
-            run.enter(fresh=True)
-        opt = speed.optimizer(run.params, stage.lr)
-        row = b.measure("sdxl", f"{kind} memory", batch, lambda: hypersd_step(run, opt, z, ["p"] * batch, cond),
-                        note=f"gradient checkpointing; goal peak < {limit} GiB")
-        row["peak_gib"] = round(row["peak_gib"] - before, 2)
+        row = memory_row(b, kind, batch, f"{kind} memory", f"gradient checkpointing; goal peak < {limit} GiB")
         row["fits"] = bool(row["peak_gib"] < limit)
         b.save()
         print(f"  sdxl {kind} batch {batch}: peak {row['peak_gib']} GiB (goal < {limit})", flush=True)
-        del run, opt, teacher
+
+
+# Each memory option added to the one before, on an SDXL TSCD + adversarial step at batch 1:
+# (name, UNet dtype, mixed precision, gradient checkpointing, optimizer)
+OPTION_LADDER = (
+    ("float32", torch.float32, "no", False, "adamw"),
+    ("bf16", torch.bfloat16, "bf16", False, "adamw"),
+    ("bf16 + checkpointing", torch.bfloat16, "bf16", True, "adamw"),
+    ("bf16 + checkpointing + adamw8bit", torch.bfloat16, "bf16", True, "adamw8bit"),
+)
+
+
+def memory_options(b: Bench):
+    """The peak memory of each option (docs/SPEED.md), one added after another."""
+    for name, dtype, precision, checkpointing, optimizer in OPTION_LADDER:
+        if b.left() < 30:
+            print(f"  option {name} skipped ({b.left():.0f} s left)")
+            return
+        try:
+            row = memory_row(b, "tscd-adv", 1, f"tscd-adv options: {name}", name, dtype=dtype, precision=precision,
+                             checkpointing=checkpointing, optimizer=optimizer)
+        except HypersdError as e:  # adamw8bit without bitsandbytes: say so, measure the rest
+            b.record({"model": "sdxl", "variant": f"tscd-adv options: {name}", "batch": 1, "error": str(e)})
+            continue
+        print(f"  sdxl tscd-adv batch 1, {name}: peak {row['peak_gib']} GiB", flush=True)
 
 
 def main(argv=None):
@@ -292,6 +326,8 @@ def main(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--options", action="store_true",
+                   help="also the peak memory of each memory option on an SDXL TSCD + adversarial step at batch 1")
     p.add_argument("--budget", type=float, default=420, help="seconds; later parts are skipped past it")
     p.add_argument("--compile-reserve", type=float, default=90, help="seconds a model's compile parts need")
     p.add_argument("--tiny", action="store_true", help="tiny UNets: a CPU check that every step runs")
@@ -307,12 +343,14 @@ def main(argv=None):
     states = [run_model(b, backbone) for backbone in a.models.split(",")]
     if a.memory:
         memory_checks(b)
+    if a.options:
+        memory_options(b)
     if a.compile:
         for state in states:
             run_compiled(b, state)
     print("\n| model | variant | batch | samples/s | vs reference | peak GiB | TFLOP/step | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in b.rows:
+    for r in (r for r in b.rows if "error" not in r):
         print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['samples_per_s']} | {r.get('vs_reference', '')} "
               f"| {r['peak_gib']} | {r['tflop_per_step']} | {r['tflops']} |")
     return b.rows

@@ -185,6 +185,26 @@ def test_benchmark_times_generates_own_path_on_the_same_image(backbone):
     assert all(r["max_abs_diff"] < 1e-4 for r in rows), rows
 
 
+def test_benchmark_memory_option_ladder_runs_each_option():
+    """train_step.py --options: one SDXL TSCD + adversarial step per option, each added to the one
+    before; an option that cannot run here (8-bit AdamW without bitsandbytes) is a row saying why."""
+    import importlib.util
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_step as bench_train
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = bench_train.main(["--tiny", "--models", "sd15", "--variants", "tscd", "--no-compile", "--no-flops",
+                             "--no-memory", "--options"])
+    ladder = [r for r in rows if r["variant"].startswith("tscd-adv options: ")]
+    assert [r["variant"].split(": ")[1] for r in ladder] == [name for name, *_ in bench_train.OPTION_LADDER]
+    ran = [r for r in ladder if "error" not in r]
+    assert len(ran) >= 3 and all(r["samples_per_s"] > 0 for r in ran)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "bitsandbytes" in ladder[-1]["error"]
+
+
 def test_runtime_keys_are_checked_and_leave_the_fingerprint_alone():
     from hypersd.recipe import from_dict
 
