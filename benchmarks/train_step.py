@@ -26,6 +26,7 @@ bf16, + gradient checkpointing, + 8-bit AdamW).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -259,6 +260,7 @@ def memory_row(b: Bench, kind: str, batch: int, variant: str, note: str, *, dtyp
     """One SDXL 1024 px step on a UNet built for it, its peak counted above what was allocated
     before (so models the benchmark still holds do not count)."""
     cuda = b.device.type == "cuda"
+    gc.collect()  # the previous row's UNet (peft modules hold reference cycles), before the baseline
     if cuda:
         torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
