@@ -11,6 +11,8 @@ embeddings given (as a latent cache gives them: no VAE or text encoder in the st
   tscd        hypersd's TSCD stage (stages.TSCDRun + the trainer's step), eager
   tscd-adv    the same with the adversarial term (frozen-encoder discriminator, its heads' update)
   dmd         hypersd's one-step DMD stage (fake-score LoRA, its updates, regulariser, keep term)
+  *+fp8       the same with the teacher passes' linear layers in FP8 (fp8.enable; GPUs of
+              compute capability 8.9+, and the CPU's emulation with --tiny)
   *+compile   the same with the UNet's repeated blocks compiled (speed.compile_blocks)
 
 Prints samples/s, the ratio to the reference, peak GiB, and achieved TFLOP/s (FLOPs of one step
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import timed  # noqa: E402
 
-from hypersd import archs, lora, speed  # noqa: E402
+from hypersd import archs, fp8, lora, speed  # noqa: E402
 from hypersd.errors import HypersdError  # noqa: E402
 from hypersd.recipe import DMDStage, TSCDStage  # noqa: E402
 from hypersd.schedule import SolverGrid  # noqa: E402
@@ -192,11 +194,15 @@ class Bench:
         if self.a.json:
             Path(self.a.json).write_text(json.dumps(self.rows, indent=1))
 
-    def measure(self, model, variant, batch, fn, flop_fn=None, note=""):
+    def measure(self, model, variant, batch, fn, flop_fn=None, note="", same_flops_as=None):
+        """``same_flops_as``: a row of the same step run another way (compiled, FP8), whose count is reused."""
         warmup, iters = (1, 2) if self.a.tiny else (self.a.warmup, self.a.iters)
         t_first = time.perf_counter()
         sec, peak = timed(fn, warmup, iters, self.device)
-        n_flops = flops(flop_fn or fn) if (self.a.flops and "compile" not in variant) else float("nan")
+        if same_flops_as is not None:
+            n_flops = same_flops_as["tflop_per_step"] * 1e12
+        else:
+            n_flops = flops(flop_fn or fn) if (self.a.flops and "compile" not in variant) else float("nan")
         row = {"model": model, "variant": variant, "batch": batch, "step_ms": round(1000 * sec, 1),
                "samples_per_s": round(batch / sec, 2), "peak_gib": round(peak, 2),
                "tflop_per_step": round(n_flops / 1e12, 2), "tflops": round(n_flops / sec / 1e12, 1),
@@ -221,7 +227,7 @@ def run_model(b: Bench, backbone: str):
     del ref
 
     speed.channels_last(unet)
-    runs = {}
+    runs, rows = {}, {}
     for kind in a.variants:
         if b.left() < 0:
             break
@@ -231,10 +237,32 @@ def run_model(b: Bench, backbone: str):
             run.enter(fresh=True)
         opt = speed.optimizer(run.params, stage.lr)
         runs[kind] = step = lambda run=run, opt=opt: hypersd_step(run, opt, z, prompts, cond)  # noqa: E731
-        row = b.measure(backbone, kind, batch, step, note="channels-last, batched CFG, fused AdamW")
+        rows[kind] = row = b.measure(backbone, kind, batch, step, note="channels-last, batched CFG, fused AdamW")
         row["vs_reference"] = round(row["samples_per_s"] / base["samples_per_s"], 2)
         b.save()
-    return {"backbone": backbone, "unet": unet, "runs": runs, "base": base, "batch": batch}
+    state = {"backbone": backbone, "unet": unet, "runs": runs, "rows": rows, "base": base, "batch": batch}
+    fp8_rows(b, state, "")
+    return state
+
+
+def fp8_rows(b: Bench, state: dict, suffix: str) -> None:
+    """The FP8 teacher passes on the steps measured so far (then back to plain layers)."""
+    kinds = [k for k in b.a.fp8_variants if k in state["runs"]]
+    if not kinds or b.left() < 0:
+        return
+    try:
+        n = fp8.enable(state["unet"])
+    except HypersdError as e:  # a GPU without FP8 units: say so, measure the rest
+        b.record({"model": state["backbone"], "variant": "fp8", "batch": state["batch"], "error": str(e)})
+        return
+    for kind in kinds:
+        if b.left() < 0:
+            break
+        row = b.measure(state["backbone"], f"{kind}+fp8{suffix}", state["batch"], state["runs"][kind],
+                        note=f"{n} teacher linear layers in FP8", same_flops_as=state["rows"].get(kind))
+        row["vs_reference"] = round(row["samples_per_s"] / state["base"]["samples_per_s"], 2)
+        b.save()
+    fp8.disable(state["unet"])
 
 
 def run_compiled(b: Bench, state: dict):
@@ -248,11 +276,14 @@ def run_compiled(b: Bench, state: dict):
         if b.left() < b.a.compile_reserve / 2:
             print(f"  {backbone}: {kind}+compile skipped ({b.left():.0f} s left)", flush=True)
             break
-        row = b.measure(backbone, kind + "+compile", batch, step, note=f"{n} blocks compiled")
+        row = b.measure(backbone, kind + "+compile", batch, step, note=f"{n} blocks compiled",
+                        same_flops_as=state["rows"].get(kind))
         row["vs_reference"] = round(row["samples_per_s"] / base["samples_per_s"], 2)
         row["compile_and_warmup_s"] = round(time.perf_counter() - t_c, 1)
         b.save()
         t_c = time.perf_counter()
+    if b.left() > b.a.compile_reserve / 2:
+        fp8_rows(b, state, "+compile")
 
 
 def memory_row(b: Bench, kind: str, batch: int, variant: str, note: str, *, dtype=None, precision=None,
@@ -323,6 +354,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="sd15,sdxl")
     p.add_argument("--variants", default="tscd,tscd-adv,dmd")
+    p.add_argument("--fp8-variants", default="tscd", help="steps also timed with FP8 teacher passes ('' for none)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-compile", dest="compile", action="store_false")
@@ -336,6 +368,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     a.variants = [v for v in a.variants.split(",") if v]
+    a.fp8_variants = [v for v in a.fp8_variants.split(",") if v]
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     if device.type == "cuda":
         speed.enable_tf32()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import lora
+from . import fp8, lora
 from .adversarial import Discriminator, DiscriminatorHeads, hinge_d_loss, hinge_g_loss
 from .dmd import denoising_loss, dmd_gradient, dmd_loss, generate, score_x0
 from .feedback import draw_stop, load_perception, load_terms, perceptual_loss, reward_loss, sample_until
@@ -249,7 +249,7 @@ class DMDRun(StageRun):
         uncond = t.empty_cond(1)
         timesteps = inference_timesteps(s.reg_steps, t.T)
         out = []
-        with lora.adapters_disabled(self.unet):
+        with fp8.teacher_pass(self.unet):
             for i in range(0, s.reg_pool, 256):
                 c = cond[i:i + 256]
                 eps = lambda x, tt, c=c: t.eps_cfg(x, tt, c, c.unconditional(uncond), t.default_guidance)  # noqa: E731
@@ -285,7 +285,7 @@ class DMDRun(StageRun):
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
         noise_t = torch.randn(x.shape, generator=g).to(x)
         uncond = cond.unconditional(self.d.uncond_row)
-        with lora.adapters_disabled(self.unet):
+        with fp8.teacher_pass(self.unet):
             x0_real = score_x0(lambda xt, tt: t_.eps_cfg(xt, tt, cond, uncond, self.w_real), x.detach(), noise_t, t,
                                self.acp)
         with lora.adapter(self.unet, lora.FAKE):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import lora, speed
+from . import fp8, lora, speed
 from .cache import CachedData, describe_skips
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .errors import HypersdError
@@ -130,6 +130,8 @@ class Distiller:
             speed.gradient_checkpointing(unet)
         if r.channels_last:
             speed.channels_last(unet)
+        if r.fp8_teacher:  # before compiling, so the compiled blocks trace the FP8 layers
+            fp8.enable(unet)
         if r.compile:
             speed.compile_blocks(unet)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import lora
+from . import fp8, lora
 from .schedule import CLEAN, Segments, SolverGrid
 from .solver import add_noise, ddim_jump
 from .teachers.base import Cond, Teacher
@@ -80,7 +80,7 @@ class ConsistencyStep:
         w = torch.empty(n).uniform_(*cfg.guidance, generator=generator).to(dev)
 
         with torch.no_grad():
-            with lora.adapters_disabled(teacher.unet):  # the teacher: adapters off
+            with fp8.teacher_pass(teacher.unet):  # the teacher: adapters off (FP8 where enabled)
                 eps_teacher = teacher.eps_cfg(x_t, t_n, cond, uncond, w)
             x_hat = ddim_jump(x_t, eps_teacher, t_n, t_prev, acp)
             with lora.adapter(teacher.unet, lora.EMA):  # the target: EMA adapter
