@@ -56,6 +56,20 @@ def test_teacher_passes_run_in_fp8_and_every_other_pass_is_untouched():
     assert torch.equal(_passes(quick)[0], want[0])
 
 
+def test_fp8_teacher_under_bf16_autocast_gives_autocasts_dtype():
+    plain = _student()
+    quick = copy.deepcopy(plain)
+    fp8.enable(quick)
+    x, t, c = _inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with fp8.teacher_pass(plain):
+            want = plain(x, t, c).sample
+        with fp8.teacher_pass(quick):
+            got = quick(x, t, c).sample
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert 0 < _rel(got, want) < 0.05
+
+
 def test_fp8_copies_skip_trained_lora_layers_and_odd_shapes():
     unet = _student()
     fp8.enable(unet)
