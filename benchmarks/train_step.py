@@ -23,6 +23,7 @@ bf16, + gradient checkpointing, + 8-bit AdamW).
 
   python benchmarks/train_step.py [--models sd15,sdxl] [--budget 420] [--json out.json]
   python benchmarks/train_step.py --tiny      # a CPU smoke run on tiny UNets
+  python benchmarks/train_step.py --flop-split   # where a forward's FLOPs go (meta device, seconds)
 """
 
 from __future__ import annotations
@@ -148,7 +149,33 @@ def flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def build(backbone: str, device, tiny: bool, batch: int | None, dtype=None):
+# how torch's flop counter names what a UNet forward spends its FLOPs on
+OP_KINDS = {"aten.addmm": "linear", "aten.mm": "linear", "aten.convolution": "conv", "aten.bmm": "attention",
+            "aten._scaled_dot_product_efficient_attention": "attention",
+            "aten._scaled_dot_product_flash_attention": "attention",
+            "aten._scaled_dot_product_cudnn_attention": "attention"}
+
+
+def flop_split(backbone: str, tiny: bool) -> dict:
+    """Shares of one batch-1 UNet forward's FLOPs: linear layers (what FP8 teacher passes run in
+    FP8), convolutions, attention. On the meta device: shapes only, so it takes seconds on a CPU."""
+    from collections import Counter
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    teacher, _ = build(backbone, torch.device("meta"), tiny, 1, with_lora=False)
+    z = torch.zeros((1, *teacher.latent_shape), device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        teacher.eps(z, torch.full((1,), 500, device="meta"), teacher.encode_prompt(["p"]))
+    kinds = Counter()
+    for op, n in counter.get_flop_counts()["Global"].items():
+        kinds[OP_KINDS.get(str(op), "other")] += n
+    total = sum(kinds.values())
+    return {"model": backbone, "variant": "flop split (batch-1 forward)", "tflop_forward": round(total / 1e12, 3),
+            **{k: round(kinds[k] / total, 3) for k in ("linear", "conv", "attention", "other")}}
+
+
+def build(backbone: str, device, tiny: bool, batch: int | None, dtype=None, with_lora: bool = True):
     overrides = TINY if tiny else {}
     if tiny and backbone == "sdxl":
         overrides = TINY | dict(transformer_layers_per_block=(1, 2), addition_time_embed_dim=8,
@@ -158,8 +185,9 @@ def build(backbone: str, device, tiny: bool, batch: int | None, dtype=None):
     torch.manual_seed(0)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     unet = archs.unet(backbone, device=device, dtype=dtype, **overrides)
-    lora.add_lora(unet, lora.lora_config(RANK if not tiny else 4, None, TARGETS), lora.STUDENT)
-    lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
+    if with_lora:
+        lora.add_lora(unet, lora.lora_config(RANK if not tiny else 4, None, TARGETS), lora.STUDENT)
+        lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
     setup = SETUPS[backbone]
     teacher = RandomTeacher(backbone, unet, setup["guidance"])
     return teacher, (batch or (2 if tiny else setup["batch"]))
@@ -365,10 +393,18 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=420, help="seconds; later parts are skipped past it")
     p.add_argument("--compile-reserve", type=float, default=90, help="seconds a model's compile parts need")
     p.add_argument("--tiny", action="store_true", help="tiny UNets: a CPU check that every step runs")
+    p.add_argument("--flop-split", action="store_true",
+                   help="only print where a UNet forward's FLOPs go (linear / conv / attention); no GPU needed")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     a.variants = [v for v in a.variants.split(",") if v]
     a.fp8_variants = [v for v in a.fp8_variants.split(",") if v]
+    if a.flop_split:
+        rows = [flop_split(m, a.tiny) for m in a.models.split(",")]
+        print("| model | TFLOP / forward | linear | conv | attention | other |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['tflop_forward']} | {r['linear']} | {r['conv']} | {r['attention']} | {r['other']} |")
+        return rows
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     if device.type == "cuda":
         speed.enable_tf32()

@@ -237,3 +237,16 @@ def test_bf16_autocast_step_trains_float32_lora_weights():
     rt.step(out.float().square().mean(), opt, params, clip=1.0)
     assert all(p.dtype == torch.float32 for p in params)
     assert any(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_benchmark_flop_split_accounts_for_every_flop():
+    """train_step.py --flop-split: linear, conv and attention shares of a forward, on meta tensors."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_step as bench_train
+    finally:
+        sys.path.remove(str(BENCH))
+    for row in bench_train.main(["--tiny", "--flop-split"]):
+        shares = [row[k] for k in ("linear", "conv", "attention")]
+        assert all(s > 0 for s in shares) and row["other"] == 0  # every op the counter saw has a kind
+        assert abs(sum(shares) - 1) < 0.002
