@@ -17,7 +17,8 @@ import yaml
 from .errors import HypersdError
 
 CONFIGS = Path(__file__).parent / "configs"
-RUNTIME_KEYS = ("device", "mixed_precision", "gradient_checkpointing", "channels_last", "compile", "tf32", "optimizer", "fp8_teacher")
+RUNTIME_KEYS = ("device", "mixed_precision", "gradient_checkpointing", "channels_last", "compile", "tf32", "optimizer",
+                "fp8_teacher")
 
 
 @dataclass
@@ -134,7 +135,7 @@ class Recipe:
     compile: bool = False  # torch.compile the UNet's repeated blocks
     tf32: bool = True
     optimizer: str = "adamw"  # or adamw8bit (bitsandbytes)
-    fp8_teacher: bool = False  # the frozen teacher passes' linear layers in FP8 (GPUs of compute capability 8.9+)
+    fp8_teacher: bool = False  # frozen linear layers in FP8 in passes without gradients (compute capability 8.9+)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
