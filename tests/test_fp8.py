@@ -15,8 +15,7 @@ def _rel(a, b) -> float:
 
 
 def _passes(unet):
-    """Teacher (no grad); the discriminator's read (adapters off, with grad); the EMA adapter
-    outside and inside a frozen pass; the student."""
+    """Teacher (no grad), the discriminator's read (adapters off, with grad), EMA target, student."""
     x, t, c = _inputs()
     with torch.no_grad(), fp8.teacher_pass(unet):
         teacher = unet(x, t, c).sample
@@ -25,9 +24,7 @@ def _passes(unet):
     with torch.no_grad(), lora.adapter(unet, lora.EMA):
         ema = unet(x, t, c).sample
     student = unet(x, t, c).sample.detach()
-    with torch.no_grad(), lora.adapter(unet, lora.EMA), fp8.frozen_pass(unet):
-        ema_target = unet(x, t, c).sample
-    return teacher, disc, ema, student, ema_target
+    return teacher, disc, ema, student
 
 
 def test_quantize_rows_keeps_each_row_within_e4m3_rounding():
@@ -50,9 +47,9 @@ def test_teacher_passes_run_in_fp8_and_every_other_pass_is_untouched():
     with torch.no_grad():
         want = _passes(plain)
     got = _passes(quick)
-    for i in (0, 4):  # the teacher and the EMA target in a frozen pass: FP8 ran, and stays close
-        assert 0 < _rel(got[i], want[i]) < 0.05  # (1.2% measured for the teacher)
-    for a, b in zip(got[1:4], want[1:4]):  # gradients on, or outside a frozen pass: the weights as they are
+    teacher_err = _rel(got[0], want[0])
+    assert 0 < teacher_err < 0.05  # the FP8 path ran, and stays close (1.2% measured)
+    for a, b in zip(got[1:], want[1:]):  # gradients on, or adapters on: the weights as they are
         assert torch.equal(a, b)
     fp8.disable(quick)
     assert not any(isinstance(m, fp8.Float8Linear) for m in quick.modules())
@@ -87,8 +84,7 @@ def test_fp8_copies_skip_trained_lora_layers_and_odd_shapes():
 
 
 def test_consistency_targets_with_fp8_teacher_stay_close():
-    """TSCD's target (teacher CFG pair, then the EMA adapter, both FP8) with and without FP8:
-    close, the same draws, the student's prediction unchanged."""
+    """TSCD's target (teacher CFG pair, then EMA) with and without FP8: close, same draws."""
     from hypersd.teachers.base import Cond, Teacher
     from hypersd.tscd import ConsistencyConfig, ConsistencyStep
 

@@ -1,13 +1,14 @@
 """FP8 teacher passes: the frozen teacher's linear layers in 8-bit floats where no gradient flows.
 
-A distillation step spends much of its compute in passes that train nothing: the teacher's
-(guided CFG pairs, the regulariser's ODE, DMD's real score: adapters off) and the targets' (the
-EMA adapter's, DMD's fake score read for its gradient), all under ``no_grad``. Their base weights
-are the frozen teacher's, so on GPUs with FP8 matrix units (compute capability 8.9 and later:
-H100, L40S, RTX 4090) those linear layers can run through ``torch._scaled_mm`` in e4m3 at twice
-bf16's peak; the adapters' own small layers stay as they are. Every pass that trains, or that
-gradients flow through (the student, the discriminator's read of the student's sample), keeps
-the weights as they are.
+A distillation step spends much of its compute in the teacher's passes (guided CFG pairs, the
+regulariser's ODE, DMD's real score), all under ``no_grad`` with every adapter off. Those passes
+read only frozen weights, so on GPUs with FP8 matrix units (compute capability 8.9 and later:
+H100, L40S, RTX 4090) their linear layers can run through ``torch._scaled_mm`` in e4m3 at twice
+bf16's peak. Everything that trains, or that gradients flow through (the student, the
+discriminator's read of the student's sample), keeps the weights as they are; so does the EMA
+target, though no gradient flows there either: it is a bootstrapped target, and FP8 there made
+the digits student's one-step fd 40.3 against 32.0 (docs/RESULTS.md), where FP8 in the teacher
+alone left it at 32.4.
 
 Scaling: one scale per output channel for the weight (fixed, computed once) and one per row
 for the activations (computed per call), each mapping its largest magnitude onto e4m3's 448.
@@ -112,23 +113,16 @@ def disable(unet: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def frozen_pass(unet: torch.nn.Module):
-    """A pass that trains nothing (the EMA target, DMD's fake score read for its gradient): the
-    FP8 copies of the frozen weights wherever ``enable`` made them, adapters as they are. Only
-    while gradients are off: a pass that gradients flow through keeps the weights."""
-    state = unet.__dict__.get(STATE)
-    if state is None:
-        yield unet
-        return
-    state.depth += 1
-    try:
-        yield unet
-    finally:
-        state.depth -= 1
-
-
-@contextlib.contextmanager
 def teacher_pass(unet: torch.nn.Module):
-    """The teacher: adapters off, and FP8 as in ``frozen_pass``."""
-    with lora.adapters_disabled(unet), frozen_pass(unet):
-        yield unet
+    """A frozen teacher pass: adapters off, and the FP8 copies wherever ``enable`` made them
+    (only while gradients are off: a pass that gradients flow through keeps the weights)."""
+    with lora.adapters_disabled(unet):
+        state = unet.__dict__.get(STATE)
+        if state is None:
+            yield unet
+            return
+        state.depth += 1
+        try:
+            yield unet
+        finally:
+            state.depth -= 1

@@ -288,7 +288,7 @@ class DMDRun(StageRun):
         with fp8.teacher_pass(self.unet):
             x0_real = score_x0(lambda xt, tt: t_.eps_cfg(xt, tt, cond, uncond, self.w_real), x.detach(), noise_t, t,
                                self.acp)
-        with lora.adapter(self.unet, lora.FAKE), fp8.frozen_pass(self.unet):
+        with lora.adapter(self.unet, lora.FAKE):
             x0_fake = score_x0(self._eps(cond), x.detach(), noise_t, t, self.acp)
         logs = {"dmd": dmd_loss(x, dmd_gradient(x.detach(), x0_real, x0_fake)),
                 "reg": (x_reg - pool_out[idx]).pow(2).mean()}

@@ -83,7 +83,7 @@ class ConsistencyStep:
             with fp8.teacher_pass(teacher.unet):  # the teacher: adapters off (FP8 where enabled)
                 eps_teacher = teacher.eps_cfg(x_t, t_n, cond, uncond, w)
             x_hat = ddim_jump(x_t, eps_teacher, t_n, t_prev, acp)
-            with lora.adapter(teacher.unet, lora.EMA), fp8.frozen_pass(teacher.unet):  # the target: EMA adapter
+            with lora.adapter(teacher.unet, lora.EMA):  # the target: EMA adapter
                 eps_ema = teacher.eps(x_hat, t_prev.clamp(min=0), cond)
             tgt = ddim_jump(x_hat, eps_ema, t_prev, t_end, acp)
             # Already at t_end (or at the clean end) there is nothing left to jump.
