@@ -11,7 +11,7 @@ embeddings given (as a latent cache gives them: no VAE or text encoder in the st
   tscd        hypersd's TSCD stage (stages.TSCDRun + the trainer's step), eager
   tscd-adv    the same with the adversarial term (frozen-encoder discriminator, its heads' update)
   dmd         hypersd's one-step DMD stage (fake-score LoRA, its updates, regulariser, keep term)
-  *+fp8       the same with the frozen linear layers in FP8 in the passes without gradients (GPUs of
+  *+fp8       the same with the teacher passes' linear layers in FP8 (fp8.enable; GPUs of
               compute capability 8.9+, and the CPU's emulation with --tiny)
   *+compile   the same with the UNet's repeated blocks compiled (speed.compile_blocks)
 
@@ -274,7 +274,7 @@ def run_model(b: Bench, backbone: str):
 
 
 def fp8_rows(b: Bench, state: dict, suffix: str) -> None:
-    """FP8 passes without gradients on the steps measured so far (then back to plain layers)."""
+    """FP8 teacher passes on the steps measured so far (then back to plain layers)."""
     kinds = [k for k in b.a.fp8_variants if k in state["runs"]]
     if not kinds or b.left() < 0:
         return
@@ -287,7 +287,7 @@ def fp8_rows(b: Bench, state: dict, suffix: str) -> None:
         if b.left() < 0:
             break
         row = b.measure(state["backbone"], f"{kind}+fp8{suffix}", state["batch"], state["runs"][kind],
-                        note=f"{n} frozen linear layers in FP8", same_flops_as=state["rows"].get(kind))
+                        note=f"{n} teacher linear layers in FP8", same_flops_as=state["rows"].get(kind))
         row["vs_reference"] = round(row["samples_per_s"] / state["base"]["samples_per_s"], 2)
         b.save()
     fp8.disable(state["unet"])

@@ -135,7 +135,7 @@ class Recipe:
     compile: bool = False  # torch.compile the UNet's repeated blocks
     tf32: bool = True
     optimizer: str = "adamw"  # or adamw8bit (bitsandbytes)
-    fp8_teacher: bool = False  # frozen linear layers in FP8 in passes without gradients (compute capability 8.9+)
+    fp8_teacher: bool = False  # the teacher passes' frozen linear layers in FP8 (compute capability 8.9+)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
