@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Both benchmarks in one call on one GPU, about 8 minutes with compilation. On a machine without
-# diffusers, carry its wheel and peft's in .whl/ (pip download --no-deps diffusers peft).
+# Both benchmarks in one call on one GPU (about 9 minutes with compilation), the training one with
+# the memory option ladder (docs/SPEED.md). On a machine without diffusers, carry its wheel and
+# peft's in .whl/ (pip download --no-deps diffusers peft).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -10,7 +11,7 @@ if ! python3 -c "import diffusers, peft" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout 320 python3 benchmarks/train_step.py --budget 270 --json "$OUT/train_step.json" > "$OUT/train_step.log" 2>&1
-grep -v -i warn "$OUT/train_step.log" | tail -25
+timeout 320 python3 benchmarks/train_step.py --budget 270 --options --json "$OUT/train_step.json" > "$OUT/train_step.log" 2>&1
+grep -v -i warn "$OUT/train_step.log" | tail -40
 timeout 240 python3 benchmarks/generate.py --budget 190 --json "$OUT/generate.json" > "$OUT/generate.log" 2>&1
 grep -v -i warn "$OUT/generate.log" | tail -16

@@ -222,9 +222,10 @@ class Bench:
         if self.a.json:
             Path(self.a.json).write_text(json.dumps(self.rows, indent=1))
 
-    def measure(self, model, variant, batch, fn, flop_fn=None, note="", same_flops_as=None):
-        """``same_flops_as``: a row of the same step run another way (compiled, FP8), whose count is reused."""
-        warmup, iters = (1, 2) if self.a.tiny else (self.a.warmup, self.a.iters)
+    def measure(self, model, variant, batch, fn, flop_fn=None, note="", same_flops_as=None, reps=None):
+        """``same_flops_as``: a row of the same step run another way (compiled, FP8), whose count is reused.
+        ``reps``: (warmup, iters) where only the peak matters (the second step holds the optimizer state)."""
+        warmup, iters = (1, 2) if self.a.tiny else (reps or (self.a.warmup, self.a.iters))
         t_first = time.perf_counter()
         sec, peak = timed(fn, warmup, iters, self.device)
         if same_flops_as is not None:
@@ -315,7 +316,7 @@ def run_compiled(b: Bench, state: dict):
 
 
 def memory_row(b: Bench, kind: str, batch: int, variant: str, note: str, *, dtype=None, precision=None,
-               checkpointing: bool = True, optimizer: str = "adamw") -> dict:
+               checkpointing: bool = True, optimizer: str = "adamw", reps=None) -> dict:
     """One SDXL 1024 px step on a UNet built for it, its peak counted above what was allocated
     before (so models the benchmark still holds do not count)."""
     cuda = b.device.type == "cuda"
@@ -335,7 +336,8 @@ def memory_row(b: Bench, kind: str, batch: int, variant: str, note: str, *, dtyp
         run = (DMDRun if kind == "dmd" else TSCDRun)(d, stage)
         run.enter(fresh=True)
     opt = speed.optimizer(run.params, stage.lr, optimizer)
-    row = b.measure("sdxl", variant, batch, lambda: hypersd_step(run, opt, z, ["p"] * batch, cond), note=note)
+    row = b.measure("sdxl", variant, batch, lambda: hypersd_step(run, opt, z, ["p"] * batch, cond), note=note,
+                    reps=reps)
     row["peak_gib"] = round(row["peak_gib"] - before, 2)
     b.save()
     return row
@@ -371,7 +373,7 @@ def memory_options(b: Bench):
             return
         try:
             row = memory_row(b, "tscd-adv", 1, f"tscd-adv options: {name}", name, dtype=dtype, precision=precision,
-                             checkpointing=checkpointing, optimizer=optimizer)
+                             checkpointing=checkpointing, optimizer=optimizer, reps=(1, 1))
         except HypersdError as e:  # adamw8bit without bitsandbytes: say so, measure the rest
             b.record({"model": "sdxl", "variant": f"tscd-adv options: {name}", "batch": 1, "error": str(e)})
             continue
