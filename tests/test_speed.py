@@ -1,6 +1,7 @@
 """Each speed/memory option computes what the plain path computes (tiny UNets, CPU)."""
 
 import copy
+import importlib
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,15 @@ from hypersd.stages import TSCDRun
 from sd_tiny import TEXT_DIM, _unet
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench(name: str):
+    """A benchmark script as a module (benchmarks/ is scripts, not a package)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def _student(seed=0):
@@ -149,11 +159,7 @@ def test_benchmark_pipeline_is_hypersds_sampler():
     from hypersd.sampling import sample_tcd
     from hypersd.schedule import inference_timesteps
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import generate as bench_generate
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_generate = _bench("generate")
     p = bench_generate.Pipeline("sd15", torch.device("cpu"), torch.float32, tiny=True)
     with torch.no_grad():
         for k in (1, 4):
@@ -171,11 +177,7 @@ def test_benchmark_times_generates_own_path_on_the_same_image(backbone):
     TCD scheduler on the segment boundaries): the same image as the host-free pipeline it times."""
     import argparse
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import generate as bench_generate
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_generate = _bench("generate")
     p = bench_generate.Pipeline(backbone, torch.device("cpu"), torch.float32, tiny=True)
     with torch.no_grad():
         ref = {k: p(k) for k in (1, 2)}
@@ -190,11 +192,7 @@ def test_benchmark_memory_option_ladder_runs_each_option():
     before; an option that cannot run here (8-bit AdamW without bitsandbytes) is a row saying why."""
     import importlib.util
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import train_step as bench_train
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_train = _bench("train_step")
     rows = bench_train.main(["--tiny", "--models", "sd15", "--variants", "tscd", "--no-compile", "--no-flops",
                              "--no-memory", "--options"])
     ladder = [r for r in rows if r["variant"].startswith("tscd-adv options: ")]
@@ -241,11 +239,7 @@ def test_bf16_autocast_step_trains_float32_lora_weights():
 
 def test_benchmark_flop_split_accounts_for_every_flop():
     """train_step.py --flop-split: linear, conv and attention shares of a forward, on meta tensors."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import train_step as bench_train
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_train = _bench("train_step")
     for row in bench_train.main(["--tiny", "--flop-split"]):
         shares = [row[k] for k in ("linear", "conv", "attention")]
         assert all(s > 0 for s in shares) and row["other"] == 0  # every op the counter saw has a kind
