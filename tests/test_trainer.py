@@ -157,3 +157,18 @@ def test_a_reward_that_cannot_load_stops_the_run_before_its_first_step(tmp_path)
     with pytest.raises(HypersdError, match="stage 'fb'.*missing.safetensors"):
         Distiller(recipe, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_fp8_teacher_key_runs_the_training_teacher_passes_in_fp8(tmp_path, random_teacher_file, monkeypatch):
+    from hypersd import fp8
+
+    calls = []
+    plain_fp8 = fp8.Float8Linear._fp8_forward
+    monkeypatch.setattr(fp8.Float8Linear, "_fp8_forward", lambda self, x: calls.append(1) or plain_fp8(self, x))
+    d = Distiller(tiny_recipe(random_teacher_file, fp8_teacher=True), tmp_path, progress=False)
+    layers = [m for m in d.teacher.unet.modules() if isinstance(m, fp8.Float8Linear)]
+    assert layers  # the digits UNet's linear layers are multiples of 16 wide
+    assert d.run(max_steps=2) is False  # stopped by max_steps, not finished
+    assert len(calls) >= 2 * len(layers)  # each step's teacher pass went through every FP8 layer
+    plain = Distiller(tiny_recipe(random_teacher_file), tmp_path / "plain", progress=False)
+    assert not any(isinstance(m, fp8.Float8Linear) for m in plain.teacher.unet.modules())
