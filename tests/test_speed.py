@@ -217,6 +217,9 @@ def test_runtime_keys_are_checked_and_leave_the_fingerprint_alone():
         from_dict(base | {"optimizer": "sgd"})
     with pytest.raises(HypersdError, match="bf16 or no"):
         from_dict(base | {"mixed_precision": "fp16"})
+    for key in ("compile", "fp8_teacher"):
+        with pytest.raises(HypersdError, match=f"{key} must be true or false, got 'maybe'"):
+            from_dict(base | {key: "maybe"})
 
 
 def test_bf16_autocast_step_trains_float32_lora_weights():

@@ -208,6 +208,9 @@ def _validate_runtime(recipe: Recipe, source: str) -> None:
     for key, allowed in choices.items():
         if getattr(recipe, key) not in allowed:
             raise HypersdError(f"{source}: {key} {getattr(recipe, key)!r} is not one of {', '.join(allowed)}")
+    for key in ("gradient_checkpointing", "channels_last", "compile", "tf32", "fp8_teacher"):
+        if not isinstance(getattr(recipe, key), bool):  # YAML's "maybe" or 1 would read as on
+            raise HypersdError(f"{source}: {key} must be true or false, got {getattr(recipe, key)!r}")
     if recipe.mixed_precision == "fp16" and recipe.backbone == "digits":
         raise HypersdError(f"{source}: the digits teacher trains in float32 or bf16; use mixed_precision: bf16 or no")
 
