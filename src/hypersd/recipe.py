@@ -208,7 +208,8 @@ def _validate_runtime(recipe: Recipe, source: str) -> None:
     for key, allowed in choices.items():
         if getattr(recipe, key) not in allowed:
             raise HypersdError(f"{source}: {key} {getattr(recipe, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("gradient_checkpointing", "channels_last", "compile", "tf32", "fp8_teacher"):
+    switches = [f.name for f in dataclasses.fields(Recipe) if f.name in RUNTIME_KEYS and f.type == "bool"]
+    for key in switches:
         if not isinstance(getattr(recipe, key), bool):  # YAML's "maybe" or 1 would read as on
             raise HypersdError(f"{source}: {key} must be true or false, got {getattr(recipe, key)!r}")
     if recipe.mixed_precision == "fp16" and recipe.backbone == "digits":
