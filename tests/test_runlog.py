@@ -41,6 +41,8 @@ def test_every_step_is_logged_as_it_happens_and_a_resume_appends(tmp_path, rando
     assert kinds[:2] == ["run_start", "stage_start"] and "stage_end" in kinds
     assert [r["global_step"] for r in records(run, "checkpoint")] == [3, 4]
 
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"kind": "step", "glo')  # killed in mid-line: the resumed run's first record starts a new line
     again = Distiller(tiny_recipe(random_teacher_file), run, progress=False)
     assert again.run(resume=True)
     again.finish()
@@ -52,7 +54,7 @@ def test_every_step_is_logged_as_it_happens_and_a_resume_appends(tmp_path, rando
     assert records(run)[-1]["kind"] == "run_end"
 
     with open(run / "log.jsonl", "a") as f:
-        f.write('{"kind": "step", "glo')  # a line cut short by a kill is left out, not an error
+        f.write('{"kind": "step", "glo')  # a line cut short (the last) is left out, not an error
     capsys.readouterr()
     assert main(["log", "summary", str(run)]) == 0
     table = capsys.readouterr().out

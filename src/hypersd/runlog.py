@@ -52,6 +52,20 @@ def _number(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _cut_torn_line(path: Path) -> None:
+    """A kill in mid-line leaves half a record at the end: cut it, so that the next record, appended
+    by a resumed run, starts a line of its own instead of making that line unreadable."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, 2)
+        tail_start = max(0, end - 65536)  # a record is far shorter than this
+        f.seek(tail_start)
+        tail = f.read()
+        if tail and not tail.endswith(b"\n"):
+            f.truncate(tail_start + tail.rfind(b"\n") + 1)
+
+
 class RunLog:
     def __init__(self, out_dir: str | Path, is_main: bool = True, log_with: list[str] | None = None):
         self.out, self.is_main = Path(out_dir), is_main
@@ -62,6 +76,7 @@ class RunLog:
     def _open(self):
         if self._file is None:  # at the first record: a run refused at setup leaves no log behind
             self.out.mkdir(parents=True, exist_ok=True)
+            _cut_torn_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
             self._trackers = [_tracker(n, self.out) for n in self.log_with]
             for t in self._trackers:
