@@ -55,6 +55,10 @@ def test_two_processes_train_one_lora_and_resume_exactly(recipe_file, tmp_path):
     assert stats["processes"] == 2  # the end-of-run check found both processes' weights identical
     whole, _ = lora.read_lora(out / "lora.safetensors")
     assert any(v.abs().sum() > 0 for k, v in whole.items() if "lora_B" in k)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # one process writes the log: one run start, one line per step (two stages of 3)
+    assert [r["kind"] for r in log].count("run_start") == 1
+    assert [r["global_step"] for r in log if r["kind"] == "step"] == list(range(1, 7))
 
     # each process keeps its own data stream in the checkpoints
     ckpts = list_checkpoints(out / "checkpoints")

@@ -80,12 +80,16 @@ def test_distill_command_dry_run_and_refusal(tmp_path, random_teacher_file, caps
                    "eval_n: 20\neval_seeds: 2\nstages:\n  - {name: s, segments: 2, steps: 2, batch: 4}\n")
     out = tmp_path / "run"
     assert main(["distill", "--config", str(cfg), "--out", str(out)]) == 0
+    assert f"log: {out / 'log.jsonl'}" in capsys.readouterr().out  # where the log is, how to read it
     assert (out / "lora.safetensors").is_file() and (out / "metrics.json").is_file()
     assert (out / "samples-2step.png").is_file()
     before = (out / "lora.safetensors").read_bytes()
     assert main(["distill", "--config", str(cfg), "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "lora.safetensors").read_bytes() == before
+    assert main(["distill", "--config", str(cfg), "--out", str(out), "--force", "--no-eval"]) == 0
+    runs = [line for line in (out / "log.jsonl").read_text().splitlines() if '"run_start"' in line]
+    assert len(runs) == 1  # starting over starts a new log
     assert main(["sample", "--teacher", str(random_teacher_file), "--lora", str(out / "lora.safetensors"),
                  "--steps", "2", "--n", "10", "--out", str(tmp_path / "s.npz")]) == 0
 

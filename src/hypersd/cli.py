@@ -130,12 +130,18 @@ def cmd_distill(a) -> None:
         raise HypersdError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
     if a.force and not a.resume and started:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "log.jsonl").unlink(missing_ok=True)  # starting over: the new run's log, not both
     from .trainer import Distiller
 
-    distiller = Distiller(recipe, out, progress=not a.quiet)
+    distiller = Distiller(recipe, out, progress=not a.quiet, log_with=a.log_with)
     distiller.run(resume=a.resume)
     final = distiller.finish()
+    if not distiller.rt.is_main:  # under accelerate launch: one process reports and writes the metrics
+        return
     print(f"wrote {final}")
+    print(f"log: {out / 'log.jsonl'} (a JSON line per step); 'hypersd log summary {out}' tabulates it, "
+          f"docs/LOGS.md plots it" + (f"; tensorboard --logdir {out / 'tensorboard'}"
+                                      if "tensorboard" in (a.log_with or []) else ""))
     if not a.no_eval and recipe.backbone != "digits":
         print(f"no metrics: they are the digits world's; the samples are in {out}/samples-*step.png")
     elif not a.no_eval:
@@ -150,6 +156,12 @@ def cmd_distill(a) -> None:
         js, md = write_report(rows, out, "metrics", "Distilled LoRA (digits world)", meta)
         print(md.read_text())
         print(f"wrote {js} and {md}")
+
+
+def cmd_log_summary(a) -> None:
+    from .runlog import summary
+
+    print(summary(a.run_dir))
 
 
 def cmd_bench(a) -> None:
@@ -254,7 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
     d.add_argument("--no-eval", action="store_true", help="skip the metrics at the end")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--log-with", action="append", choices=["tensorboard", "wandb"], default=None,
+                   help="also send the step scalars to TensorBoard (OUT/tensorboard) or Weights & Biases; "
+                        "repeatable; needs pip install 'hypersd[tensorboard]' or 'hypersd[wandb]'")
     d.set_defaults(fn=cmd_distill)
+
+    lg = sub.add_parser("log", help="read a distill run's log.jsonl",
+                        description="Every distill run writes OUT/log.jsonl (see docs/LOGS.md).")
+    lgsub = lg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = lgsub.add_parser("summary", help="one row per stage: steps, skipped, losses start -> end, lr, grad norm")
+    ls.add_argument("run_dir", help="a distill --out folder")
+    ls.set_defaults(fn=cmd_log_summary)
 
     b = sub.add_parser("bench", help="LCM-style, phased, TSCD and Hyper-SD at one budget, each at 1/2/4/8 steps with "
                                      "its best eta, with Hyper-SD's ablation (TSCD, + feedback, + DMD)",

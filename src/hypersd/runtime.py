@@ -74,8 +74,9 @@ class Runtime:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = None) -> None:
-        """backward → average over processes → (unscale) → clip → update; ``opt.zero_grad`` is the caller's."""
+    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = None) -> torch.Tensor:
+        """backward → average over processes → (unscale) → clip → update; ``opt.zero_grad`` is the caller's.
+        Returns the gradients' total norm before clipping (inf or NaN where fp16 overflowed)."""
         params = list(params)
         scaler = self._scaler(opt)
         with torch.autocast(self.device.type, enabled=False):  # backward runs in the dtypes forward chose
@@ -83,13 +84,14 @@ class Runtime:
         self.average(params)  # before unscaling: every process then sees the same inf/NaN and skips alike
         if scaler:
             scaler.unscale_(opt)
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+        # an infinite limit measures the norm and scales nothing
+        norm = torch.nn.utils.clip_grad_norm_(params, math.inf if clip is None else clip)
         if scaler:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
+        return norm.detach()
 
     def _scaler(self, opt):
         if self.precision != "fp16":

@@ -19,6 +19,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .errors import HypersdError
 from .outputs import write_text
 from .recipe import Recipe, Stage
+from .runlog import RunLog
 from .runtime import Runtime
 from .stages import StageRun, current_lora, stage_run
 from .teachers import load_teacher
@@ -71,9 +72,9 @@ def train_step(rt: Runtime, run: StageRun, opt, z, prompts, cond, grad_clip: flo
     if not rt.finite(loss):
         return None
     opt.zero_grad(set_to_none=True)
-    rt.step(loss, opt, run.params, grad_clip)
+    grad_norm = rt.step(loss, opt, run.params, grad_clip)
     with rt.autocast():
-        return logs | run.after_step()
+        return logs | run.after_step() | {"grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
 
 
 def check_rewards(recipe: Recipe) -> None:
@@ -90,10 +91,13 @@ def check_rewards(recipe: Recipe) -> None:
 
 
 class Distiller:
-    def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, teacher=None):
-        self.recipe, self.out, self.progress = recipe, Path(out_dir), progress
+    def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, teacher=None,
+                 log_with: list[str] | None = None):
+        self.recipe, self.out = recipe, Path(out_dir)
         cached = open_cache(recipe)  # refuses a wrong or missing cache before a large model loads
         self.rt = Runtime.create(recipe.device, recipe.mixed_precision)
+        self.progress = progress and self.rt.is_main  # one bar per run, not one per process
+        self.log = RunLog(self.out, self.rt.is_main, log_with)  # a missing tracker package: refused now
         # digits: a float32 teacher at any precision (autocast lowers its matmuls); SD: the frozen weights in it
         dtype = self.rt.dtype if recipe.backbone != "digits" else None
         self.teacher = teacher or load_teacher(recipe.backbone, recipe.teacher, device=self.rt.device, dtype=dtype)
@@ -119,7 +123,7 @@ class Distiller:
         self.stats: dict = {"nan_skipped": 0, "stages": {}}
         if cached is not None:  # what the cache could not serve, in stats.json and on the console
             self.stats["data"] = {"items": len(cached), "skipped": dict(cached.skipped)}
-            if cached.skipped and progress:
+            if cached.skipped and self.progress:
                 tqdm.write(f"cache {recipe.data}: {len(cached)} items; skipped {describe_skips(cached.skipped)}")
 
     def _speed_up(self, unet) -> None:
@@ -160,7 +164,8 @@ class Distiller:
         state = {"fingerprint": self.recipe.fingerprint(), "stage_idx": stage_idx, "step": step,
                  "global_step": global_step, "stats": self.stats,
                  "adapters": {n: lora.spec(unet, n) for n in unet.peft_config}}
-        save_checkpoint(self.out / "checkpoints", global_step, tensors, optim, state, self.recipe.checkpoint_keep)
+        path = save_checkpoint(self.out / "checkpoints", global_step, tensors, optim, state, self.recipe.checkpoint_keep)
+        self.log.write("checkpoint", path=str(path), stage_idx=stage_idx, step=step, global_step=global_step)
 
     def _restore(self):
         ckpts = list_checkpoints(self.out / "checkpoints")
@@ -197,6 +202,8 @@ class Distiller:
         if restored:
             _, _, state = restored
             stage_idx, start, global_step = state["stage_idx"], state["step"], state["global_step"]
+        self.log.write("run_start", resume=bool(restored), stage_idx=stage_idx, step=start, global_step=global_step,
+                       fingerprint=self.recipe.fingerprint(), processes=self.rt.world)
         budget = max_steps
         for i in range(stage_idx, len(self.recipe.stages)):
             stage = self.recipe.stages[i]
@@ -231,22 +238,29 @@ class Distiller:
         stats = self.stats["stages"].setdefault(stage.name, {"nan_skipped": 0})
         bar = tqdm(range(start, stage.steps), desc=f"{stage.name}", disable=not self.progress or stage.steps == 0,
                    initial=start, total=stage.steps)
+        self.log.write("stage_start", stage=stage.name, stage_kind=stage.kind, step=start, steps=stage.steps,
+                       global_step=global_step, lr=stage.lr, batch=stage.batch)
         t0 = time.perf_counter()
         for step in bar:
             if budget is not None and step - start >= budget:
                 return False, global_step
+            t_step = time.perf_counter()
             z, prompts, cond = self.batch(stage.batch)
             logs = train_step(self.rt, run, opt, z, prompts, cond, self.recipe.grad_clip)
             global_step += 1
             if logs is None:  # a non-finite loss: skipped, counted, and nothing saved from it
                 stats["nan_skipped"] += 1
                 self.stats["nan_skipped"] += 1
+            self.log.step(stage.name, step + 1, global_step, logs, time.perf_counter() - t_step,
+                          {k: v for k, v in stats.items() if k.endswith("skipped")})
+            if logs is None:
                 continue
             if step % 10 == 0:
                 bar.set_postfix({k: f"{float(torch.as_tensor(v).detach()):.3g}" for k, v in logs.items()})
             if global_step % self.recipe.checkpoint_every == 0 and step + 1 < stage.steps:
                 self._save(i, step + 1, global_step, opt, run)
         stats["seconds"] = round(stats.get("seconds", 0) + time.perf_counter() - t0, 1)
+        self.log.write("stage_end", stage=stage.name, global_step=global_step, seconds=stats["seconds"])
         return True, global_step
 
     def batch(self, n: int, generator: torch.Generator | None = None):
@@ -264,7 +278,8 @@ class Distiller:
         run.finish(d)  # on every process: a merge changes the adapters (the files written are identical)
         if self.recipe.grid_every_stage and self.rt.is_main:
             k = getattr(stage, "segments", 1)
-            self.sample_grid(d / f"samples-{k}step.png", k, one_step_t=self.one_step_t(stage))
+            grid = self.sample_grid(d / f"samples-{k}step.png", k, one_step_t=self.one_step_t(stage))
+            self.log.write("samples", stage=stage.name, steps=k, path=str(grid))
 
     def lora_meta(self, stage: Stage) -> dict:
         meta = {"kind": "hypersd-lora", "stage": stage.name, "stage_kind": stage.kind, "guidance": 1.0,
@@ -317,6 +332,9 @@ class Distiller:
         state, spec = current_lora(self.teacher.unet)
         path = lora.save_state(self.out / "lora.safetensors", state, {**self.lora_meta(last), **spec})
         for k in self.recipe.eval_steps:
-            self.sample_grid(self.out / f"samples-{k}step.png", k, one_step_t=self.one_step_t(last))
+            grid = self.sample_grid(self.out / f"samples-{k}step.png", k, one_step_t=self.one_step_t(last))
+            self.log.write("samples", stage=last.name, steps=k, path=str(grid))
         write_text(self.out / "stats.json", json.dumps(self.stats, indent=1))
+        self.log.write("run_end", lora=str(path), nan_skipped=self.stats["nan_skipped"])
+        self.log.close()
         return path
