@@ -16,10 +16,15 @@ def _b(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return a.float().reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: bf16/fp16 promoted, float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
     """x0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t, with ᾱ_t per sample."""
     a_t = _b(a_t, x_t)
-    return (x_t.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
+    return (_up(x_t) - (1 - a_t).sqrt() * _up(eps)) / a_t.sqrt()
 
 
 def denoise(eps_fn, x_t: torch.Tensor, t, alphas_cumprod) -> torch.Tensor:
@@ -32,19 +37,19 @@ def ddim_jump(x_t, eps, t, s, alphas_cumprod) -> torch.Tensor:
     a_t, a_s = alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, s)
     x0 = predict_x0(x_t, eps, a_t)
     a_s = _b(a_s, x_t)
-    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps.float()
+    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * _up(eps)
 
 
 def add_noise(x0, noise, t, alphas_cumprod) -> torch.Tensor:
     """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
     a = _b(alpha_bar(alphas_cumprod, t), x0)
-    return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
+    return a.sqrt() * _up(x0) + (1 - a).sqrt() * _up(noise)
 
 
 def cfg(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w) -> torch.Tensor:
     """ε_ω = ε_u + ω·(ε_c − ε_u); ω a number or one per sample."""
-    eps_cond, eps_uncond = eps_cond.float(), eps_uncond.float()
-    w = torch.as_tensor(w, dtype=torch.float32, device=eps_cond.device)
+    eps_cond, eps_uncond = _up(eps_cond), _up(eps_uncond)
+    w = torch.as_tensor(w, dtype=eps_cond.dtype, device=eps_cond.device)
     if w.dim() == 1:
         w = _b(w, eps_cond)
     return eps_uncond + w * (eps_cond - eps_uncond)
