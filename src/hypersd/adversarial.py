@@ -17,6 +17,7 @@ from .teachers.base import Cond
 def encoder_features(unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> list[torch.Tensor]:
     """The UNet's down path, returning the output of each down block and of the mid block."""
     t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+    x = x.to(unet.dtype)  # the samples are float32; the frozen encoder reads them in its own dtype
     emb = unet.time_embedding(unet.time_proj(t).to(x.dtype))
     if cond.added:  # SDXL: pooled text and size/crop ids join the timestep embedding
         aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.hidden, added_cond_kwargs=cond.added)

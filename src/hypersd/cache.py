@@ -35,6 +35,7 @@ from .teachers.base import Cond
 MANIFEST, PROBE = "manifest.json", "probe.safetensors"
 PROBE_PROMPT = "a photograph of an astronaut riding a horse"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+EMBEDDINGS = ("hidden", "text_embeds")  # what _read hands over in the network's dtype
 # What a resumed run must share with the one it continues.
 SETTINGS = ("backbone", "model", "vae", "data", "resolution", "crop", "seed", "dtype", "shard_size",
             "image_column", "caption_column")
@@ -319,7 +320,9 @@ class CachedData:
                     for pos, row in rows:
                         out[k][pos] = part[row:row + 1]
         device, dtype = (self.teacher.device, self.teacher.dtype) if self.teacher else ("cpu", torch.float32)
-        return {k: torch.cat(v).to(device, dtype) for k, v in out.items()}
+        # Embeddings as encode_prompt gives them (the network's dtype); latents and size/crop ids in
+        # float32, as the solver and the UNet's size embedding compute with them.
+        return {k: torch.cat(v).to(device, dtype if k in EMBEDDINGS else torch.float32) for k, v in out.items()}
 
 
 def _read_probe(path: Path) -> dict[str, torch.Tensor]:

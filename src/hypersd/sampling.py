@@ -31,7 +31,7 @@ def sample_tcd(eps_fn: EpsFn, x, timesteps, alphas_cumprod, *, eta: float = 0.0,
         x = ddim_jump(x, eps, t, s, alphas_cumprod)
         if t_next != CLEAN and s != t_next:
             ratio = alpha_bar(alphas_cumprod, t_next) / alpha_bar(alphas_cumprod, s)
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            noise = torch.randn(x.shape, generator=generator).to(x.device)
             x = ratio.sqrt() * x + (1 - ratio).sqrt() * noise
     return x
 
@@ -62,6 +62,6 @@ def sample_prompts(teacher: Teacher, prompts: list[str], steps: int, *, guidance
     out = []
     for i in range(0, len(prompts), batch_size):
         cond = teacher.encode_prompt(prompts[i:i + batch_size])
-        x = noise[i:i + batch_size].to(teacher.device, teacher.dtype)
+        x = noise[i:i + batch_size].to(teacher.device)  # float32: the network call casts its own input
         out.append(sample_tcd(guided(teacher, cond, w), x, timesteps, acp, eta=eta, generator=g).float().cpu())
     return torch.cat(out)

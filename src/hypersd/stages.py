@@ -148,14 +148,14 @@ class FeedbackRun(StageRun):
         s, g, eps_fn = self.stage, self.d.generator, self._eps(cond)
         loss, logs = z.new_zeros(()), {}
         if self.terms:
-            noise = torch.randn(z.shape, generator=g).to(z)
+            noise = torch.randn(z.shape, generator=g).to(z.device)
             timesteps, stop = draw_stop(s.sample_steps, s.t_range, self.teacher.T, g)
             x0 = sample_until(eps_fn, noise, timesteps, stop, self.acp)
             r_loss, logs = reward_loss(self.terms, self.teacher.decode(x0), prompts)
             loss = loss + r_loss
         if self.features is not None:
             t = torch.randint(s.perceptual_t[0], s.perceptual_t[1] + 1, (len(z),), generator=g).to(z.device)
-            noise = torch.randn(z.shape, generator=g).to(z)
+            noise = torch.randn(z.shape, generator=g).to(z.device)
             logs["perc"] = perceptual_loss(self.features, eps_fn, z, noise, t, self.acp, self.teacher.decode)
             loss = loss + s.perceptual_weight * logs["perc"]
         return loss, logs
@@ -245,7 +245,7 @@ class DMDRun(StageRun):
         s, t = self.stage, self.teacher
         g = torch.Generator().manual_seed(self.d.recipe.seed + 7919 * (1 + self.d.recipe.stages.index(s)))
         _, _, cond = self.d.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
-        noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device, t.dtype)
+        noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device)  # float32: the network call casts its own input
         uncond = t.empty_cond(1)
         timesteps = inference_timesteps(s.reg_steps, t.T)
         out = []
@@ -264,7 +264,7 @@ class DMDRun(StageRun):
     def _fake_update(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         g = self.d.generator
         t = torch.randint(0, self.teacher.T, (len(x),), generator=g).to(x.device)
-        noise = torch.randn(x.shape, generator=g).to(x)
+        noise = torch.randn(x.shape, generator=g).to(x.device)
         with lora.adapter(self.unet, lora.FAKE):  # the fake adapter active and trainable
             with self.d.rt.autocast():
                 loss = denoising_loss(self._eps(cond), x, noise, t, self.acp)
@@ -283,7 +283,7 @@ class DMDRun(StageRun):
         x, x_reg = x_all[:n], x_all[n:]
 
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
-        noise_t = torch.randn(x.shape, generator=g).to(x)
+        noise_t = torch.randn(x.shape, generator=g).to(x.device)
         uncond = cond.unconditional(self.d.uncond_row)
         with fp8.teacher_pass(self.unet):
             x0_real = score_x0(lambda xt, tt: t_.eps_cfg(xt, tt, cond, uncond, self.w_real), x.detach(), noise_t, t,
@@ -306,7 +306,7 @@ class DMDRun(StageRun):
         """‖ε_stu − ε_anchor‖² on real latents noised to the other samplers' timesteps."""
         g = self.d.generator
         t = torch.tensor(self.keep_t)[torch.randint(len(self.keep_t), (len(z),), generator=g)].to(z.device)
-        x_t = add_noise(z, torch.randn(z.shape, generator=g).to(z), t, self.acp)
+        x_t = add_noise(z, torch.randn(z.shape, generator=g).to(z.device), t, self.acp)
         with torch.no_grad(), lora.adapter(self.unet, lora.EMA):
             anchor = self.teacher.eps(x_t, t, cond)
         return (self.teacher.eps(x_t, t, cond) - anchor).pow(2).mean()

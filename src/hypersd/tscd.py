@@ -73,9 +73,9 @@ class ConsistencyStep:
         t_prev = self.grid.step_down(t_n)
         t_end = draw_t_end(self.segments.lower_boundary(t_n), t_prev, cfg.end, generator, cfg.boundary_prob)
         t_n, t_prev, t_end = t_n.to(dev), t_prev.to(dev), t_end.to(dev)
-        noise = torch.randn(z.shape, generator=generator).to(dev, z.dtype)
+        noise = torch.randn(z.shape, generator=generator).to(dev)
         if cfg.offset_noise:
-            noise = noise + cfg.offset_noise * torch.randn((n, z.shape[1], 1, 1), generator=generator).to(dev, z.dtype)
+            noise = noise + cfg.offset_noise * torch.randn((n, z.shape[1], 1, 1), generator=generator).to(dev)
         x_t = add_noise(z, noise, t_n, acp)
         w = torch.empty(n).uniform_(*cfg.guidance, generator=generator).to(dev)
 

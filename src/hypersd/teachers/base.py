@@ -88,10 +88,22 @@ class Teacher:
 
     # -- the network ---------------------------------------------------------------------
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """ε-prediction of whatever ``unet`` is now (teacher, or student with adapters on)."""
+        """ε-prediction of whatever ``unet`` is now (teacher, or student with adapters on).
+
+        The one place where dtypes change: inputs go in as the network's dtype, ε comes out in
+        float32, so every jump, noise addition, guidance mix and loss around it is float32."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        cond = self.network_cond(cond)
         kwargs = {"added_cond_kwargs": cond.added} if cond.added else {}
-        return self.unet(x, t, encoder_hidden_states=cond.hidden, **kwargs).sample
+        return self.unet(x.to(self.dtype), t, encoder_hidden_states=cond.hidden, **kwargs).sample.float()
+
+    def network_cond(self, cond: Cond) -> Cond:
+        """The conditioning as the network takes it: embeddings in its dtype; SDXL's size/crop
+        ``time_ids`` in float32 (the UNet embeds them sinusoidally in float32; bf16 would make
+        1366 into 1368)."""
+        dtype = self.dtype
+        added = {k: v.float() if k == "time_ids" else v.to(dtype) for k, v in cond.added.items()}
+        return Cond(cond.hidden.to(dtype), added)
 
     def eps_cfg(self, x, t, cond: Cond, uncond: Cond, w) -> torch.Tensor:
         """Guided ε in one batched call: conditional and unconditional rows together."""

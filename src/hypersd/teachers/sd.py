@@ -153,7 +153,7 @@ class _StableDiffusion(Teacher):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         z = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
-        return ((z - self._shift) * self.vae.config.scaling_factor).to(self.dtype)
+        return (z.float() - self._shift) * self.vae.config.scaling_factor  # float32, as every latent here
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + self._shift
@@ -190,13 +190,14 @@ class SDXLTeacher(_StableDiffusion):
 
         ``size`` is the image's size before cropping and resizing, ``crop`` the crop's top-left
         corner; each is one (a, b) pair for all rows or one pair per row. Defaults: the model's
-        own resolution and no crop, as the diffusers pipeline uses.
+        own resolution and no crop, as the diffusers pipeline uses. Float32 in any precision:
+        sizes run to thousands, which bf16 rounds (1366 to 1368).
         """
         target = torch.tensor(self.resolution, dtype=torch.float32)
         size = torch.as_tensor(self.resolution if size is None else size, dtype=torch.float32)
         crop = torch.as_tensor((0, 0) if crop is None else crop, dtype=torch.float32)
         rows = [v.reshape(-1, 2).expand(n, 2) for v in (size, crop, target)]
-        return torch.cat(rows, dim=1).to(self.device, self.dtype)
+        return torch.cat(rows, dim=1).to(self.device)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], size=None, crop=None) -> Cond:
