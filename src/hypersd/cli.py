@@ -116,22 +116,26 @@ def cmd_distill(a) -> None:
     import shutil
 
     from .recipe import load_recipe
+    from .trainer import Distiller, check_rewards, has_run
 
     recipe = load_recipe(a.config, a.set)
     if a.teacher:
         recipe.teacher = a.teacher
     out = Path(a.out)
     if a.dry_run:
+        check_rewards(recipe)  # the reward weights, as a run loads them before its first stage
         print(f"# resolved recipe ({a.config}), fingerprint {recipe.fingerprint()}")
         print(recipe.dump(), end="")
         return
-    started = (out / "checkpoints").exists() or (out / "lora.safetensors").exists()
+    resumable = has_run(out)
+    started = resumable or (out / "lora.safetensors").exists()
+    if a.resume and not resumable:
+        fix = "--force without --resume to start over" if started else "run without --resume to start one"
+        raise HypersdError(f"{out} has no run to resume (no checkpoints in {out / 'checkpoints'}); {fix}")
     if started and not (a.resume or a.force):
         raise HypersdError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
     if a.force and not a.resume and started:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    from .trainer import Distiller
-
     distiller = Distiller(recipe, out, progress=not a.quiet)
     distiller.run(resume=a.resume)
     final = distiller.finish()
