@@ -123,9 +123,10 @@ def cmd_distill(a) -> None:
         recipe.teacher = a.teacher
     out = Path(a.out)
     if a.dry_run:
-        check_rewards(recipe)  # the reward weights, as a run loads them before its first stage
         print(f"# resolved recipe ({a.config}), fingerprint {recipe.fingerprint()}")
-        print(recipe.dump(), end="")
+        print(recipe.dump(), end="", flush=True)
+        # last, so the resolved recipe shows even where a reward cannot load here (say, offline)
+        check_rewards(recipe)  # the reward weights, as a run loads them before its first stage
         return
     resumable = has_run(out)
     started = resumable or (out / "lora.safetensors").exists()
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a top-level recipe key")
     d.add_argument("--teacher", default=None, help="teacher path (overrides the recipe's)")
     d.add_argument("--out", default="runs/distill", help="output folder")
-    d.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    d.add_argument("--dry-run", action="store_true", help="print the resolved recipe, load its rewards as a run would, and exit")
     d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     d.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
     d.add_argument("--no-eval", action="store_true", help="skip the metrics at the end")
