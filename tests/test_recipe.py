@@ -15,7 +15,8 @@ def _recipe(*stages, **top):
 
 
 @pytest.mark.parametrize("stage, message", [
-    ({"name": "late", "segments": 3, "solver_steps": 50}, "stage 'late': segments 3 with solver_steps 50: 3 steps do not"),
+    ({"name": "late", "segments": 3, "solver_steps": 50},
+     "stage 'late': segments 3 with solver_steps 50: 3 steps do not"),
     ({"name": "late", "segments": 8, "solver_steps": 50}, r"stage 'late': segments 8 with solver_steps 50: segment "
                                                           r"boundaries \[874, "),
     ({"name": "late", "solver_steps": 30}, "stage 'late': solver_steps 30: 30 steps do not divide"),
@@ -67,7 +68,8 @@ def test_a_number_yaml_reads_as_a_string_loads_as_that_number(tmp_path):
     ("stage", "lr", "1e-4x", r"lr must be a number \(float\), got '1e-4x'"),
     ("stage", "steps", 2.5, r"stage 't': steps must be a whole number \(int\), got 2.5"),
     ("stage", "batch", True, r"batch must be a whole number \(int\), got True"),
-    ("stage", "guidance", [1.0, "x"], r"guidance must be a list of numbers \(list\[float\]\) or null, got \[1.0, 'x'\]"),
+    ("stage", "guidance", [1.0, "x"],
+     r"guidance must be a list of numbers \(list\[float\]\) or null, got \[1.0, 'x'\]"),
     ("stage", "guidance", 2.0, r"guidance must be a list of numbers"),
     ("stage", "end", 3, r"end must be a string \(str\), got 3"),
     ("defaults", "lr", "fast", r"stage_defaults \(for stage 't'\): lr must be a number"),

@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a top-level recipe key")
     d.add_argument("--teacher", default=None, help="teacher path (overrides the recipe's)")
     d.add_argument("--out", default="runs/distill", help="output folder")
-    d.add_argument("--dry-run", action="store_true", help="print the resolved recipe, load its rewards as a run would, and exit")
+    d.add_argument("--dry-run", action="store_true",
+                   help="print the resolved recipe, load its rewards as a run would, and exit")
     d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     d.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
     d.add_argument("--no-eval", action="store_true", help="skip the metrics at the end")
