@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from hypersd.cli import main
+from hypersd.errors import HypersdError
 
 
 def test_sample_writes_npz_and_grid_and_never_clobbers(tmp_path, random_teacher_file, capsys):
@@ -51,3 +52,40 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("teacher", "judges", "sample", "eval"):
         assert cmd in out
+
+
+def _distill_err(capsys, *argv) -> str:
+    assert main(["distill", *map(str, argv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_distill_dry_run_runs_the_checks_a_run_would(tmp_path, capsys):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("stages:\n  - {name: s, segments: 2, lr: 1e-4}\n")
+    assert main(["distill", "--config", str(cfg), "--dry-run"]) == 0
+    assert "lr: 0.0001" in capsys.readouterr().out  # YAML's string '1e-4', as the float it is
+    cfg.write_text("stages:\n  - {name: s, segments: 2}\n  - {name: late, segments: 3, solver_steps: 50}\n")
+    assert "stage 'late': segments 3" in _distill_err(capsys, "--config", cfg, "--dry-run")
+    cfg.write_text("stages:\n  - {name: s, segments: 2}\n  - name: fb\n    kind: feedback\n"
+                   f"    rewards: [{{name: digits, path: {tmp_path / 'missing.safetensors'}}}]\n")
+    assert "stage 'fb'" in (err := _distill_err(capsys, "--config", cfg, "--dry-run")) and "missing.safetensors" in err
+
+
+def test_resume_on_a_folder_with_no_run_is_an_error(tmp_path, random_teacher_file, capsys):
+    from hypersd.recipe import from_dict
+    from hypersd.trainer import Distiller
+
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"teacher: {random_teacher_file}\nstages:\n  - {{name: s, segments: 2, steps: 1, batch: 2}}\n")
+    out = tmp_path / "typo"
+    err = _distill_err(capsys, "--config", cfg, "--out", out, "--resume", "--no-eval")
+    assert f"{out} has no run to resume" in err and "run without --resume" in err
+    assert not out.exists()  # nothing started in its place
+    (out / "checkpoints").mkdir(parents=True)  # a run killed before its first checkpoint: nothing to resume
+    assert "has no run to resume" in _distill_err(capsys, "--config", cfg, "--out", out, "--resume")
+    d = Distiller(from_dict({"teacher": str(random_teacher_file), "stages": [{"name": "s", "segments": 2}]}),
+                  tmp_path / "api", progress=False)
+    with pytest.raises(HypersdError, match="has no run to resume .*; run without --resume"):
+        d.run(resume=True)

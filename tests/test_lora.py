@@ -104,14 +104,30 @@ def test_merge_equals_both_adapters_at_once_and_scales_the_second():
             assert torch.allclose(t.eps(x, 600, cond), want, atol=1e-5), ratio
 
 
-def test_merge_refuses_other_ranks_or_targets():
+def test_merge_of_different_ranks_is_exact_by_stacking():
+    t = _teacher()
+    for name, rank, alpha, seed in (("a", 4, 8.0, 1), ("b", 2, 1.0, 2)):  # scales 2 and 0.5
+        lora.add_lora(t.unet, lora.lora_config(rank, alpha, targets="all"), name)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in lora.adapter_params(t.unet, name):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    a, sa = lora.get_state(t.unet, "a"), lora.spec(t.unet, "a")
+    b, sb = lora.get_state(t.unet, "b"), lora.spec(t.unet, "b")
+    state, spec = lora.merge_states(a, sa, b, sb, 0.5)
+    assert spec["rank"] == 6 and spec["alpha"] == 6
+    got, da, db = _updates(state, spec), _updates(a, sa), _updates(b, sb)
+    assert any(v.dim() == 4 for v in state.values())  # conv LoRAs among them
+    assert got.keys() == da.keys() and len(got) > 0
+    for k in got:  # each layer's ΔW = 2·B_a·A_a + 0.5·(0.5·B_b·A_b)
+        assert torch.allclose(got[k], da[k] + 0.5 * db[k], atol=1e-10), k
+
+
+def test_merge_refuses_other_targets():
     t = _teacher()
     _randomised(t, "a", rank=4)
-    _randomised(t, "b", rank=8)
     _randomised(t, "c", rank=4, targets="attn-ff")
     a, sa = lora.get_state(t.unet, "a"), lora.spec(t.unet, "a")
-    with pytest.raises(HypersdError, match="rank 4 and 8"):
-        lora.merge_states(a, sa, lora.get_state(t.unet, "b"), lora.spec(t.unet, "b"))
     with pytest.raises(HypersdError, match="different targets"):
         lora.merge_states(a, sa, lora.get_state(t.unet, "c"), lora.spec(t.unet, "c"))
 

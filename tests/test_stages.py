@@ -131,3 +131,23 @@ def test_dmd_generator_ema_follows_the_student_and_is_what_the_stage_hands_on(tm
 def test_generator_ema_must_be_a_decay():
     with pytest.raises(HypersdError, match="generator_ema must be in"):
         from_dict({"stages": [{"name": "t"}, {"name": "d", "kind": "dmd", "generator_ema": 1.0}]})
+
+
+def test_a_feedback_lora_of_another_rank_merges_exactly(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "fb", "kind": "feedback", "rank": 2, "rewards": [{"name": "digits"}]},
+        {"name": "m", "kind": "merge"}])
+    unet = d.teacher.unet
+    stage_run(d, d.recipe.stages[1]).enter(fresh=True)
+    assert lora.spec(unet, lora.FEEDBACK)["rank"] == 2 and lora.spec(unet, lora.STUDENT)["rank"] == 4
+    with torch.no_grad():
+        for p in lora.adapter_params(unet, lora.STUDENT) + lora.adapter_params(unet, lora.FEEDBACK):
+            p.add_(0.05 * torch.randn(p.shape))
+    z, prompts = d.data.batch(4, d.generator)
+    cond = d.teacher.encode_prompt(prompts)
+    with torch.no_grad():
+        both = d.teacher.eps(z, 500, cond)  # student and feedback active together
+        stage_run(d, d.recipe.stages[2]).finish(tmp_path / "m")
+        assert lora.spec(unet, lora.STUDENT)["rank"] == 6 and lora.active(unet) == [lora.STUDENT]
+        assert torch.allclose(d.teacher.eps(z, 500, cond), both, atol=1e-5)

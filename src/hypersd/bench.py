@@ -65,6 +65,7 @@ def train_all(out: Path, recipes: dict, jobs: int, progress: bool = True) -> dic
     from concurrent.futures import ThreadPoolExecutor
 
     from .outputs import write_text
+    from .trainer import has_run
 
     def train(m: str) -> float:
         t0 = time.perf_counter()
@@ -72,7 +73,7 @@ def train_all(out: Path, recipes: dict, jobs: int, progress: bool = True) -> dic
         cfg = folder / "recipe.yaml"
         write_text(cfg, recipes[m].dump())
         cmd = [sys.executable, "-m", "hypersd", "distill", "--config", str(cfg), "--out", str(folder),
-               "--resume", "--no-eval", "--quiet"]
+               *(["--resume"] if has_run(folder) else []), "--no-eval", "--quiet"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with open(folder / "train.log", "w") as log:
             done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -95,7 +96,7 @@ def train_all(out: Path, recipes: dict, jobs: int, progress: bool = True) -> dic
 def run_bench(out: str | Path, recipes: dict, steps=(1, 2, 4, 8), etas=(0.0, 0.3, 0.5, 1.0),
               n: int = 1000, seeds: int = 3, teacher_path: str | None = None, progress: bool = True,
               jobs: int = 1) -> list[dict]:
-    from .trainer import Distiller
+    from .trainer import Distiller, has_run
 
     out = Path(out)
     budgets = {m: budget(r) for m, r in recipes.items()}
@@ -109,7 +110,7 @@ def run_bench(out: str | Path, recipes: dict, steps=(1, 2, 4, 8), etas=(0.0, 0.3
     for m, recipe in recipes.items():
         t0 = time.perf_counter()
         d = Distiller(recipe, out / m, progress=progress)
-        d.run(resume=True)  # a finished method's last checkpoint makes this a no-op
+        d.run(resume=has_run(out / m))  # a finished method's last checkpoint makes this a no-op
         d.finish()
         timing.setdefault(m, round(time.perf_counter() - t0, 1))
         bench = DigitsBench(d.teacher, n=n, seeds=range(seeds), progress=progress)

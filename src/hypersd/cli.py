@@ -116,6 +116,7 @@ def cmd_distill(a) -> None:
     import shutil
 
     from .recipe import load_recipe
+    from .trainer import Distiller, check_rewards, has_run
 
     recipe = load_recipe(a.config, a.set)
     if a.teacher:
@@ -123,16 +124,20 @@ def cmd_distill(a) -> None:
     out = Path(a.out)
     if a.dry_run:
         print(f"# resolved recipe ({a.config}), fingerprint {recipe.fingerprint()}")
-        print(recipe.dump(), end="")
+        print(recipe.dump(), end="", flush=True)
+        # last, so the resolved recipe shows even where a reward cannot load here (say, offline)
+        check_rewards(recipe)  # the reward weights, as a run loads them before its first stage
         return
-    started = (out / "checkpoints").exists() or (out / "lora.safetensors").exists()
+    resumable = has_run(out)
+    started = resumable or (out / "lora.safetensors").exists()
+    if a.resume and not resumable:
+        fix = "--force without --resume to start over" if started else "run without --resume to start one"
+        raise HypersdError(f"{out} has no run to resume (no checkpoints in {out / 'checkpoints'}); {fix}")
     if started and not (a.resume or a.force):
         raise HypersdError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
     if a.force and not a.resume and started:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "log.jsonl").unlink(missing_ok=True)  # starting over: the new run's log, not both
-    from .trainer import Distiller
-
     distiller = Distiller(recipe, out, progress=not a.quiet, log_with=a.log_with)
     distiller.run(resume=a.resume)
     final = distiller.finish()
@@ -261,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a top-level recipe key")
     d.add_argument("--teacher", default=None, help="teacher path (overrides the recipe's)")
     d.add_argument("--out", default="runs/distill", help="output folder")
-    d.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    d.add_argument("--dry-run", action="store_true",
+                   help="print the resolved recipe, load its rewards as a run would, and exit")
     d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     d.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
     d.add_argument("--no-eval", action="store_true", help="skip the metrics at the end")

@@ -208,27 +208,30 @@ def merge_states(a: dict[str, torch.Tensor], spec_a: dict, b: dict[str, torch.Te
     """One LoRA equal to ``a + ratio·b``, exactly: the ranks stack (A rows, B columns).
 
     Each LoRA adds (alpha/r)·B·A to its layer; the merged one has alpha = rank, so scale 1, and
-    carries the two scales in its B columns. Both must target the same layers with the same rank.
+    carries the two scales in its B columns. So the ranks need not match, only the layers: stacked
+    factors of ranks r_a and r_b multiply to the sum of the two updates for any r_a, r_b.
     """
     if spec_a["targets"] != spec_b["targets"] or set(a) != set(b):
         raise HypersdError(f"cannot merge LoRAs with different targets ({spec_a['targets']} vs {spec_b['targets']}); "
                            f"train both with the same lora_targets")
-    if spec_a["rank"] != spec_b["rank"]:
-        raise HypersdError(f"cannot merge LoRAs of rank {spec_a['rank']} and {spec_b['rank']}; "
-                           f"train both with the same rank")
     scale_a, scale_b = spec_a["alpha"] / spec_a["rank"], ratio * spec_b["alpha"] / spec_b["rank"]
     out = {}
     for k in a:
-        if a[k].shape != b[k].shape:
-            raise HypersdError(f"cannot merge: {k} has shape {tuple(a[k].shape)} vs {tuple(b[k].shape)}")
-        if ".lora_A." in k:
-            out[k] = torch.cat([a[k], b[k]], 0)
-        elif ".lora_B." in k:
-            out[k] = torch.cat([scale_a * a[k], scale_b * b[k]], 1)
+        if ".lora_A." in k:  # (r, in, ...): the rank is dim 0
+            dim = 0
+        elif ".lora_B." in k:  # (out, r, ...): the rank is dim 1
+            dim = 1
         else:
             raise HypersdError(f"cannot merge: unexpected key {k} (only lora_A/lora_B weights are merged)")
+        if _without(a[k].shape, dim) != _without(b[k].shape, dim):
+            raise HypersdError(f"cannot merge: {k} has shape {tuple(a[k].shape)} vs {tuple(b[k].shape)}")
+        out[k] = torch.cat([a[k], b[k]], 0) if dim == 0 else torch.cat([scale_a * a[k], scale_b * b[k]], 1)
     rank = spec_a["rank"] + spec_b["rank"]
     return out, {"rank": rank, "alpha": rank, "targets": spec_a["targets"]}
+
+
+def _without(shape: torch.Size, dim: int) -> tuple[int, ...]:
+    return tuple(shape[:dim]) + tuple(shape[dim + 1:])
 
 
 def compress_state(state: dict[str, torch.Tensor], spec_: dict, rank: int,

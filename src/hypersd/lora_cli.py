@@ -123,7 +123,7 @@ def add_parser(sub) -> None:
 
     m = actions.add_parser("merge", help="one LoRA equal to A + R·B, exactly (the ranks add up)")
     m.add_argument("a", metavar="A", help="LoRA .safetensors; the merged LoRA keeps its metadata")
-    m.add_argument("b", metavar="B", help="LoRA .safetensors with the same rank and layers as A")
+    m.add_argument("b", metavar="B", help="LoRA .safetensors adapting the same layers as A (any rank)")
     m.add_argument("--ratio", type=float, default=1.0, help="R, B's weight (default 1)")
     m.add_argument("--out", required=True, help="output .safetensors")
     m.add_argument("--to", choices=FORMATS, default="hypersd", help=fmt_help + " (default hypersd)")

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,9 @@ import yaml
 from .errors import HypersdError
 
 CONFIGS = Path(__file__).parent / "configs"
+# The training timesteps of every teacher hypersd loads (digits, SD1.5, SDXL): what a recipe's step
+# counts are checked against at load. The trainer checks again against the teacher it loaded.
+TEACHER_T = 1000
 RUNTIME_KEYS = ("device", "mixed_precision", "gradient_checkpointing", "channels_last", "compile", "tf32", "optimizer",
                 "fp8_teacher")
 
@@ -191,16 +197,86 @@ def from_dict(raw: dict, source: str = "config") -> Recipe:
         cls = STAGE_KINDS[kind]
         _check_keys(s, set(_fields(cls)), f"{where} (kind {kind})")
         known = _fields(cls) if cls is not MergeStage else {}  # a merge does not train: no defaults
-        stage = cls(**{**{k: v for k, v in defaults.items() if k in known and k != "kind"}, **s})
+        used = {k: v for k, v in defaults.items() if k in known and k != "kind"}
+        hints = _hints(cls)
+        stage = cls(**{**_typed(used, hints, f"{source}: stage_defaults (for stage {s['name']!r})"),
+                       **_typed(s, hints, where)})
         _validate_stage(stage, where)
         stages.append(stage)
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise HypersdError(f"{source}: stage names must be unique, got {names}")
-    recipe = Recipe(stages=stages, **raw)
+    recipe = Recipe(stages=stages, **_typed(raw, _hints(Recipe), source))
     _validate_order(recipe, source)
     _validate_runtime(recipe, source)
+    _validate_settings(recipe, source)
+    check_timesteps(recipe, source)
     return recipe
+
+
+# YAML reads a float only with a dot and a signed exponent: 1e-4 and 1.0e30 arrive as strings.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NAMES = {int: "a whole number (int)", float: "a number (float)", str: "a string (str)", bool: "true or false",
+          dict: "a mapping (dict)", type(None): "null"}
+_PLURALS = {int: "whole numbers", float: "numbers", str: "strings", bool: "trues or falses", dict: "mappings"}
+REWARD_HINTS = {"name": str, "weight": float, "alpha": float | None, "path": str | None, "options": dict | None}
+
+
+class _WrongType(Exception):
+    pass
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # the annotations are strings (postponed evaluation)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return f"a list of {_PLURALS.get(item, item.__name__)} (list[{item.__name__}])"
+    return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _conform(value, hint):
+    """``value`` as type ``hint``, or _WrongType. A number YAML left as a string becomes its float;
+    nothing else is converted (an int field never takes 2.5, a bool field never takes 1)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _conform(value, option)
+            except _WrongType:
+                pass
+        raise _WrongType
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _WrongType
+        (item,) = typing.get_args(hint)
+        return [_conform(v, item) for v in value]
+    if hint is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if hint in (int, float):  # a bool is an int to Python, never a number to a recipe; ints stay ints
+        ok = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    elif hint in _NAMES:
+        ok = isinstance(value, hint)
+    else:  # a nested recipe type (the stages): checked where it is built
+        return value
+    if not ok:
+        raise _WrongType
+    return value
+
+
+def _typed(d: dict, hints: dict, where: str) -> dict:
+    """``d`` with each value checked against its field's declared type (see ``_conform``)."""
+    out = {}
+    for key, value in d.items():
+        try:
+            out[key] = _conform(value, hints[key]) if key in hints else value
+        except _WrongType:
+            raise HypersdError(f"{where}: {key} must be {_describe(hints[key])}, got {value!r}") from None
+    return out
 
 
 def _validate_runtime(recipe: Recipe, source: str) -> None:
@@ -221,9 +297,21 @@ def _range(value, where: str, what: str, lo, hi) -> None:
         raise HypersdError(f"{where}: {what} must be [min, max] with {lo} <= min <= max <= {hi}, got {value}")
 
 
+def _rank(value, where: str, key: str, unset: str) -> None:
+    if value is not None and not (isinstance(value, int) and value >= 1):
+        raise HypersdError(f"{where}: {key} must be a whole number >= 1 (or left out for {unset}), got {value!r}")
+
+
+def _learning_rates(s: Stage, where: str) -> None:
+    for key in ("lr", "d_lr", "fake_lr"):  # the optimizer refuses a negative one when the stage starts
+        if getattr(s, key, 0) < 0:
+            raise HypersdError(f"{where}: {key} must be >= 0, got {getattr(s, key)}")
+
+
 def _validate_stage(s: Stage, where: str) -> None:
     if s.steps < (0 if s.kind == "merge" else 1) or s.batch < 1:
         raise HypersdError(f"{where}: steps and batch must be positive")
+    _learning_rates(s, where)
     if isinstance(s, TSCDStage):
         if s.end not in ("segment", "boundary"):
             raise HypersdError(f"{where}: end must be 'segment' or 'boundary', got {s.end!r}")
@@ -235,11 +323,10 @@ def _validate_stage(s: Stage, where: str) -> None:
             raise HypersdError(f"{where}: boundary_prob must be in [0, 1], got {s.boundary_prob}")
         if not 0 <= s.ema_decay < 1:
             raise HypersdError(f"{where}: ema_decay must be in [0, 1), got {s.ema_decay}")
+        if s.adv_weight > 0 and s.d_hidden < 1:
+            raise HypersdError(f"{where}: d_hidden must be >= 1 with adv_weight > 0, got {s.d_hidden}")
     if isinstance(s, (FeedbackStage, DMDStage)):
-        for r in s.rewards:
-            if not isinstance(r, dict) or "name" not in r:
-                raise HypersdError(f"{where}: each reward is a mapping with a 'name', got {r!r}")
-            _check_keys(r, {"name", "weight", "alpha", "path", "options"}, f"{where}: reward {r['name']!r}")
+        s.rewards = [_reward(r, where) for r in s.rewards]
     if isinstance(s, FeedbackStage):
         if not s.rewards and s.perceptual_weight <= 0:
             raise HypersdError(f"{where}: a feedback stage needs rewards or a perceptual_weight > 0")
@@ -247,11 +334,12 @@ def _validate_stage(s: Stage, where: str) -> None:
         _range(s.perceptual_t, where, "perceptual_t", 0, 999)
         if not s.sample_steps or any(k < 1 for k in s.sample_steps):
             raise HypersdError(f"{where}: sample_steps must list step counts >= 1, got {s.sample_steps}")
+        _rank(s.rank, where, "rank", "the recipe's lora_rank")
+        _perceptual_model(s, where)
     if isinstance(s, MergeStage) and s.steps != 0:
         raise HypersdError(f"{where}: a merge stage does not train; leave out 'steps'")
-    if isinstance(s, MergeStage) and s.rank is not None and not (isinstance(s.rank, int) and s.rank >= 1):
-        raise HypersdError(f"{where}: rank must be a whole number >= 1 (or left out for the exact merge), "
-                           f"got {s.rank!r}")
+    if isinstance(s, MergeStage):
+        _rank(s.rank, where, "rank", "the exact merge")
     if isinstance(s, DMDStage):
         _range(s.t_range, where, "t_range", 0, 999)
         if not 0 <= s.generator_t <= 999:
@@ -260,6 +348,89 @@ def _validate_stage(s: Stage, where: str) -> None:
             raise HypersdError(f"{where}: fake_updates, reg_pool and reg_batch must be >= 1, fake_warmup >= 0")
         if not 0 <= s.generator_ema < 1:
             raise HypersdError(f"{where}: generator_ema must be in [0, 1) (0: no average), got {s.generator_ema}")
+        _rank(s.fake_rank, where, "fake_rank", "the recipe's lora_rank")
+        if s.keep_weight > 0 and s.keep_batch < 1:
+            raise HypersdError(f"{where}: keep_batch must be >= 1 with keep_weight > 0, got {s.keep_batch}")
+
+
+def _reward(r, where: str) -> dict:
+    """One entry of a stage's ``rewards``, its values typed; a name no reward has is refused now,
+    the weights themselves load before the first stage (trainer.check_rewards)."""
+    from .rewards import REWARDS
+
+    if not isinstance(r, dict) or "name" not in r:
+        raise HypersdError(f"{where}: each reward is a mapping with a 'name', got {r!r}")
+    at = f"{where}: reward {r['name']!r}"
+    _check_keys(r, set(REWARD_HINTS), at)
+    r = _typed(r, REWARD_HINTS, at)
+    if r["name"] not in REWARDS:
+        raise HypersdError(f"{at}: unknown reward; choose one of {', '.join(REWARDS)}")
+    return r
+
+
+def _perceptual_model(s: FeedbackStage, where: str) -> None:
+    from .feedback import PERCEPTION
+
+    if s.perceptual_weight > 0 and s.perceptual_model not in PERCEPTION:
+        raise HypersdError(f"{where}: perceptual_model {s.perceptual_model!r} is not one of {', '.join(PERCEPTION)}")
+
+
+def _validate_settings(r: Recipe, source: str) -> None:
+    """The recipe-wide values the trainer would refuse when it builds the student or saves."""
+    from .lora import TARGET_PRESETS
+
+    _rank(r.lora_rank, source, "lora_rank", "the default, 32")
+    if r.lora_alpha is not None and r.lora_alpha <= 0:
+        raise HypersdError(f"{source}: lora_alpha must be > 0 (or null: the rank), got {r.lora_alpha}")
+    if isinstance(r.lora_targets, str) and r.lora_targets not in TARGET_PRESETS:
+        raise HypersdError(f"{source}: lora_targets {r.lora_targets!r} is not a preset ({', '.join(TARGET_PRESETS)}) "
+                           f"or a list of module-name suffixes")
+    for key, lo in (("checkpoint_every", 1), ("checkpoint_keep", 0), ("eval_n", 1), ("eval_seeds", 1)):
+        if getattr(r, key) < lo:
+            raise HypersdError(f"{source}: {key} must be >= {lo}, got {getattr(r, key)}")
+    if r.grad_clip <= 0:
+        raise HypersdError(f"{source}: grad_clip must be > 0, got {r.grad_clip}")
+    if any(not 0 <= eta <= 1 for eta in r.eval_etas):
+        raise HypersdError(f"{source}: eval_etas must lie in [0, 1], got {r.eval_etas}")
+
+
+def check_timesteps(recipe: Recipe, source: str = "recipe", T: int = TEACHER_T) -> None:
+    """Every step count and grid of the recipe against a teacher of ``T`` training timesteps: what a
+    stage would otherwise refuse only when it starts, after the stages before it have trained."""
+    from .feedback import stop_options
+    from .schedule import Segments, SolverGrid, inference_timesteps
+
+    def timesteps(k, where: str, key: str) -> list[int]:
+        try:
+            return inference_timesteps(k, T)
+        except HypersdError as e:
+            raise HypersdError(f"{where}: {key} {k}: {e}") from None
+
+    for k in recipe.eval_steps:
+        timesteps(k, source, "eval_steps")
+    for s in recipe.stages:
+        where = f"{source}: stage {s.name!r}"
+        if isinstance(s, TSCDStage):
+            try:
+                grid = SolverGrid(T, s.solver_steps)
+            except HypersdError as e:
+                raise HypersdError(f"{where}: solver_steps {s.solver_steps}: {e}") from None
+            try:
+                Segments(s.segments, grid)
+            except HypersdError as e:
+                raise HypersdError(f"{where}: segments {s.segments} with solver_steps {s.solver_steps}: {e}") from None
+        if isinstance(s, FeedbackStage):
+            for k in s.sample_steps:
+                timesteps(k, where, "sample_steps")
+            if not stop_options(s.sample_steps, s.t_range, T):
+                raise HypersdError(f"{where}: no step of a {s.sample_steps}-step sampler has its timestep in "
+                                   f"t_range {s.t_range}; widen t_range")
+        if isinstance(s, DMDStage):
+            timesteps(s.reg_steps, where, "reg_steps")
+            keep = {t for k in s.keep_steps for t in timesteps(k, where, "keep_steps")} - {s.generator_t}
+            if s.keep_weight > 0 and not keep:
+                raise HypersdError(f"{where}: keep_steps {s.keep_steps} have no timestep but generator_t "
+                                   f"{s.generator_t} to keep; list a step count > 1, or set keep_weight: 0")
 
 
 def _validate_order(r: Recipe, source: str) -> None:

@@ -18,7 +18,7 @@ from .cache import CachedData, describe_skips
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .errors import HypersdError
 from .outputs import write_text
-from .recipe import Recipe, Stage
+from .recipe import Recipe, Stage, check_timesteps
 from .runlog import RunLog
 from .runtime import Runtime
 from .stages import StageRun, current_lora, stage_run
@@ -77,6 +77,11 @@ def train_step(rt: Runtime, run: StageRun, opt, z, prompts, cond, grad_clip: flo
         return logs | run.after_step() | {"grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
 
 
+def has_run(out: str | Path) -> bool:
+    """Whether ``out`` holds a run to resume: a checkpoint in its checkpoints folder."""
+    return bool(list_checkpoints(Path(out) / "checkpoints"))
+
+
 def check_rewards(recipe: Recipe) -> None:
     """Load every stage's rewards once, now: a missing weight file should stop the run before its
     first stage, not hours later when the feedback stage begins."""
@@ -105,6 +110,7 @@ class Distiller:
             from .teachers.sd import replace_vae
 
             replace_vae(self.teacher, recipe.vae)
+        check_timesteps(recipe, "recipe", self.teacher.T)  # loading checked them against the usual 1000
         unet = self.teacher.unet
         unet.requires_grad_(False)
         check_rewards(recipe)
@@ -198,6 +204,9 @@ class Distiller:
     def run(self, resume: bool = False, max_steps: int | None = None) -> bool:
         """Run (or continue) every stage; False when stopped early by ``max_steps``."""
         restored = self._restore() if resume else None
+        if resume and restored is None:  # a mistyped --out would otherwise silently train from scratch
+            raise HypersdError(f"{self.out} has no run to resume (no checkpoints in {self.out / 'checkpoints'}); "
+                               f"run without --resume to start one")
         stage_idx, start, global_step = 0, 0, 0
         if restored:
             _, _, state = restored

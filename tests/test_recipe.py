@@ -1,0 +1,89 @@
+"""Loading a recipe refuses, by stage and key, whatever its stages would refuse when they start."""
+
+import pytest
+
+from hypersd.errors import HypersdError
+from hypersd.recipe import from_dict, load_recipe
+
+TSCD = {"name": "t", "segments": 2}
+FEEDBACK = {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits"}]}
+DMD = {"name": "d", "kind": "dmd", "keep_weight": 1.0}
+
+
+def _recipe(*stages, **top):
+    return from_dict({"stages": [TSCD, *stages], **top})
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"name": "late", "segments": 3, "solver_steps": 50},
+     "stage 'late': segments 3 with solver_steps 50: 3 steps do not"),
+    ({"name": "late", "segments": 8, "solver_steps": 50}, r"stage 'late': segments 8 with solver_steps 50: segment "
+                                                          r"boundaries \[874, "),
+    ({"name": "late", "solver_steps": 30}, "stage 'late': solver_steps 30: 30 steps do not divide"),
+])
+def test_segments_the_solver_grid_cannot_serve_fail_at_load(stage, message):
+    with pytest.raises(HypersdError, match=message):
+        _recipe(stage)
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({**DMD, "keep_steps": [2, 3]}, "stage 'd': keep_steps 3: 3 steps do not divide the 1000"),
+    ({**DMD, "keep_steps": [1]}, r"stage 'd': keep_steps \[1\] have no timestep but generator_t 999"),
+    ({**DMD, "reg_steps": 30}, "stage 'd': reg_steps 30"),
+    ({**FEEDBACK, "sample_steps": [1, 3]}, "stage 'fb': sample_steps 3: 3 steps do not divide"),
+    ({**FEEDBACK, "sample_steps": [1], "t_range": [0, 500]}, "stage 'fb': no step .* in t_range"),
+    ({**FEEDBACK, "rank": 0}, "stage 'fb': rank must be a whole number >= 1"),
+    ({**FEEDBACK, "perceptual_weight": 1.0, "perceptual_model": "vgg"}, "stage 'fb': perceptual_model 'vgg'"),
+    ({**FEEDBACK, "rewards": [{"name": "digitz"}]}, "stage 'fb': reward 'digitz': unknown reward"),
+    ({**DMD, "fake_rank": 0}, "stage 'd': fake_rank must be a whole number >= 1"),
+    ({**DMD, "fake_lr": -1e-3}, "stage 'd': fake_lr must be >= 0"),
+])
+def test_what_a_later_stage_would_refuse_when_it_starts_fails_at_load(stage, message):
+    with pytest.raises(HypersdError, match=message):
+        _recipe(stage)
+
+
+def test_recipe_wide_values_the_trainer_needs_are_checked_at_load():
+    for top, message in [({"eval_steps": [1, 3]}, "eval_steps 3"), ({"lora_rank": 0}, "lora_rank must be"),
+                         ({"lora_targets": "attention"}, "lora_targets 'attention' is not a preset"),
+                         ({"checkpoint_every": 0}, "checkpoint_every must be >= 1")]:
+        with pytest.raises(HypersdError, match=message):
+            _recipe(**top)
+
+
+def test_a_number_yaml_reads_as_a_string_loads_as_that_number(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("stage_defaults: {lr: 3e-4}\n"
+                   "stages:\n  - {name: t, segments: 2, lr: 1e-4, huber_c: 1.0e30, guidance: [1e0, 2]}\n"
+                   "  - {name: u, segments: 1}\n")
+    r = load_recipe(cfg, ["stages.u.d_lr=2E+2"])
+    t, u = r.stages
+    assert type(t.lr) is float and t.lr == 1e-4 and t.huber_c == 1e30 and t.guidance == [1.0, 2]
+    assert type(u.lr) is float and u.lr == 3e-4 and u.d_lr == 200.0
+    assert "lr: 0.0001" in r.dump()  # what --dry-run prints and a checkpoint's fingerprint holds
+
+
+@pytest.mark.parametrize("where, key, value, message", [
+    ("stage", "lr", "abc", r"stage 't': lr must be a number \(float\), got 'abc'"),
+    ("stage", "lr", "1e-4x", r"lr must be a number \(float\), got '1e-4x'"),
+    ("stage", "steps", 2.5, r"stage 't': steps must be a whole number \(int\), got 2.5"),
+    ("stage", "batch", True, r"batch must be a whole number \(int\), got True"),
+    ("stage", "guidance", [1.0, "x"],
+     r"guidance must be a list of numbers \(list\[float\]\) or null, got \[1.0, 'x'\]"),
+    ("stage", "guidance", 2.0, r"guidance must be a list of numbers"),
+    ("stage", "end", 3, r"end must be a string \(str\), got 3"),
+    ("defaults", "lr", "fast", r"stage_defaults \(for stage 't'\): lr must be a number"),
+    ("top", "eval_steps", [1, 2.0], r"config: eval_steps must be a list of whole numbers \(list\[int\]\)"),
+    ("top", "seed", "0", r"config: seed must be a whole number \(int\), got '0'"),
+    ("top", "lora_targets", 3, r"lora_targets must be a string \(str\) or a list of strings"),
+    ("reward", "weight", "heavy", r"stage 'fb': reward 'digits': weight must be a number \(float\), got 'heavy'"),
+])
+def test_a_value_of_the_wrong_type_is_refused_naming_key_and_type(where, key, value, message):
+    raw = {"stages": [dict(TSCD), {**FEEDBACK, "rewards": [{"name": "digits"}]}]}
+    target = {"stage": raw["stages"][0], "top": raw, "reward": raw["stages"][1]["rewards"][0]}
+    if where == "defaults":
+        raw["stage_defaults"] = {key: value}
+    else:
+        target[where][key] = value
+    with pytest.raises(HypersdError, match=message):
+        from_dict(raw)
