@@ -145,6 +145,23 @@ def test_activate_trains_only_what_it_is_told():
     assert t.unet.active_adapters() == [lora.STUDENT, lora.FEEDBACK]
 
 
+def test_adapters_disabled_keeps_a_frozen_student_frozen():
+    """peft's re-enable makes every active adapter trainable; a feedback stage's student must stay
+    frozen through the teacher passes between its steps."""
+    t = _teacher()
+    lora.add_lora(t.unet, lora.lora_config(4), lora.STUDENT)
+    lora.add_lora(t.unet, lora.lora_config(4), lora.FEEDBACK)
+    lora.activate(t.unet, [lora.STUDENT, lora.FEEDBACK], trainable=(lora.FEEDBACK,))
+    with lora.adapters_disabled(t.unet):
+        pass
+    assert not any(p.requires_grad for p in lora.adapter_params(t.unet, lora.STUDENT))
+    assert all(p.requires_grad for p in lora.adapter_params(t.unet, lora.FEEDBACK))
+    assert t.unet.active_adapters() == [lora.STUDENT, lora.FEEDBACK]
+    with pytest.raises(RuntimeError), lora.adapters_disabled(t.unet):  # restored on the way out of an error too
+        raise RuntimeError
+    assert not any(p.requires_grad for p in lora.adapter_params(t.unet, lora.STUDENT))
+
+
 def test_fused_sampling_matches_and_restores_the_base_weights_exactly():
     t = _teacher()
     _randomised(t, lora.STUDENT, targets="all", seed=3)

@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from hypersd import lora
+from hypersd.adversarial import hinge_d_loss
 from hypersd.errors import HypersdError
 from hypersd.recipe import from_dict
+from hypersd.dmd import score_x0
 from hypersd.stages import merged, stage_run
-from hypersd.trainer import Distiller
+from hypersd.trainer import Distiller, train_step
 
 
 def _distiller(tmp_path, teacher_file, stages):
@@ -151,3 +153,74 @@ def test_a_feedback_lora_of_another_rank_merges_exactly(tmp_path, random_teacher
         stage_run(d, d.recipe.stages[2]).finish(tmp_path / "m")
         assert lora.spec(unet, lora.STUDENT)["rank"] == 6 and lora.active(unet) == [lora.STUDENT]
         assert torch.allclose(d.teacher.eps(z, 500, cond), both, atol=1e-5)
+
+
+def _tscd_step(tmp_path, teacher_file, **stage):
+    """A TSCD stage after one training step; the student and its target before the step."""
+    d = _distiller(tmp_path, teacher_file, [{"name": "t", "segments": 2, **stage}])
+    run = stage_run(d, d.recipe.stages[0])
+    run.enter(fresh=True)
+    with torch.no_grad():  # a target that differs from the student, as it does after the first step
+        for p in run.ema:
+            p.add_(0.05 * torch.randn(p.shape))
+    student, ema = [p.detach().clone() for p in run.params], [p.detach().clone() for p in run.ema]
+    z, prompts, cond = d.batch(4)
+    logs = train_step(d.rt, run, torch.optim.AdamW(run.params, lr=1e-2), z, prompts, cond, None)
+    return run, logs, student, ema
+
+
+def test_tscd_target_moves_toward_the_student_by_one_minus_the_decay(tmp_path, random_teacher_file):
+    run, _, student, ema = _tscd_step(tmp_path, random_teacher_file, ema_decay=0.9)
+    moved = [p.detach() for p in run.params]
+    assert any(not torch.equal(a, b) for a, b in zip(student, moved))
+    for new, old, s in zip(run.ema, ema, moved):  # the lerp toward the student after its update
+        assert torch.allclose(new, old + 0.1 * (s - old), atol=1e-7)
+    assert sum((new - old).abs().sum() for new, old in zip(run.ema, ema)) > 0
+
+
+def test_tscd_discriminator_step_lowers_its_loss_on_the_batch(tmp_path, random_teacher_file):
+    run, logs, _, _ = _tscd_step(tmp_path, random_teacher_file, adv_weight=0.5, d_lr=1e-3, d_hidden=8)
+    assert set(logs) == {"mse", "g", "d"}
+    pred, tgt, t_end, cond = run._for_d  # what the step trained the heads on
+    with torch.no_grad():
+        after = hinge_d_loss(run.disc(tgt, t_end, cond), run.disc(pred, t_end, cond))
+    assert after < logs["d"] - 1e-3
+    assert run.d_opt.state_dict()["state"]  # the heads' optimizer has stepped
+
+
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_dmd_real_score_is_the_guided_teacher(tmp_path, random_teacher_file, monkeypatch, guidance):
+    import hypersd.stages
+
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "d", "kind": "dmd", "fake_warmup": 0, "reg_pool": 2, "reg_steps": 1, "reg_batch": 1,
+         "guidance": guidance}])
+    t, unet = d.teacher, d.teacher.unet
+    with torch.no_grad():  # a student unlike the teacher, so that a real score with adapters on shows
+        for p in lora.adapter_params(unet, lora.STUDENT):
+            p.add_(0.05 * torch.randn(p.shape))
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    w = guidance or t.default_guidance
+    assert run.w_real == w != 1
+    real = []
+
+    def spy(eps_fn, x, noise, tt, acp):
+        out = score_x0(eps_fn, x, noise, tt, acp)
+        if lora._tuner_layers(unet)[0].disable_adapters:  # the real score: the teacher's pass
+            real.append((out, x, noise, tt))
+        return out
+
+    monkeypatch.setattr(hypersd.stages, "score_x0", spy)
+    z, prompts, cond = d.batch(3)
+    run.loss(z, prompts, cond)
+    (out, x, noise, tt), = real
+    uncond = cond.unconditional(d.uncond_row)
+    with torch.no_grad(), lora.adapters_disabled(unet):
+        def guided(w):
+            return score_x0(lambda xt, s: t.eps(xt, s, uncond) + w * (t.eps(xt, s, cond) - t.eps(xt, s, uncond)),
+                            x, noise, tt, run.acp)
+        want, unguided = guided(w), guided(1.0)
+    assert torch.allclose(out, want, atol=1e-5)
+    assert (want - unguided).abs().max() > 1e-2  # the check tells a guided score from an unguided one

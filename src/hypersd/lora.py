@@ -151,13 +151,27 @@ def adapters_disabled(unet: torch.nn.Module):
         yield unet
         return
     layers = _tuner_layers(unet)
-    for layer in layers:
-        layer.enable_adapters(False)
+    # re-enabling makes every active adapter trainable: a feedback stage's frozen student too
+    with _trainable_kept(unet):
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield unet
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+
+@contextlib.contextmanager
+def _trainable_kept(unet):
+    """Which LoRA weights train, as they were on entry, restored on exit (peft's switches reset it)."""
+    params = [p for _, p in _cached(unet)[1]]
+    grads = [p.requires_grad for p in params]
     try:
-        yield unet
+        yield
     finally:
-        for layer in layers:  # re-enabling makes the active adapter trainable again, as before
-            layer.enable_adapters(True)
+        for p, g in zip(params, grads):
+            p.requires_grad_(g)
 
 
 @contextlib.contextmanager
@@ -166,17 +180,14 @@ def adapter(unet, name: str):
     (peft's switch makes the active adapter trainable and all others frozen)."""
     layers = _tuner_layers(unet)
     before = active(unet)
-    params = [p for _, p in _cached(unet)[1]]
-    grads = [p.requires_grad for p in params]
-    for layer in layers:
-        layer.set_adapter(name)
-    try:
-        yield unet
-    finally:
+    with _trainable_kept(unet):
         for layer in layers:
-            layer.set_adapter(before)
-        for p, g in zip(params, grads):
-            p.requires_grad_(g)
+            layer.set_adapter(name)
+        try:
+            yield unet
+        finally:
+            for layer in layers:
+                layer.set_adapter(before)
 
 
 @contextlib.contextmanager
