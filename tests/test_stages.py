@@ -180,7 +180,7 @@ def test_tscd_target_moves_toward_the_student_by_one_minus_the_decay(tmp_path, r
 
 def test_tscd_discriminator_step_lowers_its_loss_on_the_batch(tmp_path, random_teacher_file):
     run, logs, _, _ = _tscd_step(tmp_path, random_teacher_file, adv_weight=0.5, d_lr=1e-3, d_hidden=8)
-    assert set(logs) == {"mse", "g", "d"}
+    assert {"mse", "g", "d"} <= set(logs)
     pred, tgt, t_end, cond = run._for_d  # what the step trained the heads on
     with torch.no_grad():
         after = hinge_d_loss(run.disc(tgt, t_end, cond), run.disc(pred, t_end, cond))
