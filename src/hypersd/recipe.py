@@ -120,6 +120,8 @@ class Recipe:
     lora_alpha: float | None = None
     lora_targets: str | list[str] = "all"
     grad_clip: float = 1.0
+    # an optimizer's non-finite steps are skipped; this many in a row (of one optimizer) stop the run
+    max_bad_steps: int = 20
     checkpoint_every: int = 200
     checkpoint_keep: int = 2
     eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -143,7 +145,8 @@ class Recipe:
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed (evaluation settings excluded)."""
         d = self.to_dict()
-        for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep", *RUNTIME_KEYS):
+        for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep", "max_bad_steps",
+                  *RUNTIME_KEYS):
             d.pop(k)
         for k in ("data", "resolution", "vae"):  # unset, they leave the fingerprints of earlier runs as they were
             if d[k] is None:
@@ -200,6 +203,8 @@ def from_dict(raw: dict, source: str = "config") -> Recipe:
     recipe = Recipe(stages=stages, **raw)
     _validate_order(recipe, source)
     _validate_runtime(recipe, source)
+    if isinstance(recipe.max_bad_steps, bool) or not isinstance(recipe.max_bad_steps, int) or recipe.max_bad_steps < 1:
+        raise HypersdError(f"{source}: max_bad_steps must be a whole number >= 1, got {recipe.max_bad_steps!r}")
     return recipe
 
 

@@ -2,7 +2,7 @@
 
 Every optimizer step of every stage goes through ``Runtime.step``, so one place decides how a
 loss becomes an update: backward (scaled under fp16), gradients averaged over processes, clipped,
-applied. Under ``accelerate launch`` each process draws its own batches; the averaged gradients
+applied, or refused when it is not finite (``StepGuard``). Under ``accelerate launch`` each process draws its own batches; the averaged gradients
 keep every process's LoRA weights identical, so no UNet is wrapped (its adapters switch freely).
 """
 
@@ -31,6 +31,43 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+class StepGuard:
+    """Counts, per optimizer role, the steps refused for a non-finite loss or gradients, and stops
+    the run once one role has had ``limit`` of them in a row: a NaN stepped into one set of weights
+    (and all-reduced to every process) would make every later loss NaN, and a run that only skips
+    would end "successfully" having learned nothing.
+
+    ``counts`` is the dict refused steps are tallied into (the trainer hands in the stage's stats);
+    ``stage`` and ``step`` say where the run is, for the message."""
+
+    def __init__(self, limit: int = 20):
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self.in_a_row: dict[str, int] = {}
+        self.stage, self.step = "", ""
+
+    def at(self, stage: str, step, counts: dict | None = None) -> None:
+        self.stage, self.step = stage, step
+        if counts is not None:
+            self.counts = counts
+
+    def record(self, role: str, ok: bool) -> None:
+        if ok:
+            self.in_a_row[role] = 0
+            return
+        self.counts[role] = self.counts.get(role, 0) + 1
+        self.in_a_row[role] = n = self.in_a_row.get(role, 0) + 1
+        if n >= self.limit:
+            raise HypersdError(
+                f"stage {self.stage!r}, step {self.step}: the {role} optimizer's last {n} steps had a non-finite "
+                f"loss or gradients (skipped, nothing learned from them), so training stopped (max_bad_steps: "
+                f"{self.limit}). The checkpoints hold the last good weights: lower the {role}'s learning rate "
+                f"({LR_KEYS.get(role, 'lr')}) or grad_clip, or use mixed_precision bf16, then resume with --resume")
+
+
+LR_KEYS = {"student": "lr", "fake": "fake_lr", "discriminator": "d_lr"}  # the recipe key of each role's rate
+
+
 @dataclass
 class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -41,7 +78,8 @@ class Runtime:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise HypersdError(f"unknown mixed_precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
-        self._scalers: dict[int, torch.amp.GradScaler] = {}
+        self._scalers: dict[str, torch.amp.GradScaler] = {}
+        self.guard = StepGuard()
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "no") -> "Runtime":
@@ -67,36 +105,68 @@ class Runtime:
 
     def finite(self, loss: torch.Tensor) -> bool:
         """Whether every process's loss is finite: all skip a step together, or none does."""
-        ok = math.isfinite(loss.item())
+        return self.agree(math.isfinite(loss.item()))
+
+    def agree(self, ok: bool) -> bool:
+        """True on every process when ``ok`` holds on every process."""
         if self.world == 1:
             return ok
         flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = None) -> None:
-        """backward → average over processes → (unscale) → clip → update; ``opt.zero_grad`` is the caller's."""
+    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = None,
+             role: str = "student") -> bool:
+        """backward → average over processes → (unscale) → clip → update; ``opt.zero_grad`` is the caller's.
+
+        False, with nothing changed, when the loss or the averaged gradients are not finite on some
+        process: refused on every process alike and counted under ``role`` (``guard``). Under fp16
+        the GradScaler checks the scaled gradients itself: an inf there with a finite loss means the
+        scale is too high, so the scaler skips the update and lowers the scale, and that is not
+        counted as a bad step (it happens by design in a healthy run's first steps, while the scale
+        falls from 65536 to one that fits); a non-finite loss is, as in float32 and bf16."""
         params = list(params)
-        scaler = self._scaler(opt)
+        if not self.finite(loss):  # before backward: every process has the same answer, and no scaler state moves
+            self.guard.record(role, False)
+            return False
+        scaler = self._scaler(role)
         with torch.autocast(self.device.type, enabled=False):  # backward runs in the dtypes forward chose
             (scaler.scale(loss) if scaler else loss).backward()
-        self.average(params)  # before unscaling: every process then sees the same inf/NaN and skips alike
+        self.average(params)  # before any check: every process then sees the same gradients and decides alike
         if scaler:
             scaler.unscale_(opt)
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+        # the total norm, which clipping computes anyway, is finite exactly when every gradient is
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
         if scaler:
-            scaler.step(opt)
+            scaler.step(opt)  # skips by itself on an inf/NaN in the gradients
             scaler.update()
-        else:
+            self.guard.record(role, True)
+            return True
+        ok = math.isfinite(norm.item())
+        self.guard.record(role, ok)
+        if ok:
             opt.step()
+        return ok
 
-    def _scaler(self, opt):
+    def _scaler(self, role: str):
         if self.precision != "fp16":
             return None
-        if id(opt) not in self._scalers:  # one per optimizer: fake score and discriminator scale apart
-            self._scalers[id(opt)] = torch.amp.GradScaler(self.device.type)
-        return self._scalers[id(opt)]
+        if role not in self._scalers:  # one per optimizer: fake score and discriminator scale apart
+            self._scalers[role] = torch.amp.GradScaler(self.device.type)
+        return self._scalers[role]
+
+    def scaler_states(self) -> dict[str, dict]:
+        """Each fp16 GradScaler's state (scale, growth tracker), by optimizer role: plain floats and
+        ints, so a checkpoint's ``optim.pt`` holds it and loads it with ``weights_only=True``."""
+        return {role: s.state_dict() for role, s in self._scalers.items()}
+
+    def load_scaler_states(self, states: dict[str, dict]) -> None:
+        """Put back what ``scaler_states`` saved; none under bf16 or float32 (a run may resume in
+        another precision: its scalers then start afresh)."""
+        for role, state in states.items():
+            scaler = self._scaler(role)
+            if scaler is not None and state:
+                scaler.load_state_dict(state)
 
     def average(self, params: list[torch.nn.Parameter]) -> None:
         """Gradients averaged over processes, in one flat all-reduce."""
