@@ -112,9 +112,9 @@ def test_a_step_bad_on_one_process_is_refused_on_every_process(tmp_path):
 
     src = os.path.dirname(os.path.dirname(hypersd.__file__))
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    args = lambda r: [sys.executable, "-c", GUARD_WORKER, str(r), str(tmp_path / "init"), str(tmp_path / f"{r}.pt")]  # noqa: E731
-    procs = [subprocess.Popen(args(r), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-c", GUARD_WORKER, str(r), str(tmp_path / "init"),
+                               str(tmp_path / f"{r}.pt")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]

@@ -2,8 +2,9 @@
 
 Every optimizer step of every stage goes through ``Runtime.step``, so one place decides how a
 loss becomes an update: backward (scaled under fp16), gradients averaged over processes, clipped,
-applied, or refused when it is not finite (``StepGuard``). Under ``accelerate launch`` each process draws its own batches; the averaged gradients
-keep every process's LoRA weights identical, so no UNet is wrapped (its adapters switch freely).
+applied, or refused on every process when not finite (``StepGuard``). Under ``accelerate launch``
+each process draws its own batches; the averaged gradients keep every process's LoRA weights
+identical, so no UNet is wrapped (its adapters switch freely).
 """
 
 from __future__ import annotations
