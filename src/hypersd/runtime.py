@@ -123,9 +123,10 @@ class Runtime:
         False, with nothing changed, when the loss or the averaged gradients are not finite on some
         process: refused on every process alike and counted under ``role`` (``guard``). Under fp16
         the GradScaler checks the scaled gradients itself: an inf there with a finite loss means the
-        scale is too high, so the scaler skips the update and lowers the scale, and that is not
-        counted as a bad step (it happens by design in a healthy run's first steps, while the scale
-        falls from 65536 to one that fits); a non-finite loss is, as in float32 and bf16."""
+        scale is too high, so the scaler skips the update and lowers the scale. That is not counted
+        as a bad step while the scale is >= 1 (it happens by design in a healthy run's first steps,
+        while the scale falls from 65536 to one that fits); below 1 no lower scale helps, the
+        gradients themselves overflow, and it counts. A non-finite loss counts, as in float32 and bf16."""
         params = list(params)
         if not self.finite(loss):  # before backward: every process has the same answer, and no scaler state moves
             self.guard.record(role, False)
@@ -139,10 +140,12 @@ class Runtime:
         # the total norm, which clipping computes anyway, is finite exactly when every gradient is
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
         if scaler:
-            scaler.step(opt)  # skips by itself on an inf/NaN in the gradients
+            scale = scaler.get_scale()
+            scaler.step(opt)  # skips by itself on an inf/NaN in the gradients, and lowers the scale
             scaler.update()
-            self.guard.record(role, True)
-            return True
+            ok = scale >= 1 or scaler.get_scale() >= scale
+            self.guard.record(role, ok)
+            return ok
         ok = math.isfinite(norm.item())
         self.guard.record(role, ok)
         if ok:
