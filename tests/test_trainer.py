@@ -244,3 +244,14 @@ def test_max_bad_steps_is_checked_and_leaves_the_fingerprint_alone():
     for bad in (0, True, 2.5):
         with pytest.raises(HypersdError, match="max_bad_steps must be a whole number >= 1"):
             from_dict(base | {"max_bad_steps": bad})
+
+
+def test_a_fake_score_blown_up_by_its_rate_stops_the_run_and_names_it(tmp_path, random_teacher_file):
+    """A fake_lr of 1e30 once made every step NaN while the run counted them and ended with exit 0."""
+    recipe = tiny_recipe(random_teacher_file, max_bad_steps=2, stages=[
+        {"name": "t", "segments": 1, "steps": 1}, {**DMD, "fake_lr": 1.0e30, "fake_warmup": 2, "steps": 10}])
+    d = Distiller(recipe, tmp_path, progress=False)
+    with pytest.raises(HypersdError, match=r"stage 'd', step 2/10: .* refused in this stage: fake 1, student 2\)"
+                                           r".* lower the stage's fake_lr or lr"):
+        d.run()
+    assert not (tmp_path / "lora.safetensors").exists()

@@ -59,11 +59,15 @@ class StepGuard:
         self.counts[role] = self.counts.get(role, 0) + 1
         self.in_a_row[role] = n = self.in_a_row.get(role, 0) + 1
         if n >= self.limit:
+            # another optimizer's blow-up (a fake score's, say) makes the student's losses NaN: name every suspect
+            counts = ", ".join(f"{r} {k}" for r, k in self.counts.items())
+            rates = " or ".join(dict.fromkeys(LR_KEYS.get(r, "lr") for r in self.counts))
             raise HypersdError(
                 f"stage {self.stage!r}, step {self.step}: the {role} optimizer's last {n} steps had a non-finite "
-                f"loss or gradients (skipped, nothing learned from them), so training stopped (max_bad_steps: "
-                f"{self.limit}). The checkpoints hold the last good weights: lower the {role}'s learning rate "
-                f"({LR_KEYS.get(role, 'lr')}) or grad_clip, or use mixed_precision bf16, then resume with --resume")
+                f"loss or gradients (each skipped: nothing was learned from them), so training stopped "
+                f"(max_bad_steps: {self.limit}; refused in this stage: {counts}). The checkpoints written before "
+                f"hold finite weights: lower the stage's {rates}, or grad_clip (under fp16: try bf16), then run "
+                f"again with --resume")
 
 
 LR_KEYS = {"student": "lr", "fake": "fake_lr", "discriminator": "d_lr"}  # the recipe key of each role's rate
