@@ -110,10 +110,7 @@ class Runtime:
 
     def finite(self, loss: torch.Tensor) -> bool:
         """Whether every process's loss is finite: all skip a step together, or none does."""
-        return self.agree(math.isfinite(loss.item()))
-
-    def agree(self, ok: bool) -> bool:
-        """True on every process when ``ok`` holds on every process."""
+        ok = math.isfinite(loss.item())
         if self.world == 1:
             return ok
         flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
