@@ -145,8 +145,8 @@ class Recipe:
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed (evaluation settings excluded)."""
         d = self.to_dict()
-        for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep", "max_bad_steps",
-                  *RUNTIME_KEYS):
+        for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep",
+                  "max_bad_steps", *RUNTIME_KEYS):
             d.pop(k)
         for k in ("data", "resolution", "vae"):  # unset, they leave the fingerprints of earlier runs as they were
             if d[k] is None:
