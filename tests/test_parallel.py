@@ -86,3 +86,43 @@ def test_one_process_runtime_is_a_no_op():
     assert torch.equal(p.grad, torch.full((3,), 2.0))
     assert rt.gather("x") == ["x"] and rt.same_everywhere([p]) and rt.is_main
     assert rt.finite(torch.tensor(1.0)) and not rt.finite(torch.tensor(float("nan")))
+
+
+# One process of two, with a bad loss or gradient on process 1 only: both must refuse the step.
+GUARD_WORKER = """
+import sys, torch
+from hypersd.runtime import Runtime
+rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.distributed.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=2)
+rt = Runtime(rank=rank, world=2)
+p = torch.nn.Parameter(torch.ones(2))
+opt = torch.optim.SGD([p], lr=0.1)
+applied = []
+for case in ("nan loss", "inf gradient", "fine"):
+    opt.zero_grad(set_to_none=True)
+    loss = p.square().sum()
+    if rank == 1 and case == "nan loss":
+        loss = loss * float("nan")
+    if rank == 1 and case == "inf gradient":  # a finite loss (0) whose gradient is inf
+        loss = (p - 1).sqrt().sum()
+    applied.append(rt.step(loss, opt, [p], role="fake") is not None)
+torch.save({"applied": applied, "p": p.detach(), "skipped": rt.guard.counts}, out)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_step_bad_on_one_process_is_refused_on_every_process(tmp_path):
+    import hypersd
+
+    src = os.path.dirname(os.path.dirname(hypersd.__file__))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", GUARD_WORKER, str(r), str(tmp_path / "init"),
+                               str(tmp_path / f"{r}.pt")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    for res in results:
+        assert res["applied"] == [False, False, True] and res["skipped"] == {"fake": 2}
+        assert torch.equal(res["p"], torch.full((2,), 0.8))  # only the last step moved it: 1 - 0.1·2

@@ -240,6 +240,49 @@ def test_bf16_autocast_step_trains_float32_lora_weights():
     assert any(not torch.equal(a, b) for a, b in zip(before, params))
 
 
+def _guarded(rt, p, opt, loss_fn, role):
+    opt.zero_grad(set_to_none=True)
+    return rt.step(loss_fn(p), opt, [p], clip=1.0, role=role) is not None  # None: refused
+
+
+def _inf_grad(p):  # a finite loss (0) whose gradient is inf
+    return (p - 1).sqrt().sum()
+
+
+def test_a_finite_loss_with_non_finite_gradients_is_refused_and_counted():
+    from hypersd.runtime import Runtime
+
+    rt = Runtime()
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    assert not _guarded(rt, p, opt, _inf_grad, "discriminator")
+    assert torch.equal(p, torch.ones(2)) and not opt.state  # neither the weights nor AdamW's moments moved
+    assert rt.guard.counts == {"discriminator": 1}
+    assert _guarded(rt, p, opt, lambda p: p.square().sum(), "discriminator") and rt.guard.in_a_row["discriminator"] == 0
+
+
+def test_fp16_scaler_skips_are_its_own_until_the_scale_is_spent():
+    """An overflow the GradScaler skips (it halves its scale) is not a bad step while the scale is
+    >= 1; below 1 it is. A NaN loss is bad at once and leaves the scaler alone. One scaler a role."""
+    from hypersd.runtime import Runtime
+
+    rt = Runtime(precision="fp16")
+    rt.guard.limit = 3
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    assert not _guarded(rt, p, opt, lambda p: p.sum() * float("nan"), "fake")
+    assert rt.guard.counts == {"fake": 1} and rt.scaler_states() == {}
+    for _ in range(17):  # 65536 = 2^16: the 17th skip starts at scale 1
+        assert _guarded(rt, p, opt, _inf_grad, "student")
+    assert rt.scaler_states()["student"]["scale"] == 0.5 and "student" not in rt.guard.counts
+    assert torch.equal(p, torch.ones(2))  # every one of them skipped
+    assert not _guarded(rt, p, opt, _inf_grad, "student") and not _guarded(rt, p, opt, _inf_grad, "student")
+    with pytest.raises(HypersdError, match="the student optimizer's last 3 steps had a non-finite"):
+        _guarded(rt, p, opt, _inf_grad, "student")
+    assert _guarded(rt, p, opt, lambda p: p.square().sum(), "discriminator")  # its own scaler, at full scale
+    assert rt.scaler_states()["discriminator"]["scale"] == 65536.0 and not torch.equal(p, torch.ones(2))
+
+
 def test_benchmark_flop_split_accounts_for_every_flop():
     """train_step.py --flop-split: linear, conv and attention shares of a forward, on meta tensors."""
     bench_train = _bench("train_step")

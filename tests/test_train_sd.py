@@ -127,3 +127,41 @@ def test_packaged_sd_recipes_use_the_papers_resolution_and_stages():
         assert r.backbone == name and r.resolution == resolution and r.data is None
         assert [s.kind for s in r.stages] == ["tscd"] * 4 + ["feedback", "merge", "dmd"]
         assert [s.segments for s in r.stages if s.kind == "tscd"] == [8, 4, 2, 1]
+
+
+DMD_AFTER_TSCD = [{"name": "t2", "segments": 2, "adv_weight": 0.5, "steps": 2},
+                  {"name": "d", "kind": "dmd", "steps": 2, "fake_warmup": 1, "fake_updates": 1, "reg_pool": 2,
+                   "reg_steps": 2, "reg_batch": 1}]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_run_killed_and_resumed_equals_the_uninterrupted_one(precision, setup, tmp_path):
+    """fp16: every optimizer (student, discriminator, fake score) has a scaler to resume. bf16 (slow
+    on a CPU): one TSCD stage, killed inside it."""
+    from hypersd.checkpoint import list_checkpoints
+
+    stages = DMD_AFTER_TSCD if precision == "fp16" else [{**DMD_AFTER_TSCD[0], "steps": 3}]
+    make = lambda: from_dict(_recipe("sd15", setup, device="cpu", mixed_precision=precision,  # noqa: E731
+                                     checkpoint_every=1, stages=stages))
+    full = Distiller(make(), tmp_path / "full", progress=False)
+    assert full.run()
+    scalers = full.rt.scaler_states()
+    if precision == "fp16":  # one per optimizer, and their scales moved: a resume that lost them would differ
+        assert set(scalers) == {"student", "discriminator", "fake"}
+        assert any(s["scale"] != 65536.0 for s in scalers.values())
+    else:
+        assert scalers == {}
+    part = Distiller(make(), tmp_path / "part", progress=False)
+    kill_at = 3 if precision == "fp16" else 2  # inside the last stage, right after a checkpoint
+    assert not part.run(max_steps=kill_at)
+    last = list_checkpoints(tmp_path / "part" / "checkpoints")[-1]
+    assert last.name == f"step-{kill_at:07d}"
+    assert torch.load(last / "optim.pt", weights_only=True)["scalers"] == part.rt.scaler_states()
+    again = Distiller(make(), tmp_path / "part", progress=False)
+    assert again.run(resume=True)
+    assert again.rt.scaler_states() == scalers
+    unet, want = again.teacher.unet, full.teacher.unet
+    assert set(unet.peft_config) == set(want.peft_config)
+    for name in unet.peft_config:
+        a, b = lora.get_state(want, name), lora.get_state(unet, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -51,6 +51,7 @@ def test_nan_loss_is_skipped_counted_and_not_learned(tmp_path, random_teacher_fi
     d.data.batch = lambda n, g: (torch.full((n, 1, 8, 8), float("nan")), ["a handwritten digit one"] * n)
     d.run()
     assert d.stats["nan_skipped"] == 8
+    assert d.stats["stages"]["a"]["skipped"] == {"student": 4}  # by optimizer; the discriminator never stepped
     assert all(torch.equal(a, b) for a, b in zip(before, d.student))
 
 
@@ -176,3 +177,85 @@ def test_fp8_teacher_key_runs_the_training_teacher_passes_in_fp8(tmp_path, rando
     assert len(calls) >= 2 * len(layers)  # each step's teacher pass went through every FP8 layer
     plain = Distiller(tiny_recipe(random_teacher_file), tmp_path / "plain", progress=False)
     assert not any(isinstance(m, fp8.Float8Linear) for m in plain.teacher.unet.modules())
+
+
+def _nan_from(fn, call: int):
+    """``fn``, whose loss turns NaN from its ``call``-th call on."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        out = fn(*args, **kwargs)
+        if calls[0] < call:
+            return out
+        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+    return wrapped
+
+
+DMD = {"name": "d", "kind": "dmd", "fake_warmup": 1, "fake_updates": 1, "reg_pool": 4, "reg_steps": 2, "reg_batch": 2}
+# role: (its stages, the stage it stops in, the loss turned NaN, the step the run stops at); the
+# NaNs begin at that loss's third call, after the checkpoint at global step 2 (student and
+# discriminator: a call a step; fake: the warm-up's update, then one a step)
+BAD_LOSSES = {"student": ([{"name": "a", "segments": 2}], "a", "TSCDRun.loss", 4),
+              "discriminator": ([{"name": "a", "segments": 2, "adv_weight": 0.1}], "a", "hinge_d_loss", 4),
+              "fake": ([{"name": "t", "segments": 1, "steps": 1}, DMD], "d", "denoising_loss", 3)}
+
+
+@pytest.mark.parametrize("role", BAD_LOSSES)
+def test_a_nan_in_any_optimizers_loss_is_refused_counted_and_stops_the_run(role, tmp_path, random_teacher_file,
+                                                                           monkeypatch):
+    from hypersd import stages as stages_module
+    from hypersd.checkpoint import list_checkpoints
+
+    stages, stage, target, stop_at = BAD_LOSSES[role]
+    make = lambda: tiny_recipe(random_teacher_file, stages=stages, checkpoint_every=2, max_bad_steps=2,  # noqa: E731
+                               stage_defaults={"batch": 4, "steps": 4})
+    owner, name = stages_module, target
+    if "." in target:
+        kind, name = target.split(".")
+        owner = getattr(stages_module, kind)
+    monkeypatch.setattr(owner, name, _nan_from(getattr(owner, name), 3))
+    d = Distiller(make(), tmp_path, progress=False)
+    first_bad = {}  # the weights the role's first NaN step met
+    plain_step = d.rt.step
+
+    def step(loss, opt, params, clip=None, role="student"):
+        params = list(params)
+        if not torch.isfinite(loss) and role not in first_bad:
+            first_bad[role] = (params, [p.detach().clone() for p in params])
+        return plain_step(loss, opt, params, clip, role)
+
+    d.rt.step = step
+    with pytest.raises(HypersdError, match=rf"stage '{stage}', step {stop_at}/4: the {role} optimizer's last 2 steps"):
+        d.run()
+    assert list(first_bad) == [role]
+    params, before = first_bad[role]
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # nothing stepped into them
+    assert d.stats["stages"][stage]["skipped"] == {role: 2}
+    ckpts = list_checkpoints(tmp_path / "checkpoints")
+    last = load_file(str(ckpts[-1] / "lora-student.safetensors"))
+    assert all(torch.isfinite(v).all() for v in last.values())
+    monkeypatch.undo()  # the cause fixed: the run resumes from its last checkpoint and finishes
+    again = Distiller(make(), tmp_path, progress=False)
+    assert again.run(resume=True)
+    assert again.stats["stages"][stage]["skipped"] == {}  # the checkpoint's count: from before the NaNs
+
+
+def test_max_bad_steps_is_checked_and_leaves_the_fingerprint_alone():
+    base = {"stages": [{"name": "t"}]}
+    assert from_dict(base).max_bad_steps == 20
+    assert from_dict(base).fingerprint() == from_dict(base | {"max_bad_steps": 3}).fingerprint()  # a safety setting
+    for bad in (0, True, 2.5):
+        with pytest.raises(HypersdError, match="max_bad_steps must be (a whole number|>= 1)"):
+            from_dict(base | {"max_bad_steps": bad})
+
+
+def test_a_fake_score_blown_up_by_its_rate_stops_the_run_and_names_it(tmp_path, random_teacher_file):
+    """A fake_lr of 1e30 once made every step NaN while the run counted them and ended with exit 0."""
+    recipe = tiny_recipe(random_teacher_file, max_bad_steps=2, stages=[
+        {"name": "t", "segments": 1, "steps": 1}, {**DMD, "fake_lr": 1.0e30, "fake_warmup": 2, "steps": 10}])
+    d = Distiller(recipe, tmp_path, progress=False)
+    with pytest.raises(HypersdError, match=r"stage 'd', step 2/10: .* refused in this stage: fake 1, student 2\)"
+                                           r".* lower the stage's fake_lr or lr"):
+        d.run()
+    assert not (tmp_path / "lora.safetensors").exists()

@@ -126,6 +126,8 @@ class Recipe:
     lora_alpha: float | None = None
     lora_targets: str | list[str] = "all"
     grad_clip: float = 1.0
+    # an optimizer's non-finite steps are skipped; this many in a row (of one optimizer) stop the run
+    max_bad_steps: int = 20
     checkpoint_every: int = 200
     checkpoint_keep: int = 2
     eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -149,7 +151,8 @@ class Recipe:
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed (evaluation settings excluded)."""
         d = self.to_dict()
-        for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep", *RUNTIME_KEYS):
+        for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep",
+                  "max_bad_steps", *RUNTIME_KEYS):
             d.pop(k)
         for k in ("data", "resolution", "vae"):  # unset, they leave the fingerprints of earlier runs as they were
             if d[k] is None:
@@ -385,7 +388,8 @@ def _validate_settings(r: Recipe, source: str) -> None:
     if isinstance(r.lora_targets, str) and r.lora_targets not in TARGET_PRESETS:
         raise HypersdError(f"{source}: lora_targets {r.lora_targets!r} is not a preset ({', '.join(TARGET_PRESETS)}) "
                            f"or a list of module-name suffixes")
-    for key, lo in (("checkpoint_every", 1), ("checkpoint_keep", 0), ("eval_n", 1), ("eval_seeds", 1)):
+    for key, lo in (("checkpoint_every", 1), ("checkpoint_keep", 0), ("eval_n", 1), ("eval_seeds", 1),
+                    ("max_bad_steps", 1)):
         if getattr(r, key) < lo:
             raise HypersdError(f"{source}: {key} must be >= {lo}, got {getattr(r, key)}")
     if r.grad_clip <= 0:

@@ -2,8 +2,9 @@
 
 Every optimizer step of every stage goes through ``Runtime.step``, so one place decides how a
 loss becomes an update: backward (scaled under fp16), gradients averaged over processes, clipped,
-applied. Under ``accelerate launch`` each process draws its own batches; the averaged gradients
-keep every process's LoRA weights identical, so no UNet is wrapped (its adapters switch freely).
+applied, or refused on every process when not finite (``StepGuard``). Under ``accelerate launch``
+each process draws its own batches; the averaged gradients keep every process's LoRA weights
+identical, so no UNet is wrapped (its adapters switch freely).
 """
 
 from __future__ import annotations
@@ -31,6 +32,47 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+class StepGuard:
+    """Counts, per optimizer role, the steps refused for a non-finite loss or gradients, and stops
+    the run once one role has had ``limit`` of them in a row: a NaN stepped into one set of weights
+    (and all-reduced to every process) would make every later loss NaN, and a run that only skips
+    would end "successfully" having learned nothing.
+
+    ``counts`` is the dict refused steps are tallied into (the trainer hands in the stage's stats);
+    ``stage`` and ``step`` say where the run is, for the message."""
+
+    def __init__(self, limit: int = 20):
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self.in_a_row: dict[str, int] = {}
+        self.stage, self.step = "", ""
+
+    def at(self, stage: str, step, counts: dict | None = None) -> None:
+        self.stage, self.step = stage, step
+        if counts is not None:
+            self.counts = counts
+
+    def record(self, role: str, ok: bool) -> None:
+        if ok:
+            self.in_a_row[role] = 0
+            return
+        self.counts[role] = self.counts.get(role, 0) + 1
+        self.in_a_row[role] = n = self.in_a_row.get(role, 0) + 1
+        if n >= self.limit:
+            # another optimizer's blow-up (a fake score's, say) makes the student's losses NaN: name every suspect
+            counts = ", ".join(f"{r} {k}" for r, k in self.counts.items())
+            rates = " or ".join(dict.fromkeys(LR_KEYS.get(r, "lr") for r in self.counts))
+            raise HypersdError(
+                f"stage {self.stage!r}, step {self.step}: the {role} optimizer's last {n} steps had a non-finite "
+                f"loss or gradients (each skipped: nothing was learned from them), so training stopped "
+                f"(max_bad_steps: {self.limit}; refused in this stage: {counts}). The checkpoints written before "
+                f"hold finite weights: lower the stage's {rates}, or grad_clip (under fp16: try bf16), then run "
+                f"again with --resume")
+
+
+LR_KEYS = {"student": "lr", "fake": "fake_lr", "discriminator": "d_lr"}  # the recipe key of each role's rate
+
+
 @dataclass
 class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -41,7 +83,8 @@ class Runtime:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise HypersdError(f"unknown mixed_precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
-        self._scalers: dict[int, torch.amp.GradScaler] = {}
+        self._scalers: dict[str, torch.amp.GradScaler] = {}
+        self.guard = StepGuard()
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "no") -> "Runtime":
@@ -74,31 +117,63 @@ class Runtime:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = None) -> torch.Tensor:
+    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = None,
+             role: str = "student") -> torch.Tensor | None:
         """backward → average over processes → (unscale) → clip → update; ``opt.zero_grad`` is the caller's.
-        Returns the gradients' total norm before clipping (inf or NaN where fp16 overflowed)."""
+
+        Returns the gradients' total norm before clipping (inf where an fp16 scaler overflowed).
+        None, with nothing changed, when the loss or the averaged gradients are not finite on some
+        process: refused on every process alike and counted under ``role`` (``guard``). Under fp16
+        the GradScaler checks the scaled gradients itself: an inf there with a finite loss means the
+        scale is too high, so the scaler skips the update and lowers the scale. That is not counted
+        as a bad step while the scale is >= 1 (it happens by design in a healthy run's first steps,
+        while the scale falls from 65536 to one that fits); below 1 no lower scale helps, the
+        gradients themselves overflow, and it counts. A non-finite loss counts, as in float32 and bf16."""
         params = list(params)
-        scaler = self._scaler(opt)
+        if not self.finite(loss):  # before backward: every process has the same answer, and no scaler state moves
+            self.guard.record(role, False)
+            return None
+        scaler = self._scaler(role)
         with torch.autocast(self.device.type, enabled=False):  # backward runs in the dtypes forward chose
             (scaler.scale(loss) if scaler else loss).backward()
-        self.average(params)  # before unscaling: every process then sees the same inf/NaN and skips alike
+        self.average(params)  # before any check: every process then sees the same gradients and decides alike
         if scaler:
             scaler.unscale_(opt)
-        # an infinite limit measures the norm and scales nothing
-        norm = torch.nn.utils.clip_grad_norm_(params, math.inf if clip is None else clip)
+        # the total norm, which clipping computes anyway (an infinite limit measures and scales
+        # nothing), is finite exactly when every gradient is
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf).detach()
         if scaler:
-            scaler.step(opt)
+            scale = scaler.get_scale()
+            scaler.step(opt)  # skips by itself on an inf/NaN in the gradients, and lowers the scale
             scaler.update()
-        else:
+            ok = scale >= 1 or scaler.get_scale() >= scale
+            self.guard.record(role, ok)
+            return norm if ok else None
+        ok = math.isfinite(norm.item())
+        self.guard.record(role, ok)
+        if ok:
             opt.step()
-        return norm.detach()
+        return norm if ok else None
 
-    def _scaler(self, opt):
+    def _scaler(self, role: str):
         if self.precision != "fp16":
             return None
-        if id(opt) not in self._scalers:  # one per optimizer: fake score and discriminator scale apart
-            self._scalers[id(opt)] = torch.amp.GradScaler(self.device.type)
-        return self._scalers[id(opt)]
+        if role not in self._scalers:  # one per optimizer: fake score and discriminator scale apart
+            self._scalers[role] = torch.amp.GradScaler(self.device.type)
+        return self._scalers[role]
+
+    def scaler_states(self) -> dict[str, dict]:
+        """Each fp16 GradScaler's state (scale, growth tracker), by optimizer role: plain floats and
+        ints, so a checkpoint's ``optim.pt`` holds it and loads it with ``weights_only=True``."""
+        return {role: s.state_dict() for role, s in self._scalers.items()}
+
+    def load_scaler_states(self, states: dict[str, dict]) -> None:
+        """Put back what ``scaler_states`` saved; none under bf16 or float32 (a run may resume in
+        another precision: its scalers then start afresh)."""
+        for role, state in states.items():
+            scaler = self._scaler(role)
+            if scaler is not None and state:
+                scaler.load_state_dict(state)
 
     def average(self, params: list[torch.nn.Parameter]) -> None:
         """Gradients averaged over processes, in one flat all-reduce."""

@@ -110,7 +110,7 @@ class TSCDRun(StageRun):
         pred, tgt, t_end, cond = self._for_d
         d_loss = hinge_d_loss(self.disc(tgt, t_end, cond), self.disc(pred, t_end, cond))
         self.d_opt.zero_grad(set_to_none=True)
-        self.d.rt.step(d_loss, self.d_opt, self.disc.heads.parameters())
+        self.d.rt.step(d_loss, self.d_opt, self.disc.heads.parameters(), role="discriminator")
         return {"d": d_loss}
 
     def state(self):
@@ -235,7 +235,8 @@ class DMDRun(StageRun):
             for _ in tqdm(range(s.fake_warmup), desc=f"{s.name} fake-score warm-up", disable=not self.d.progress,
                           leave=False):
                 _, _, cond = self.d.batch(s.batch)
-                self._fake_update(self._sample(cond), cond)
+                with self.d.rt.autocast():  # the generator's pass too: SD's frozen weights are in fp16/bf16
+                    self._fake_update(self._sample(cond), cond)
 
     @torch.no_grad()
     def _make_pool(self) -> None:
@@ -269,7 +270,7 @@ class DMDRun(StageRun):
             with self.d.rt.autocast():
                 loss = denoising_loss(self._eps(cond), x, noise, t, self.acp)
             self.fake_opt.zero_grad(set_to_none=True)
-            self.d.rt.step(loss, self.fake_opt, self.fake_params, self.d.recipe.grad_clip)
+            self.d.rt.step(loss, self.fake_opt, self.fake_params, self.d.recipe.grad_clip, role="fake")
         return loss.detach()
 
     def loss(self, z, prompts, cond):

@@ -66,13 +66,15 @@ RANK_SEED = 1_000_003  # process r of a data-parallel run draws from seed + r·R
 
 def train_step(rt: Runtime, run: StageRun, opt, z, prompts, cond, grad_clip: float) -> dict | None:
     """One optimizer step of a stage: its loss (under autocast), the update, its after-step work.
-    None when the loss is not finite on some process: the step is skipped everywhere."""
+    None when the loss or its gradients are not finite on some process: the step is skipped
+    everywhere, and so is the after-step work (the discriminator and the fake score would learn
+    from the same bad samples)."""
     with rt.autocast():
         loss, logs = run.loss(z, prompts, cond)
-    if not rt.finite(loss):
-        return None
     opt.zero_grad(set_to_none=True)
-    grad_norm = rt.step(loss, opt, run.params, grad_clip)
+    grad_norm = rt.step(loss, opt, run.params, grad_clip, role="student")
+    if grad_norm is None:
+        return None
     with rt.autocast():
         return logs | run.after_step() | {"grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
 
@@ -103,6 +105,7 @@ class Distiller:
         self.rt = Runtime.create(recipe.device, recipe.mixed_precision)
         self.progress = progress and self.rt.is_main  # one bar per run, not one per process
         self.log = RunLog(self.out, self.rt.is_main, log_with)  # a missing tracker package: refused now
+        self.rt.guard.limit = recipe.max_bad_steps
         # digits: a float32 teacher at any precision (autocast lowers its matmuls); SD: the frozen weights in it
         dtype = self.rt.dtype if recipe.backbone != "digits" else None
         self.teacher = teacher or load_teacher(recipe.backbone, recipe.teacher, device=self.rt.device, dtype=dtype)
@@ -162,13 +165,13 @@ class Distiller:
         tensors["rng"] = {"generator": streams[0], "torch": torch.get_rng_state()}
         if len(streams) > 1:
             tensors["rng"] |= {f"process-{r}": stream.clone() for r, stream in enumerate(streams)}
-        optim = {"opt": opt.state_dict() if opt else None}
+        optim = {"opt": opt.state_dict() if opt else None, "scalers": self.rt.scaler_states()}
         if run is not None:
             extra_tensors, extra_optim = run.state()
             tensors |= extra_tensors
             optim |= extra_optim
         state = {"fingerprint": self.recipe.fingerprint(), "stage_idx": stage_idx, "step": step,
-                 "global_step": global_step, "stats": self.stats,
+                 "global_step": global_step, "stats": self.stats, "bad_in_a_row": self.rt.guard.in_a_row,
                  "adapters": {n: lora.spec(unet, n) for n in unet.peft_config}}
         path = save_checkpoint(self.out / "checkpoints", global_step, tensors, optim, state, self.recipe.checkpoint_keep)
         self.log.write("checkpoint", path=str(path), stage_idx=stage_idx, step=step, global_step=global_step)
@@ -198,6 +201,8 @@ class Distiller:
             if self.rt.rank:
                 self.generator.manual_seed(self.recipe.seed + RANK_SEED * self.rt.rank + state["global_step"])
         self.stats = state["stats"]
+        self.rt.load_scaler_states(optim.get("scalers", {}))  # absent from checkpoints of older versions
+        self.rt.guard.in_a_row = dict(state.get("bad_in_a_row", {}))
         return tensors, optim, state
 
     # -- the loop --------------------------------------------------------------------------
@@ -221,6 +226,10 @@ class Distiller:
             # model's layers): seed it per stage, and on a resume put back the checkpoint's state
             # after the build, so a resumed run draws what the uninterrupted one drew.
             torch.manual_seed(self.recipe.seed + 1000 * (i + 1))
+            stats = self.stats["stages"].setdefault(stage.name, {})
+            if not resuming:  # a new stage: new optimizers, nothing bad in a row yet
+                self.rt.guard.in_a_row = {}
+            self.rt.guard.at(stage.name, "0 (before its first step)", stats.setdefault("skipped", {}))
             run = stage_run(self, stage)
             run.enter(fresh=not resuming)
             if resuming:
@@ -244,7 +253,7 @@ class Distiller:
         return True
 
     def _run_stage(self, i, stage, run: StageRun, start, global_step, opt, budget):
-        stats = self.stats["stages"].setdefault(stage.name, {"nan_skipped": 0})
+        stats = self.stats["stages"][stage.name]
         bar = tqdm(range(start, stage.steps), desc=f"{stage.name}", disable=not self.progress or stage.steps == 0,
                    initial=start, total=stage.steps)
         self.log.write("stage_start", stage=stage.name, stage_kind=stage.kind, step=start, steps=stage.steps,
@@ -255,14 +264,13 @@ class Distiller:
                 return False, global_step
             t_step = time.perf_counter()
             z, prompts, cond = self.batch(stage.batch)
+            self.rt.guard.at(stage.name, f"{step + 1}/{stage.steps}")
             logs = train_step(self.rt, run, opt, z, prompts, cond, self.recipe.grad_clip)
             global_step += 1
-            if logs is None:  # a non-finite loss: skipped, counted, and nothing saved from it
-                stats["nan_skipped"] += 1
-                self.stats["nan_skipped"] += 1
+            self._tally()
             self.log.step(stage.name, step + 1, global_step, logs, time.perf_counter() - t_step,
-                          {k: v for k, v in stats.items() if k.endswith("skipped")})
-            if logs is None:
+                          stats.get("skipped", {}))
+            if logs is None:  # a non-finite student step: skipped, counted by the guard, nothing saved from it
                 continue
             if step % 10 == 0:
                 bar.set_postfix({k: f"{float(torch.as_tensor(v).detach()):.3g}" for k, v in logs.items()})
@@ -271,6 +279,12 @@ class Distiller:
         stats["seconds"] = round(stats.get("seconds", 0) + time.perf_counter() - t0, 1)
         self.log.write("stage_end", stage=stage.name, global_step=global_step, seconds=stats["seconds"])
         return True, global_step
+
+    def _tally(self) -> None:
+        """stats.json's total of refused steps, over every stage and optimizer (each stage's
+        ``skipped`` holds them by optimizer role)."""
+        self.stats["nan_skipped"] = sum(n for st in self.stats["stages"].values()
+                                        for n in st.get("skipped", {}).values())
 
     def batch(self, n: int, generator: torch.Generator | None = None):
         """(latents, prompts, cond): the conditioning from the data where it holds it (a cache),
