@@ -36,7 +36,8 @@ def inclusive(T: int, n: int) -> list[int]:
         return [T - 1]
     if n < 1 or (T - 1) % (n - 1):
         raise HypersdError(f"{n} points do not split the {T - 1} intervals of the {T}-point grid evenly; "
-                           f"pick n with n-1 dividing {T - 1}")
+                           f"pick n with n-1 dividing {T - 1} (with T=841: N=43 for a solver grid that holds "
+                           f"the boundaries of k = 1, 2, 4, 8)")
     return [T - 1 - j * ((T - 1) // (n - 1)) for j in range(n)]
 
 
