@@ -226,6 +226,18 @@ def test_a_shift_that_moves_a_boundary_off_the_grid_is_refused():
     assert flux(1024).timesteps_for_sigmas(stock_flux(4, 1024).sigmas[:-1]) == [999, 749, 499, 249]
 
 
+def test_pipeline_sigmas_put_a_stock_scheduler_on_the_boundaries():
+    """Where the stock default cannot serve: FLUX at 1024² with a LoRA trained at 512²."""
+    sched = flux(1024)
+    sch = FlowMatchEulerDiscreteScheduler(**FLUX_SCHED)
+    sch.set_timesteps(sigmas=sched.pipeline_sigmas(4), mu=math.log(sched.shift))
+    assert sched.timesteps_for_sigmas(sch.sigmas[:-1], sched.solver_grid(40)) == [999, 749, 499, 249]
+    sd = sd3()
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(sigmas=sd.pipeline_sigmas(8))
+    assert torch.allclose(sch.sigmas, stock_sd3(8).sigmas, atol=1e-7)
+
+
 # -- flow samplers against diffusers ----------------------------------------------------------
 def _stock_run(sch, net, x, generator=None):
     for t in sch.timesteps:

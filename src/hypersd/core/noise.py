@@ -272,6 +272,12 @@ class FlowSchedule(NoiseSchedule):
         dt = self.sigma(s) - self.sigma(t)
         return _up(x_t) + _b(dt, x_t) * _up(out)
 
+    def pipeline_sigmas(self, k: int) -> list[float]:
+        """What to pass as ``sigmas=`` to a stock FlowMatchEulerDiscreteScheduler (with this
+        schedule's shift, or ``mu = log(shift)`` under dynamic shifting) for this k-step sampler:
+        the unshifted u of the boundaries, since the scheduler applies its shift to what it is given."""
+        return [float(self.u[t + 1]) for t in self.inference_timesteps(k)]
+
     def timesteps_for_sigmas(self, sigmas, grid: SolverGrid | None = None, tol: float = 1e-6) -> list[int]:
         """The timesteps whose σ are ``sigmas`` (an inference scheduler's, without its final 0),
         refused where one is not a point of this schedule (or of ``grid``): the shift differs."""
