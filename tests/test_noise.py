@@ -298,3 +298,14 @@ def test_unknown_prediction_type_and_mismatched_declaration_are_refused(acp):
     assert DDPMSchedule.from_scheduler_config(config).prediction_type == "v_prediction"
     with pytest.raises(HypersdError, match="unknown flow spacing"):
         FlowSchedule(3.0, spacing="leading")
+
+
+@pytest.mark.parametrize("make", [lambda a: DDPMSchedule(a, "v_prediction"), lambda a: sd3()])
+def test_dmd_fake_score_regresses_the_schedules_own_target(acp, make):
+    from hypersd.dmd import denoising_loss
+
+    sched, x, noise = make(acp), randn(3, 4, 6, 6), randn(3, 4, 6, 6, seed=2)
+    t = torch.tensor([700, 300, 20])
+    true = lambda x_t, t_: sched.target(x, noise, t_)
+    assert denoising_loss(true, x, noise, t, sched).item() < 1e-10
+    assert denoising_loss(lambda x_t, t_: noise, x, noise, t, sched).item() > 0.1  # ε is the wrong target here
