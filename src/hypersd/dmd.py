@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .solver import add_noise, denoise
+from .solver import add_noise, as_schedule, denoise
 
 
 def generate(eps_fn, noise: torch.Tensor, t: int, alphas_cumprod) -> torch.Tensor:
@@ -29,9 +29,11 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def denoising_loss(eps_fn, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod) -> torch.Tensor:
-    """The fake score's loss: plain ε-prediction on the generator's (detached) samples."""
-    x_t = add_noise(x.detach(), noise, t, alphas_cumprod)
-    return (eps_fn(x_t, t) - noise).pow(2).mean()
+    """The fake score's loss: plain denoising (ε, v or flow's v, by the schedule) on the generator's
+    (detached) samples. ``alphas_cumprod``: the teacher's schedule, or its bare ᾱ table."""
+    schedule = as_schedule(alphas_cumprod)
+    x_t = schedule.add_noise(x.detach(), noise, t)
+    return (eps_fn(x_t, t) - schedule.target(x.detach(), noise, t)).pow(2).mean()
 
 
 @torch.no_grad()

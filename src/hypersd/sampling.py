@@ -1,38 +1,40 @@
 """Few-step samplers as small pure functions with one signature.
 
-``sampler(eps_fn, x, timesteps, alphas_cumprod, *, eta, generator) -> x0``, where
-``eps_fn(x, t) -> ε`` hides the network, its prompts and its guidance (see ``guided``).
+``sampler(model_fn, x, timesteps, schedule, *, eta, generator) -> x0``, where
+``model_fn(x, t)`` returns the network's output (ε, v, or flow's v) and hides the network, its
+prompts and its guidance (see ``guided``); ``schedule`` is the teacher's ``NoiseSchedule``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-from .schedule import CLEAN, alpha_bar, inference_timesteps
-from .solver import ddim_jump
+from .schedule import CLEAN
+from .solver import as_schedule
 from .teachers.base import Cond, Teacher
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def sample_tcd(eps_fn: EpsFn, x, timesteps, alphas_cumprod, *, eta: float = 0.0, generator=None):
-    """HYPERSD.md §4: at each step jump to s = floor((1−γ)·t_next), then re-noise s → t_next.
+def sample_tcd(model_fn: EpsFn, x, timesteps, schedule, *, eta: float = 0.0, generator=None):
+    """HYPERSD.md §4: at each step jump to the TCD point s of t_next, then re-noise s → t_next.
 
-    γ = ``eta`` = 0 is DDIM on the given (trailing) timesteps; the last step returns x0.
+    DDPM: s = floor((1−γ)·t_next) (TCDScheduler); flow: σ_s = (1−γ)·σ_next (γ = 1 is
+    FlowMatchLCMScheduler). γ = ``eta`` = 0 is DDIM / Euler on the given timesteps; the last step
+    returns x0. ``schedule`` may be a bare ᾱ table (an ε-prediction DDPM teacher).
     """
+    schedule = as_schedule(schedule)
     timesteps = [int(t) for t in timesteps]
     for i, t in enumerate(timesteps):
-        eps = eps_fn(x, t)
+        out = model_fn(x, t)
         t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
-        s = CLEAN if t_next == CLEAN else math.floor((1 - eta) * t_next)
-        x = ddim_jump(x, eps, t, s, alphas_cumprod)
+        s = schedule.tcd_point(t_next, eta)
+        x = schedule.jump(x, out, t, s)
         if t_next != CLEAN and s != t_next:
-            ratio = alpha_bar(alphas_cumprod, t_next) / alpha_bar(alphas_cumprod, s)
             noise = torch.randn(x.shape, generator=generator).to(x.device)
-            x = ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+            x = schedule.renoise(x, s, t_next, noise)
     return x
 
 
@@ -57,11 +59,11 @@ def sample_prompts(teacher: Teacher, prompts: list[str], steps: int, *, guidance
     """Latents x0 for ``prompts`` with the teacher's UNet as it is now (adapters on or off)."""
     w = teacher.default_guidance if guidance is None else guidance
     noise, g = initial_noise(len(prompts), teacher.latent_shape, seed)
-    timesteps = inference_timesteps(steps, teacher.T, one_step_t)
-    acp = teacher.alphas_cumprod.to(teacher.device)
+    schedule = teacher.schedule
+    timesteps = schedule.inference_timesteps(steps, one_step_t)
     out = []
     for i in range(0, len(prompts), batch_size):
         cond = teacher.encode_prompt(prompts[i:i + batch_size])
         x = noise[i:i + batch_size].to(teacher.device)  # float32: the network call casts its own input
-        out.append(sample_tcd(guided(teacher, cond, w), x, timesteps, acp, eta=eta, generator=g).float().cpu())
+        out.append(sample_tcd(guided(teacher, cond, w), x, timesteps, schedule, eta=eta, generator=g).float().cpu())
     return torch.cat(out)

@@ -1,4 +1,7 @@
-"""The DDIM solver pieces: x0 from ε, the jump Ψ, and classifier-free guidance.
+"""The solver pieces: x0 from the network's output, the jump Ψ, noising, classifier-free guidance.
+
+Each takes the teacher's ``NoiseSchedule`` (``hypersd.core``); a bare ``alphas_cumprod`` table is
+read as an ε-prediction DDPM schedule, as before the schedule existed.
 
 All of them compute in float32 whatever their inputs' dtype: a bf16 jump from t = 999 to the
 clean end is off by about 0.025 RMS on unit-variance latents (√(1−ᾱ) alone rounds from 0.99767
@@ -9,16 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import alpha_bar
+from .core.noise import DDPMSchedule, NoiseSchedule, _b, _up
 
 
-def _b(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return a.float().reshape(-1, *([1] * (x.dim() - 1)))
-
-
-def _up(x: torch.Tensor) -> torch.Tensor:
-    """At least float32: bf16/fp16 promoted, float64 kept."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def as_schedule(schedule) -> NoiseSchedule:
+    """A ``NoiseSchedule`` as it is; an ᾱ table as the ε-prediction DDPM schedule it defines."""
+    return schedule if isinstance(schedule, NoiseSchedule) else DDPMSchedule(schedule)
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
@@ -27,27 +26,23 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch
     return (_up(x_t) - (1 - a_t).sqrt() * _up(eps)) / a_t.sqrt()
 
 
-def denoise(eps_fn, x_t: torch.Tensor, t, alphas_cumprod) -> torch.Tensor:
-    """x0 that ``eps_fn`` predicts from x_t at t (an int, or one timestep per sample)."""
-    return predict_x0(x_t, eps_fn(x_t, t), alpha_bar(alphas_cumprod, t).to(x_t.device))
+def denoise(model_fn, x_t: torch.Tensor, t, schedule) -> torch.Tensor:
+    """x0 that ``model_fn`` predicts from x_t at t (an int, or one timestep per sample)."""
+    return as_schedule(schedule).denoise(model_fn, x_t, t)
 
 
-def ddim_jump(x_t, eps, t, s, alphas_cumprod) -> torch.Tensor:
-    """Ψ(x_t, ε, t → s) = √ᾱ_s·x0 + √(1−ᾱ_s)·ε; s = CLEAN returns x0, s = t returns x_t."""
-    a_t, a_s = alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, s)
-    x0 = predict_x0(x_t, eps, a_t)
-    a_s = _b(a_s, x_t)
-    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * _up(eps)
+def ddim_jump(x_t, out, t, s, schedule) -> torch.Tensor:
+    """Ψ(x_t, t → s) = α_s·x̂0 + σ_s·ε̂; s = CLEAN returns x̂0, s = t returns x_t."""
+    return as_schedule(schedule).jump(x_t, out, t, s)
 
 
-def add_noise(x0, noise, t, alphas_cumprod) -> torch.Tensor:
-    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
-    a = _b(alpha_bar(alphas_cumprod, t), x0)
-    return a.sqrt() * _up(x0) + (1 - a).sqrt() * _up(noise)
+def add_noise(x0, noise, t, schedule) -> torch.Tensor:
+    """x_t = α_t·x0 + σ_t·ε."""
+    return as_schedule(schedule).add_noise(x0, noise, t)
 
 
 def cfg(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w) -> torch.Tensor:
-    """ε_ω = ε_u + ω·(ε_c − ε_u); ω a number or one per sample."""
+    """ε_ω = ε_u + ω·(ε_c − ε_u); ω a number or one per sample (any output linear in x0 and ε: v too)."""
     eps_cond, eps_uncond = _up(eps_cond), _up(eps_uncond)
     w = torch.as_tensor(w, dtype=eps_cond.dtype, device=eps_cond.device)
     if w.dim() == 1:

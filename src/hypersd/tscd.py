@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import fp8, lora
-from .schedule import CLEAN, Segments, SolverGrid
-from .solver import add_noise, ddim_jump
+from .schedule import CLEAN, Segments
 from .teachers.base import Cond, Teacher
 
 
@@ -62,12 +61,12 @@ class ConsistencyStep:
 
     def __init__(self, teacher: Teacher, cfg: ConsistencyConfig):
         self.teacher, self.cfg = teacher, cfg
-        self.grid = SolverGrid(teacher.T, cfg.solver_steps)
+        self.schedule = teacher.schedule
+        self.grid = self.schedule.solver_grid(cfg.solver_steps)
         self.segments = Segments(cfg.segments, self.grid)  # refuses boundaries off the grid
-        self.acp = teacher.alphas_cumprod.to(teacher.device)
 
     def __call__(self, z: torch.Tensor, cond: Cond, uncond: Cond, generator=None):
-        teacher, cfg, acp = self.teacher, self.cfg, self.acp
+        teacher, cfg, sched = self.teacher, self.cfg, self.schedule
         n, dev = z.shape[0], z.device
         t_n = self.grid.sample(n, generator)
         t_prev = self.grid.step_down(t_n)
@@ -76,21 +75,21 @@ class ConsistencyStep:
         noise = torch.randn(z.shape, generator=generator).to(dev)
         if cfg.offset_noise:
             noise = noise + cfg.offset_noise * torch.randn((n, z.shape[1], 1, 1), generator=generator).to(dev)
-        x_t = add_noise(z, noise, t_n, acp)
+        x_t = sched.add_noise(z, noise, t_n)
         w = torch.empty(n).uniform_(*cfg.guidance, generator=generator).to(dev)
 
         with torch.no_grad():
             with fp8.teacher_pass(teacher.unet):  # the teacher: adapters off (FP8 where enabled)
                 eps_teacher = teacher.eps_cfg(x_t, t_n, cond, uncond, w)
-            x_hat = ddim_jump(x_t, eps_teacher, t_n, t_prev, acp)
+            x_hat = sched.jump(x_t, eps_teacher, t_n, t_prev)
             with lora.adapter(teacher.unet, lora.EMA):  # the target: EMA adapter
                 eps_ema = teacher.eps(x_hat, t_prev.clamp(min=0), cond)
-            tgt = ddim_jump(x_hat, eps_ema, t_prev, t_end, acp)
+            tgt = sched.jump(x_hat, eps_ema, t_prev, t_end)
             # Already at t_end (or at the clean end) there is nothing left to jump.
             done = ((t_prev == t_end) | (t_prev == CLEAN)).view(-1, *[1] * (z.dim() - 1))
             tgt = torch.where(done, x_hat, tgt)
 
-        pred = ddim_jump(x_t, teacher.eps(x_t, t_n, cond), t_n, t_end, acp)
+        pred = sched.jump(x_t, teacher.eps(x_t, t_n, cond), t_n, t_end)
         return pred, tgt, t_end
 
     def loss(self, pred, tgt) -> torch.Tensor:

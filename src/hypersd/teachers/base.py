@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.noise import DDPMSchedule, NoiseSchedule
 from ..solver import cfg
 
 
@@ -69,6 +70,17 @@ class Teacher:
     @property
     def T(self) -> int:
         return self.alphas_cumprod.shape[0]
+
+    @property
+    def prediction_type(self) -> str:
+        """What the network's output is, as the teacher's own scheduler config says."""
+        return getattr(self, "scheduler_config", {}).get("prediction_type", "epsilon")
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule every loss and sampler reads the network's output on (a new object
+        per access: callers keep the one they use, with its per-device tables)."""
+        return DDPMSchedule(self.alphas_cumprod, self.prediction_type)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,5 @@
+"""What both model families share: the noise schedule and its parameterisations (HYPERSD.md §5)."""
+
+from .noise import DDPMSchedule, FlowSchedule, NoiseSchedule, flux_shift, shift_sigma
+
+__all__ = ["DDPMSchedule", "FlowSchedule", "NoiseSchedule", "flux_shift", "shift_sigma"]
