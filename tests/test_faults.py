@@ -151,7 +151,7 @@ def test_atomic_write_syncs_before_renaming_and_a_full_disk_keeps_the_old_file(t
 
 @pytest.mark.slow
 def test_sigkills_at_random_moments_then_resume_give_the_same_lora(tmp_path):
-    import faults_bench
+    from test_speed import _bench
 
-    result = faults_bench.distill_kills(tmp_path, kills=3, seed=1)
+    result = _bench("faults").distill_kills(tmp_path, kills=3, seed=1)
     assert result["kills"] == 3 and result["identical"], result
