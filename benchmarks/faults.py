@@ -13,9 +13,9 @@
 
 Every command runs as its own process with one thread (OMP_NUM_THREADS=1, so that each run does
 the same arithmetic). A kill falls at a moment drawn (seeded) uniformly: for distill and cache,
-0 to 2·W/N seconds after the run's progress bar shows (W: the uninterrupted run's time from its
+0 to W/N seconds after the run's progress bar shows (W: the uninterrupted run's time from its
 bar to its end), so every kill lands in the work (loading and imports, which write nothing, are
-not aimed at) and the run still ends; for the others, anywhere from the start to the end of the
+not aimed at) and all N land before the run ends; for the others, anywhere from the start to the end of the
 uninterrupted run's wall time. Time lost per kill:
 (wall of the killed and resumed runs together - wall of the uninterrupted run) / kills.
 
@@ -119,7 +119,7 @@ def resumable(name: str, cmd, resume_extra: list, out: Path, marker: str, kills:
     full = run(cmd(ref_out), log, marker=marker)
     if full["marker_at"] is None:
         raise SystemExit(f"{name}: no progress bar ({marker!r}) in its output; see {log}")
-    window = (0.0, 2 * (full["wall"] - full["marker_at"]) / max(kills, 1))
+    window = (0.0, (full["wall"] - full["marker_at"]) / max(kills, 1))
     done, wall = kill_and_resume(cmd(out), cmd(out) + resume_extra, kills, random.Random(seed), window, log,
                                  marker, finished)
     want, got = product(ref_out), product(out)
