@@ -124,6 +124,7 @@ def resumable(name: str, cmd, resume_extra: list, out: Path, marker: str, kills:
                                  marker, finished)
     want, got = product(ref_out), product(out)
     return {"command": name, "kills": done, "identical": want == got, "uninterrupted_s": round(full["wall"], 1),
+            "bar_after_s": round(full["marker_at"], 1),
             "killed_and_resumed_s": round(wall, 1),
             "lost_per_kill_s": round((wall - full["wall"]) / done, 1) if done else None,
             "window_s": [round(w, 1) for w in window]}
