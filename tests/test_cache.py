@@ -121,12 +121,14 @@ def test_a_killed_cache_resumes_to_the_same_shards(models, teachers, data, tmp_p
     part = read_manifest(tmp_path / "part", complete=False)
     assert not part["complete"] and len(part["shards"]) == 2
     save_file({"latents": torch.zeros(1)}, str(tmp_path / "part" / "shard-00002.safetensors"))  # a stray file
+    (tmp_path / "part" / ".shard-00002.safetensors.tmp-99999").write_bytes(b"half")  # a SIGKILL mid-write
     with pytest.raises(HypersdError, match="unfinished"):
         CachedData(tmp_path / "part")
     with pytest.raises(HypersdError, match=r"other settings \(crop\)"):
         _cache("sd15", models, teachers, data, tmp_path / "part", shard_size=2)
     m = _cache("sd15", models, teachers, data, tmp_path / "part", shard_size=2, crop="random")
     assert m["complete"] and m["written"] == 7 and m["skipped"] == BAD_REASONS
+    assert not list((tmp_path / "part").glob(".*"))  # the killed run's temporary file is gone
     full, again = _shards(tmp_path / "full"), _shards(tmp_path / "part")
     assert [c for _, c in full] == [c for _, c in again]
     for (a, _), (b, _) in zip(full, again):

@@ -115,6 +115,8 @@ def _start(out: Path, settings: dict, force: bool) -> dict | None:
         if changed:
             raise HypersdError(f"{out} holds a partial cache made with other settings ({', '.join(changed)}); pass "
                                f"the same arguments to continue it, or --force to start over")
+        for tmp in [*out.glob(".shard-*.tmp-*"), *out.glob(f".{PROBE}.tmp-*"), *out.glob(f".{MANIFEST}.tmp-*")]:
+            tmp.unlink(missing_ok=True)  # what a killed run was writing: it is written again
         return m
     if out.is_dir() and any(out.iterdir()) and not manifest.is_file() and not force:
         raise HypersdError(f"{out} is not empty and holds no hypersd cache; choose an empty or new --out, or pass "

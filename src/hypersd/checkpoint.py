@@ -2,8 +2,10 @@
 
 A checkpoint is a folder ``step-NNNNNNN`` of safetensors files (weights), one ``optim.pt`` of
 optimizer states (our own file; read back with ``weights_only=True``) and ``state.json``. It is
-written under a temporary name and renamed into place, so a kill at any moment leaves either
-the previous checkpoints or the new one, never a torn one.
+written under a temporary name, synced and renamed into place, so a kill at any moment leaves
+either the previous checkpoints or the new one, never a torn one; a full disk leaves the previous
+ones. A checkpoint damaged anyway (a truncated file) is set aside on resume and the one before it
+is used (``load_latest``).
 """
 
 from __future__ import annotations
@@ -17,32 +19,71 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import HypersdError
+from .outputs import fsync_dir, fsync_tree, is_disk_full
 
 PREFIX = "step-"
+TMP, OLD, DAMAGED = ".tmp-", ".old-", "damaged-"
 
 
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
                     optim: dict, state: dict, keep: int = 2) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    tidy(root)
     final = root / f"{PREFIX}{step:07d}"
-    tmp = root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
+    tmp = root / f"{TMP}{PREFIX}{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, d in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in d.items()}, str(tmp / f"{name}.safetensors"))
-    torch.save(optim, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    try:
+        _write(tmp, tensors, optim, state)
+    except Exception as e:  # a full disk, mostly: what was there before stays, and says so
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(root, final, e) from None
     if final.exists():  # the same step again (a resumed run re-saving): replace it whole
-        old = root / f".old-{final.name}-{os.getpid()}"
+        old = root / f"{OLD}{final.name}-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
+    fsync_dir(root)
+    for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:  # only once the new one is in place
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _write(tmp: Path, tensors: dict, optim: dict, state: dict) -> None:
+    tmp.mkdir()
+    for name, d in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in d.items()}, str(tmp / f"{name}.safetensors"))
+    torch.save(optim, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    fsync_tree(tmp)  # before the rename: a power loss must not leave a named but empty checkpoint
+
+
+def _write_error(root: Path, final: Path, e: Exception) -> HypersdError:
+    before = list_checkpoints(root)
+    kept = (f"the previous checkpoint {before[-1]} is intact and --resume continues from it" if before
+            else "no earlier checkpoint exists")
+    what = "no space left on the device" if is_disk_full(e) else f"{type(e).__name__}: {e}"
+    return HypersdError(f"checkpoint {final} could not be written ({what}); nothing of it was kept, {kept}; "
+                        f"free space in {root} and run again with --resume")
+
+
+def tidy(root: str | Path) -> None:
+    """Clear what a killed save left in ``root``: half-written folders go; a checkpoint moved aside to
+    be replaced, whose replacement never landed, comes back."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(TMP + PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(OLD + PREFIX):
+            name = p.name[len(OLD):].rsplit("-", 1)[0]
+            if (root / name).exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.rename(root / name)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -55,10 +96,56 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
     path = Path(path)
     try:
-        state = json.loads((path / "state.json").read_text())
-        tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
-        optim = torch.load(path / "optim.pt", weights_only=True)
+        return _read(path)
     except Exception as e:  # a damaged folder: say which and how to go on
-        raise HypersdError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+        raise HypersdError(f"checkpoint {path} cannot be read ({_why(e)}); "
                            f"delete that folder to resume from the one before it") from None
+
+
+def _read(path: Path):
+    state = json.loads((path / "state.json").read_text())
+    tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
+    optim = torch.load(path / "optim.pt", weights_only=True)
+    missing = sorted({"rng", *(f"lora-{n}" for n in state["adapters"])} - tensors.keys())
+    if missing:
+        raise FileNotFoundError(f"no {', '.join(m + '.safetensors' for m in missing)}")
     return tensors, optim, state
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def load_latest(root: str | Path, warn, writer: bool = True) -> tuple[Path, tuple] | None:
+    """The newest readable checkpoint under ``root`` and its contents; None when there is none.
+
+    One that cannot be read (a truncated file, bad JSON) is moved aside to ``damaged-step-N``, kept for
+    a look but out of the rotation (the resumed run writes that step anew), and the one before it is
+    tried; ``warn`` is told of each. Only the ``writer`` (process 0 of a parallel run) moves folders:
+    the others read what it leaves, and fall back the same way."""
+    if writer:
+        tidy(root)
+    ckpts = list_checkpoints(root)
+    for i, path in enumerate(reversed(ckpts)):
+        try:
+            return path, _read(path)
+        except Exception as e:  # safetensors, torch and json each raise their own types
+            if not writer:
+                continue
+            older = ckpts[-2 - i] if i + 1 < len(ckpts) else None
+            aside = _set_aside(path)
+            warn(f"checkpoint {path} cannot be read ({_why(e)}); moved it to {aside.name}; "
+                 + (f"resuming from {older} instead" if older else "no checkpoint is left to resume from"))
+    if ckpts:
+        raise HypersdError(f"no checkpoint in {root} can be read (each is now a damaged-step-* folder there); "
+                           f"start over with --force, or choose a new --out")
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    target, n = path.with_name(DAMAGED + path.name), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{DAMAGED}{path.name}-{n}")
+    path.rename(target)
+    return target

@@ -52,6 +52,7 @@ def fuse_to_folder(backbone: str, model: str, lora_path: str, out: str | Path, s
     import torch
 
     from .lora_files import fuse_into_unet
+    from .outputs import fsync_tree
     from .teachers import load_teacher
 
     out = Path(out)
@@ -74,6 +75,7 @@ def fuse_to_folder(backbone: str, model: str, lora_path: str, out: str | Path, s
         pipe.save_pretrained(tmp, safe_serialization=True)
         note = {"lora": str(lora_path), "scale": scale, "lora_meta": meta}
         (tmp / "hypersd_fused.json").write_text(json.dumps(note, indent=1))
+        fsync_tree(tmp)  # on the disk before it is renamed into place
         _replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

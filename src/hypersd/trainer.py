@@ -7,6 +7,7 @@ and builds its loss from the stage's config; the loop steps the optimizer and wr
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import fp8, lora, speed
 from .cache import CachedData, describe_skips
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_latest, save_checkpoint
 from .errors import HypersdError
 from .outputs import write_text
 from .recipe import Recipe, Stage, check_timesteps
@@ -59,6 +60,11 @@ def open_cache(recipe: Recipe):
         raise HypersdError(f"cache {recipe.data} was made at resolution {made_at}, the recipe trains at "
                            f"{recipe.resolution}; cache the data with --resolution {recipe.resolution}")
     return cached
+
+
+def _warn(msg: str) -> None:
+    """On the console even with --quiet: the run goes on, but from further back than asked."""
+    tqdm.write(f"hypersd: warning: {msg}", file=sys.stderr)
 
 
 RANK_SEED = 1_000_003  # process r of a data-parallel run draws from seed + r·RANK_SEED
@@ -177,13 +183,15 @@ class Distiller:
         self.log.write("checkpoint", path=str(path), stage_idx=stage_idx, step=step, global_step=global_step)
 
     def _restore(self):
-        ckpts = list_checkpoints(self.out / "checkpoints")
-        if not ckpts:
+        damaged = []
+        latest = load_latest(self.out / "checkpoints", lambda msg: damaged.append(msg) or _warn(msg),
+                             writer=self.rt.is_main)
+        if latest is None:
             return None
-        tensors, optim, state = load_checkpoint(ckpts[-1])
+        path, (tensors, optim, state) = latest
         if state["fingerprint"] != self.recipe.fingerprint():
             raise HypersdError(
-                f"checkpoint {ckpts[-1]} belongs to another recipe (fingerprint {state['fingerprint']} vs "
+                f"checkpoint {path} belongs to another recipe (fingerprint {state['fingerprint']} vs "
                 f"{self.recipe.fingerprint()}); use the config it was made with, or a new --out")
         unet = self.teacher.unet
         for name in list(unet.peft_config):  # the UNet gets exactly the checkpoint's adapters
@@ -203,6 +211,8 @@ class Distiller:
         self.stats = state["stats"]
         self.rt.load_scaler_states(optim.get("scalers", {}))  # absent from checkpoints of older versions
         self.rt.guard.in_a_row = dict(state.get("bad_in_a_row", {}))
+        if damaged:  # in stats.json too: a run that went back is worth knowing of afterwards
+            self.stats.setdefault("damaged_checkpoints", []).extend(damaged)
         return tensors, optim, state
 
     # -- the loop --------------------------------------------------------------------------
