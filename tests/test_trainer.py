@@ -71,6 +71,8 @@ def test_recipe_errors_name_the_problem(tmp_path):
     r = load_recipe("digits")
     assert [s.kind for s in r.stages] == ["tscd"] * 4 + ["feedback", "merge", "dmd"]
     assert [s.segments for s in r.stages if s.kind == "tscd"] == [8, 4, 2, 1]
+    # the one-step generator below t = 999, where x0 from ε amplifies its error 15x (docs/RESULTS.md)
+    assert r.stages[-1].generator_t == 800
 
 
 def test_distill_command_dry_run_and_refusal(tmp_path, random_teacher_file, capsys):
