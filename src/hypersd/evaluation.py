@@ -315,6 +315,6 @@ def _verdict(k: int, student: dict, teacher: dict, reference: dict) -> str:
     won, short = beats(student, teacher)
     vs_k = "beats it on every judge" if won else f"does not beat it beyond the spread on {', '.join(short)}"
     worse = worse_on(student, reference)
-    vs_40 = ("no worse than the teacher's 40 steps on any judge" if not worse
-             else f"worse than the teacher's 40 steps on {', '.join(worse)}")
+    vs_40 = (f"no worse than the teacher's {REFERENCE_STEPS} steps on any judge" if not worse
+             else f"worse than the teacher's {REFERENCE_STEPS} steps on {', '.join(worse)}")
     return f"- {k} step{'s' * (k > 1)}: against the teacher's {k}-step DDIM the LoRA {vs_k}; it is {vs_40}"

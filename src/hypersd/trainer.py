@@ -355,13 +355,14 @@ class Distiller:
     def compare_grid(self, path, etas: dict[int, float], one_step_t: int | None, n: int = 20):
         """The teacher's 40 steps, then the LoRA at each eval step count, from the same noise and
         prompts: what the distillation bought, at a glance."""
+        from . import evaluation
         from .digits.data import balanced_labels, prompts_for
         from .grid import save_rows
         from .sampling import sample_prompts
 
-        prompts, t = prompts_for(balanced_labels(n)), self.teacher
+        prompts, t, ref = prompts_for(balanced_labels(n)), self.teacher, evaluation.REFERENCE_STEPS
         with lora.adapters_disabled(t.unet):
-            blocks = [("teacher DDIM\n40 steps", t.decode(sample_prompts(t, prompts, 40, seed=0)))]
+            blocks = [(f"teacher DDIM\n{ref} steps", t.decode(sample_prompts(t, prompts, ref, seed=0)))]
         with lora.fused(t.unet):
             for k in self.recipe.eval_steps:
                 x = sample_prompts(t, prompts, k, guidance=1.0, eta=etas.get(k, 0.0), seed=0, one_step_t=one_step_t)
