@@ -27,6 +27,7 @@ def test_eval_writes_json_and_markdown(tmp_path, random_teacher_file):
     rows = json.loads((tmp_path / "baseline.json").read_text())["rows"]
     assert [r["steps"] for r in rows] == [None, 1, 2]
     assert rows[1]["fd"]["n_seeds"] == 2
+    assert {"pix_fd", "bg_noise"} <= rows[1].keys() and {"pix_fd", "bg_noise"} <= rows[0].keys()
     assert "teacher DDIM" in (tmp_path / "baseline.md").read_text()
 
 
