@@ -80,7 +80,7 @@ def test_tables_report_every_judge_as_a_multiple_of_the_teacher_40_steps():
             {"method": "distilled LoRA", "steps": 1, "eta": 0.0, **row(30.0, 2.0, 0.05)}]
     md = markdown_table(rows, "t")
     assert "| pix_fd | bg_noise |" in md
-    assert "30.00 ± 3.00 (2.00x)" in md and "2.000 ± 0.200 (4.00x)" in md and "(5.00x)" in md
+    assert "30.00 ± 3.00 (2.00x)" in md and "2.000 ± 0.200 (4.00x)" in md and "0.0500 ± 0.0050 (5.00x)" in md
     assert md.count("(1.00x)") == 3
     assert multiples(rows[1], rows[0]) == pytest.approx({"fd": 2.0, "pix_fd": 4.0, "bg_noise": 5.0})
 

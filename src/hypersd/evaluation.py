@@ -153,7 +153,7 @@ def teacher_row_scores(bench: DigitsBench, steps: int) -> dict:
     return bench.score(lambda prompts, seed: bench.teacher_images(steps, seed), desc=f"{steps} steps")
 
 
-DIGITS = {"traj_mse": 4, "acc": 3, "bg_noise": 3, "pix_fd": 3}
+DIGITS = {"traj_mse": 4, "acc": 3, "bg_noise": 4, "pix_fd": 3}
 
 
 def _cell(row: dict, metric: str, times: dict) -> str:
