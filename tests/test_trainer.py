@@ -172,3 +172,17 @@ def test_fp8_teacher_key_runs_the_training_teacher_passes_in_fp8(tmp_path, rando
     assert len(calls) >= 2 * len(layers)  # each step's teacher pass went through every FP8 layer
     plain = Distiller(tiny_recipe(random_teacher_file), tmp_path / "plain", progress=False)
     assert not any(isinstance(m, fp8.Float8Linear) for m in plain.teacher.unet.modules())
+
+
+def test_a_finished_run_resumed_samples_with_the_student_not_the_fake_score(tmp_path, random_teacher_file):
+    from hypersd import lora
+
+    stages = [{"name": "t", "segments": 1, "steps": 1},
+              {"name": "d", "kind": "dmd", "steps": 1, "fake_warmup": 1, "fake_updates": 1, "reg_pool": 4,
+               "reg_steps": 2, "reg_batch": 2}]
+    done = Distiller(tiny_recipe(random_teacher_file, stages=stages), tmp_path, progress=False)
+    assert done.run()
+    again = Distiller(tiny_recipe(random_teacher_file, stages=stages), tmp_path, progress=False)
+    assert again.run(resume=True)
+    # the grids and the recommended eta sample the UNet as it is: it must be the final LoRA
+    assert lora.active(again.teacher.unet) == [lora.STUDENT]

@@ -178,6 +178,10 @@ class Distiller:
         for name, spec in state["adapters"].items():
             lora.ensure_lora(unet, name, **spec)
             lora.set_state(unet, tensors[f"lora-{name}"], name)
+        # an added adapter becomes active (the fake score, say); a stage resumed inside sets its own
+        # in enter(), and a finished run samples, as it ended, the student with any feedback LoRA on it
+        lora.activate(unet, [n for n in (lora.STUDENT, lora.FEEDBACK) if n in unet.peft_config],
+                      trainable=(lora.STUDENT,))
         rng = tensors["rng"]
         streams = [rng[f"process-{r}"] for r in range(len(rng)) if f"process-{r}" in rng] or [rng["generator"]]
         if len(streams) == self.rt.world:
