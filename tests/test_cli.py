@@ -28,6 +28,7 @@ def test_eval_writes_json_and_markdown(tmp_path, random_teacher_file):
     rows = json.loads((tmp_path / "baseline.json").read_text())["rows"]
     assert [r["steps"] for r in rows] == [None, 1, 2]
     assert rows[1]["fd"]["n_seeds"] == 2
+    assert {"pix_fd", "bg_noise"} <= rows[1].keys() and {"pix_fd", "bg_noise"} <= rows[0].keys()
     assert "teacher DDIM" in (tmp_path / "baseline.md").read_text()
 
 
@@ -89,3 +90,49 @@ def test_resume_on_a_folder_with_no_run_is_an_error(tmp_path, random_teacher_fil
                   tmp_path / "api", progress=False)
     with pytest.raises(HypersdError, match="has no run to resume .*; run without --resume"):
         d.run(resume=True)
+
+
+def test_distill_tells_its_story_and_the_lora_carries_its_eta(tmp_path, random_teacher_file, capsys, monkeypatch):
+    from PIL import Image
+
+    from hypersd import evaluation, lora, sampling
+    from hypersd.evaluation import ETA_TUNE_SEED
+
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"teacher: {random_teacher_file}\nlora_rank: 4\ngrid_every_stage: false\neval_steps: [1, 2]\n"
+                   "eval_etas: [0.0, 1.0]\neval_n: 20\neval_seeds: 2\n"
+                   "stages:\n  - {name: s, segments: 2, steps: 2, batch: 4}\n")
+    out = tmp_path / "run"
+    seeds = []
+    real_sample = sampling.sample_prompts
+    spy = lambda *a, **kw: seeds.append(kw.get("seed")) or real_sample(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(sampling, "sample_prompts", spy)
+    monkeypatch.setattr(evaluation, "sample_prompts", spy)
+    monkeypatch.setattr(evaluation, "REFERENCE_STEPS", 4)  # the 40-step teacher's part, made quick
+    assert main(["distill", "--config", str(cfg), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ETA_TUNE_SEED in seeds  # the eta was picked on a seed the table does not report
+    _, meta = lora.read_lora(out / "lora.safetensors")
+    assert meta["recommended_eta"]["1"] == 0.0 and meta["recommended_eta"]["2"] in (0.0, 1.0)
+    assert meta["recommended_from"] == [0.0, 1.0]
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert [(r["method"], r["steps"]) for r in rows] == [
+        ("real digits (train split)", None), ("teacher DDIM", 4), ("teacher DDIM", 1), ("distilled LoRA", 1),
+        ("teacher DDIM", 2), ("distilled LoRA", 2)]
+    assert rows[5]["eta"] == meta["recommended_eta"]["2"]
+    assert set(rows[3]["x_teacher40"]) == {"fd", "pix_fd", "bg_noise"} and rows[1]["x_teacher40"]["fd"] == 1.0
+    assert "(1.00x)" in printed and "against the teacher's 2-step DDIM the LoRA" in printed
+    # compare.png: the teacher's reference steps and the LoRA's 1 and 2, each two rows of ten 8x8 digits at scale 4
+    assert Image.open(out / "compare.png").size == (96 + 10 * 36, 3 * 2 * 36 + 2 * 8)
+
+    # hypersd sample takes the LoRA's recorded eta at its step count unless --eta is given
+    state, meta = lora.read_lora(out / "lora.safetensors")
+    lora.save_state(out / "lora.safetensors", state, {**meta, "recommended_eta": {"1": 0.0, "2": 0.7}})
+    etas = []
+    monkeypatch.setattr(sampling, "sample_prompts", lambda *a, **kw: etas.append(kw["eta"]) or real_sample(*a, **kw))
+    base = ["sample", "--teacher", str(random_teacher_file), "--lora", str(out / "lora.safetensors"), "--n", "10",
+            "--force", "--out", str(tmp_path / "s.npz")]
+    assert main(base + ["--steps", "2"]) == 0 and etas == [0.7]
+    assert "eta 0.7" in capsys.readouterr().out
+    assert main(base + ["--steps", "2", "--eta", "0"]) == 0 and etas[-1] == 0.0
+    assert main(base + ["--steps", "4"]) == 0 and etas[-1] == 0.0  # no eta recorded at 4 steps: DDIM

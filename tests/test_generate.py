@@ -94,6 +94,17 @@ def test_one_step_timestep_from_the_lora():
                 lora="l.safetensors", T=1000, default_guidance=7.5, steps=1, scheduler="ddim")
 
 
+def test_the_loras_recommended_eta_is_used_unless_eta_is_given():
+    from hypersd.generate import hypersd_recipe
+
+    recipe = hypersd_recipe({"guidance": 1.0, "backbone": "sd15", "recommended_eta": {"1": 0.0, "4": 0.3}}, "l")
+    kw = dict(model="m", backbone="sd15", lora="l.safetensors", T=1000, default_guidance=7.5)
+    assert resolve(recipe, steps=4, **kw).eta == 0.3
+    assert resolve(recipe, steps=2, **kw).eta == 0.0  # none measured at 2 steps: DDIM
+    assert resolve(recipe, steps=4, eta=0.0, **kw).eta == 0.0  # the command line wins
+    assert resolve(recipe, steps=4, scheduler="ddim", **kw).eta == 0.0  # DDIM has no eta
+
+
 # -- images equal hypersd's sampler ------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_model_alone_equals_hypersd_sampler(models, kind):

@@ -261,3 +261,17 @@ def test_a_fake_score_blown_up_by_its_rate_stops_the_run_and_names_it(tmp_path, 
                                            r".* lower the stage's fake_lr or lr"):
         d.run()
     assert not (tmp_path / "lora.safetensors").exists()
+
+
+def test_a_finished_run_resumed_samples_with_the_student_not_the_fake_score(tmp_path, random_teacher_file):
+    from hypersd import lora
+
+    stages = [{"name": "t", "segments": 1, "steps": 1},
+              {"name": "d", "kind": "dmd", "steps": 1, "fake_warmup": 1, "fake_updates": 1, "reg_pool": 4,
+               "reg_steps": 2, "reg_batch": 2}]
+    done = Distiller(tiny_recipe(random_teacher_file, stages=stages), tmp_path, progress=False)
+    assert done.run()
+    again = Distiller(tiny_recipe(random_teacher_file, stages=stages), tmp_path, progress=False)
+    assert again.run(resume=True)
+    # the grids and the recommended eta sample the UNet as it is: it must be the final LoRA
+    assert lora.active(again.teacher.unet) == [lora.STUDENT]

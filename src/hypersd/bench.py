@@ -1,7 +1,8 @@
 """`hypersd bench`: distillation methods side by side on the digits world, at one budget.
 
 Each method is a packaged recipe; all must spend the same training budget (Σ steps × batch).
-Each is sampled at every step count with its best eta (by fd) and the table says which. A
+Each is sampled at every step count with its best eta (by all the distance judges together,
+``evaluation.pick_eta``) and the table says which. A
 recipe with several kinds of stage also gives its ablation rows from the same run: the LoRA
 after its TSCD stages, after the feedback merge, and the final (unified) one.
 """
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import HypersdError
-from .evaluation import DigitsBench, student_rows, teacher_baseline, write_report
+from .evaluation import JUDGES, DigitsBench, student_rows, teacher_baseline, write_report
 from .recipe import load_recipe
 
 METHODS = {"lcm": "lcm", "phased": "phased", "tscd": "tscd", "hypersd": "digits"}
@@ -119,6 +120,8 @@ def run_bench(out: str | Path, recipes: dict, steps=(1, 2, 4, 8), etas=(0.0, 0.3
         for label, loras in method_loras(LABELS.get(m, m), recipe, out / m, steps):
             rows += student_rows(bench, label, steps, etas, loras=loras)
     meta = {"budget (steps x batch)": next(iter(budgets.values())), "samples per seed": n, "seeds": seeds,
-            "etas tried": list(etas), "judge": "held-out evaluator (CNN)", "train seconds": timing}
+            "etas tried": list(etas),
+            "eta pick": "least sum of fd, pix_fd, bg_noise multiples of the teacher's 40 steps, on the reported seeds",
+            "judges": JUDGES, "train seconds": timing}
     write_report(rows, out, "bench", "Distillation methods at one budget (digits world)", meta)
     return rows

@@ -73,25 +73,30 @@ def cmd_sample(a) -> None:
     if a.n < 1:
         raise HypersdError("--n must be at least 1")
     teacher = DigitsTeacher.load(a.teacher)
-    guidance, one_step_t = a.guidance, None
+    guidance, one_step_t, eta = a.guidance, None, a.eta
     if a.lora:
+        from .evaluation import recorded_eta
         from .lora import load_lora
 
         meta = load_lora(teacher.unet, a.lora)
         guidance = meta.get("guidance", 1.0) if guidance is None else guidance
         one_step_t = meta.get("one_step_t")
+        eta = recorded_eta(meta, a.steps) if eta is None else eta
+    eta = 0.0 if eta is None else eta
+    if not 0.0 <= eta <= 1.0:
+        raise HypersdError(f"--eta is TCD's gamma, between 0 and 1; got {eta}")
     labels = balanced_labels(a.n) if a.digit is None else torch.full((a.n,), a.digit)
-    x = teacher.decode(sample_prompts(teacher, prompts_for(labels), a.steps, guidance=guidance, eta=a.eta, seed=a.seed,
+    x = teacher.decode(sample_prompts(teacher, prompts_for(labels), a.steps, guidance=guidance, eta=eta, seed=a.seed,
                                       one_step_t=one_step_t))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, images=x.numpy().astype(np.float32), labels=labels.numpy().astype(np.int64))
     save_grid(x, png)
-    print(f"wrote {out} ({a.n} samples, {a.steps} steps) and {png}")
+    print(f"wrote {out} ({a.n} samples, {a.steps} steps, eta {eta:g}) and {png}")
 
 
 def cmd_eval(a) -> None:
-    from .evaluation import DigitsBench, teacher_baseline, write_report
+    from .evaluation import JUDGES, DigitsBench, teacher_baseline, write_report
     from .image_eval import cmd_image_eval, real_only_flags
     from .outputs import check_writable
     from .teachers.digits import DigitsTeacher
@@ -106,7 +111,7 @@ def cmd_eval(a) -> None:
     bench = DigitsBench(teacher, n=a.n, seeds=range(a.seeds), guidance=a.guidance)
     rows = teacher_baseline(bench, a.steps or DIGITS_EVAL_STEPS)
     meta = {"guidance": bench.guidance, "samples per seed": a.n, "seeds": a.seeds,
-            "judge": "held-out evaluator (CNN)", "fd against": "real test digits"}
+            "judges": JUDGES, "fd against": "real test digits"}
     js, md = write_report(rows, a.out_dir, "baseline", "Teacher baseline (digits world)", meta)
     print(md.read_text())
     print(f"wrote {js} and {md}")
@@ -150,17 +155,20 @@ def cmd_distill(a) -> None:
     if not a.no_eval and recipe.backbone != "digits":
         print(f"no metrics: they are the digits world's; the samples are in {out}/samples-*step.png")
     elif not a.no_eval:
-        from .evaluation import DigitsBench, student_rows, write_report
+        from .evaluation import ETA_TUNE_SEED, JUDGES, DigitsBench, distill_rows, write_report
 
         bench = DigitsBench(distiller.teacher, n=recipe.eval_n, seeds=range(recipe.eval_seeds))
-        # the final LoRA at every step count: the unified LoRA is one file for 1 to 8 steps
-        rows = student_rows(bench, "distilled", recipe.eval_steps, recipe.eval_etas,
-                            loras={k: final for k in recipe.eval_steps})
+        # the final LoRA at every step count (the unified LoRA is one file for 1 to 8 steps), each
+        # beside the teacher's DDIM at as many steps
+        rows, verdicts = distill_rows(bench, final, recipe.eval_steps)
         meta = {"lora": str(final), "samples per seed": recipe.eval_n, "seeds": recipe.eval_seeds,
-                "judge": "held-out evaluator (CNN)", "student guidance": 1.0}
-        js, md = write_report(rows, out, "metrics", "Distilled LoRA (digits world)", meta)
+                "judges": JUDGES, "student guidance": 1.0,
+                "LoRA eta": f"its recommended eta, picked of {recipe.eval_etas} on seed {ETA_TUNE_SEED}"}
+        js, md = write_report(rows, out, "metrics", "Distilled LoRA beside its teacher (digits world)", meta,
+                              extra=verdicts)
         print(md.read_text())
-        print(f"wrote {js} and {md}")
+        print(f"wrote {js} and {md}; {out}/compare.png shows the teacher's 40 steps above the LoRA's "
+              f"{', '.join(map(str, recipe.eval_steps))} steps, from the same noise and prompts")
 
 
 def cmd_log_summary(a) -> None:
@@ -233,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, required=True, help="sampling steps (a divisor of 1000)")
     s.add_argument("--lora", default=None, help="a hypersd LoRA .safetensors (without: the teacher, DDIM trailing)")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: teacher's measured default; 1 with --lora)")
-    s.add_argument("--eta", type=float, default=0.0, help="TCD gamma: 0 is DDIM, up to 1")
+    s.add_argument("--eta", type=float, default=None,
+                   help="TCD gamma: 0 is DDIM, up to 1 (default: the LoRA's recommended eta at --steps, else 0)")
     s.add_argument("--n", type=int, default=100)
     s.add_argument("--digit", type=int, choices=range(10), default=None, help="only this digit (default: 0..9 in turn)")
     s.add_argument("--seed", type=int, default=0)

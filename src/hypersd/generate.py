@@ -45,6 +45,8 @@ class Recipe:
     guidance: float | None = None
     backbone: str | None = None
     one_step_t: int | None = None
+    # a hypersd LoRA's measured eta per step count ("4": 0.3), preferred over ``eta`` at those counts
+    etas: dict | None = None
     source: str = "model defaults"
     # trained on hypersd's segment boundaries: a step count without boundaries is refused
     on_boundaries: bool = False
@@ -71,8 +73,8 @@ def published_recipe(path: str | Path) -> Recipe | None:
 def hypersd_recipe(meta: dict, path) -> Recipe:
     """A hypersd LoRA's own metadata: its guidance, its one-step timestep, TCD form."""
     return Recipe(scheduler="tcd", eta=0.0, guidance=meta.get("guidance"), backbone=meta.get("backbone"),
-                  one_step_t=meta.get("one_step_t"), source=f"hypersd LoRA metadata of {Path(path).name}",
-                  on_boundaries=True)
+                  one_step_t=meta.get("one_step_t"), etas=meta.get("recommended_eta"),
+                  source=f"hypersd LoRA metadata of {Path(path).name}", on_boundaries=True)
 
 
 @dataclass
@@ -113,6 +115,8 @@ def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: i
         raise HypersdError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if eta is None:
         eta = recipe.eta if (recipe.eta is not None and scheduler == "tcd") else 0.0
+        if scheduler == "tcd" and str(steps) in (recipe.etas or {}):
+            eta = float(recipe.etas[str(steps)])
     if not 0.0 <= eta <= 1.0:
         raise HypersdError(f"--eta is TCD's gamma, between 0 and 1; got {eta}")
     if eta > 0 and scheduler != "tcd":

@@ -26,3 +26,36 @@ def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, scale: int
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+def save_rows(blocks: list[tuple[str, torch.Tensor]], path: str | Path, ncol: int = 10, scale: int = 4,
+              label_width: int = 96) -> Path:
+    """Labelled blocks of samples one under another (images [N, 1, H, W] in [-1, 1], N a multiple
+    of ``ncol``), so that samplers drawn from the same noise and prompts line up column by column."""
+    from PIL import ImageDraw
+
+    cells = []
+    for label, images in blocks:
+        x = images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu().numpy()[:, 0]
+        n, h, w = x.shape
+        if n % ncol:
+            raise ValueError(f"block {label!r} has {n} images, not a multiple of {ncol}")
+        cells.append((label, x.reshape(n // ncol, ncol, h, w)))
+    h, w = cells[0][1].shape[2:]
+    cell_h, cell_w = (h + 1) * scale, (w + 1) * scale  # one dark pixel between images
+    gap = 2 * scale  # between blocks: a clear break where the sampler changes
+    rows = sum(len(c) for _, c in cells)
+    canvas = Image.new("L", (label_width + ncol * cell_w, rows * cell_h + gap * (len(cells) - 1)), 0)
+    draw, y = ImageDraw.Draw(canvas), 0
+    for label, grid in cells:
+        draw.text((4, y + 4), label, fill=255)
+        for r in grid:
+            for q, img in enumerate(r):
+                tile = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
+                canvas.paste(tile, (label_width + q * cell_w, y))
+            y += cell_h
+        y += gap
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
