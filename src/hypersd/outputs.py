@@ -62,11 +62,7 @@ def fsync_file(path: str | Path) -> None:
 def fsync_dir(path: str | Path) -> None:
     """Make a rename inside ``path`` durable (a no-op where folders cannot be opened, as on Windows)."""
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(path)
 
 
 def fsync_tree(folder: str | Path) -> None:
