@@ -275,3 +275,28 @@ def test_a_finished_run_resumed_samples_with_the_student_not_the_fake_score(tmp_
     assert again.run(resume=True)
     # the grids and the recommended eta sample the UNet as it is: it must be the final LoRA
     assert lora.active(again.teacher.unet) == [lora.STUDENT]
+
+
+def test_a_finished_run_resumed_keeps_the_adapters_it_ended_with(tmp_path, random_teacher_file):
+    """tscd -> feedback -> dmd (no merge): DMD trains the student alone, so the final LoRA is the
+    student's; a resume of the finished run must not put the unmerged feedback LoRA back on it."""
+    from hypersd import lora
+
+    stages = [{"name": "t", "segments": 1, "steps": 1},
+              {"name": "fb", "kind": "feedback", "steps": 1, "rewards": [{"name": "digits"}], "sample_steps": [1]},
+              {"name": "d", "kind": "dmd", "steps": 1, "fake_warmup": 1, "fake_updates": 1, "reg_pool": 4,
+               "reg_steps": 2, "reg_batch": 2}]
+    done = Distiller(tiny_recipe(random_teacher_file, stages=stages), tmp_path, progress=False)
+    assert done.run()
+    ended = lora.active(done.teacher.unet)
+    again = Distiller(tiny_recipe(random_teacher_file, stages=stages), tmp_path, progress=False)
+    assert again.run(resume=True)
+    assert lora.active(again.teacher.unet) == ended == [lora.STUDENT]
+
+
+def test_a_digits_teacher_that_is_not_epsilon_is_refused():
+    from hypersd.teachers.digits import SCHEDULER_CONFIG, DigitsTeacher
+
+    teacher = DigitsTeacher.new()
+    with pytest.raises(HypersdError, match="predicts 'v_prediction'; hypersd needs an epsilon-prediction model"):
+        DigitsTeacher(teacher.unet, teacher.text, {**SCHEDULER_CONFIG, "prediction_type": "v_prediction"})

@@ -64,9 +64,10 @@ def _write_error(root: Path, final: Path, e: Exception) -> HypersdError:
     before = list_checkpoints(root)
     kept = (f"the previous checkpoint {before[-1]} is intact and --resume continues from it" if before
             else "no earlier checkpoint exists")
-    what = "no space left on the device" if is_disk_full(e) else f"{type(e).__name__}: {e}"
-    return HypersdError(f"checkpoint {final} could not be written ({what}); nothing of it was kept, {kept}; "
-                        f"free space in {root} and run again with --resume")
+    full = is_disk_full(e)
+    what = "no space left on the device" if full else f"{type(e).__name__}: {e}"
+    fix = f"free space in {root} and run again with --resume" if full else "fix that and run again with --resume"
+    return HypersdError(f"checkpoint {final} could not be written ({what}); nothing of it was kept, {kept}; {fix}")
 
 
 def tidy(root: str | Path) -> None:

@@ -81,8 +81,11 @@ def train_step(rt: Runtime, run: StageRun, opt, z, prompts, cond, grad_clip: flo
     grad_norm = rt.step(loss, opt, run.params, grad_clip, role="student")
     if grad_norm is None:
         return None
+    logs |= {"grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
+    if not torch.isfinite(grad_norm):  # an fp16 overflow the scaler skipped: no update, nothing to follow it
+        return logs
     with rt.autocast():
-        return logs | run.after_step() | {"grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
+        return logs | run.after_step()
 
 
 def has_run(out: str | Path) -> bool:
@@ -178,7 +181,7 @@ class Distiller:
             optim |= extra_optim
         state = {"fingerprint": self.recipe.fingerprint(), "stage_idx": stage_idx, "step": step,
                  "global_step": global_step, "stats": self.stats, "bad_in_a_row": self.rt.guard.in_a_row,
-                 "adapters": {n: lora.spec(unet, n) for n in unet.peft_config}}
+                 "adapters": {n: lora.spec(unet, n) for n in unet.peft_config}, "active": lora.active(unet)}
         path = save_checkpoint(self.out / "checkpoints", global_step, tensors, optim, state, self.recipe.checkpoint_keep)
         self.log.write("checkpoint", path=str(path), stage_idx=stage_idx, step=step, global_step=global_step)
 
@@ -202,7 +205,8 @@ class Distiller:
             lora.set_state(unet, tensors[f"lora-{name}"], name)
         # an added adapter becomes active (the fake score, say); a stage resumed inside sets its own
         # in enter(), and a finished run samples, as it ended, the student with any feedback LoRA on it
-        lora.activate(unet, [n for n in (lora.STUDENT, lora.FEEDBACK) if n in unet.peft_config],
+        # (checkpoints that predate the "active" record: the student with any feedback LoRA on it)
+        lora.activate(unet, state.get("active") or [n for n in (lora.STUDENT, lora.FEEDBACK) if n in unet.peft_config],
                       trainable=(lora.STUDENT,))
         rng = tensors["rng"]
         streams = [rng[f"process-{r}"] for r in range(len(rng)) if f"process-{r}" in rng] or [rng["generator"]]
@@ -297,8 +301,8 @@ class Distiller:
     def _tally(self) -> None:
         """stats.json's total of refused steps, over every stage and optimizer (each stage's
         ``skipped`` holds them by optimizer role)."""
-        self.stats["nan_skipped"] = sum(n for st in self.stats["stages"].values()
-                                        for n in st.get("skipped", {}).values())
+        self.stats["nan_skipped"] = sum(sum(st.get("skipped", {}).values()) + st.get("nan_skipped", 0)
+                                        for st in self.stats["stages"].values())
 
     def batch(self, n: int, generator: torch.Generator | None = None):
         """(latents, prompts, cond): the conditioning from the data where it holds it (a cache),
@@ -397,7 +401,9 @@ class Distiller:
             except HypersdError:
                 had, had_meta = {}, {}
             same = had.keys() == state.keys() and all(torch.equal(had[k], state[k].cpu()) for k in state)
-            if same and had_meta.get("recommended_eta") and had_meta.get("recommended_from") == self.recipe.eval_etas:
+            steps = {str(k) for k in self.recipe.eval_steps}
+            if same and set(had_meta.get("recommended_eta") or {}) == steps \
+                    and had_meta.get("recommended_from") == self.recipe.eval_etas:
                 meta["recommended_from"] = had_meta["recommended_from"]
                 return had_meta["recommended_eta"]
         bench = DigitsBench(self.teacher, n=self.recipe.eval_n, seeds=range(self.recipe.eval_seeds),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.noise import DDPMSchedule, NoiseSchedule
+from ..errors import HypersdError
 from ..solver import cfg
 
 
@@ -57,6 +58,14 @@ class Cond:
             torch.cat([c.hidden for c in conds]),
             {k: torch.cat([c.added[k] for c in conds]) for k in first.added},
         )
+
+
+def require_epsilon(scheduler_config: dict) -> None:
+    """Refuse a teacher whose output is not ε: TSCD reads it through ``Teacher.schedule``, but the
+    DMD and feedback stages still read the bare ᾱ table as ε, and would train on the wrong thing."""
+    kind = scheduler_config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise HypersdError(f"the teacher predicts {kind!r}; hypersd needs an epsilon-prediction model")
 
 
 class Teacher:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from ..digits import ASSETS
 from ..digits.text import DigitTextEncoder, tokenize
 from ..errors import HypersdError
-from .base import Cond, Teacher
+from .base import Cond, Teacher, require_epsilon
 
 DEFAULT_PATH = ASSETS / "teacher.safetensors"
 
@@ -48,6 +48,7 @@ class DigitsTeacher(Teacher):
     def __init__(self, unet, text, scheduler_config: dict, default_guidance: float = 1.0, info=None):
         self.unet, self.text = unet, text
         self.scheduler_config = dict(scheduler_config)
+        require_epsilon(self.scheduler_config)
         sched = DDPMScheduler.from_config(self.scheduler_config)
         self.alphas_cumprod = sched.alphas_cumprod.float()
         self.default_guidance = float(default_guidance)

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import HypersdError
-from .base import Cond, Teacher
+from .base import Cond, Teacher, require_epsilon
 
 COMPONENTS = {
     "sd15": {
@@ -129,10 +129,7 @@ class _StableDiffusion(Teacher):
         self.unet, self.vae = unet, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.scheduler_config = dict(scheduler_config)
-        kind = self.scheduler_config.get("prediction_type", "epsilon")
-        if kind != "epsilon":
-            # every solver and loss here reads the UNet's output as ε
-            raise HypersdError(f"the teacher predicts {kind!r}; hypersd needs an epsilon-prediction model")
+        require_epsilon(self.scheduler_config)
         self.alphas_cumprod = DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.float()
         size = unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else size
