@@ -187,8 +187,17 @@ class Distiller:
 
     def _restore(self):
         damaged = []
-        latest = load_latest(self.out / "checkpoints", lambda msg: damaged.append(msg) or _warn(msg),
-                             writer=self.rt.is_main)
+
+        def latest_checkpoint():
+            return load_latest(self.out / "checkpoints", lambda msg: damaged.append(msg) or _warn(msg),
+                               writer=self.rt.is_main)
+
+        # process 0 first: it clears a killed save's leftovers and sets damaged folders aside, so the
+        # others then list the same folders and every process resumes the same step
+        latest = latest_checkpoint() if self.rt.is_main else None
+        self.rt.barrier()
+        if not self.rt.is_main:
+            latest = latest_checkpoint()
         if latest is None:
             return None
         path, (tensors, optim, state) = latest
