@@ -213,8 +213,8 @@ class Distiller:
             lora.ensure_lora(unet, name, **spec)
             lora.set_state(unet, tensors[f"lora-{name}"], name)
         # an added adapter becomes active (the fake score, say); a stage resumed inside sets its own
-        # in enter(), and a finished run samples, as it ended, the student with any feedback LoRA on it
-        # (checkpoints that predate the "active" record: the student with any feedback LoRA on it)
+        # in enter(), and a finished run samples with the adapters it ended with (checkpoints that
+        # predate the "active" record: the student with any feedback LoRA on it)
         lora.activate(unet, state.get("active") or [n for n in (lora.STUDENT, lora.FEEDBACK) if n in unet.peft_config],
                       trainable=(lora.STUDENT,))
         rng = tensors["rng"]
