@@ -220,7 +220,7 @@ def test_dmd_real_score_is_the_guided_teacher(tmp_path, random_teacher_file, mon
     with torch.no_grad(), lora.adapters_disabled(unet):
         def guided(w):
             return score_x0(lambda xt, s: t.eps(xt, s, uncond) + w * (t.eps(xt, s, cond) - t.eps(xt, s, uncond)),
-                            x, noise, tt, run.acp)
+                            x, noise, tt, run.schedule)
         want, unguided = guided(w), guided(1.0)
     assert torch.allclose(out, want, atol=1e-5)
     assert (want - unguided).abs().max() > 1e-2  # the check tells a guided score from an unguided one

@@ -35,7 +35,7 @@ class StageRun:
     def __init__(self, d, stage: Stage):
         self.d, self.stage = d, stage
         self.teacher, self.unet = d.teacher, d.teacher.unet
-        self.acp = d.teacher.alphas_cumprod.to(d.teacher.device)
+        self.schedule = d.teacher.schedule  # every loss and sampler reads the network's output on it
         self.params: list[torch.nn.Parameter] = []
 
     def enter(self, fresh: bool) -> None:
@@ -150,13 +150,13 @@ class FeedbackRun(StageRun):
         if self.terms:
             noise = torch.randn(z.shape, generator=g).to(z.device)
             timesteps, stop = draw_stop(s.sample_steps, s.t_range, self.teacher.T, g)
-            x0 = sample_until(eps_fn, noise, timesteps, stop, self.acp)
+            x0 = sample_until(eps_fn, noise, timesteps, stop, self.schedule)
             r_loss, logs = reward_loss(self.terms, self.teacher.decode(x0), prompts)
             loss = loss + r_loss
         if self.features is not None:
             t = torch.randint(s.perceptual_t[0], s.perceptual_t[1] + 1, (len(z),), generator=g).to(z.device)
             noise = torch.randn(z.shape, generator=g).to(z.device)
-            logs["perc"] = perceptual_loss(self.features, eps_fn, z, noise, t, self.acp, self.teacher.decode)
+            logs["perc"] = perceptual_loss(self.features, eps_fn, z, noise, t, self.schedule, self.teacher.decode)
             loss = loss + s.perceptual_weight * logs["perc"]
         return loss, logs
 
@@ -254,13 +254,13 @@ class DMDRun(StageRun):
             for i in range(0, s.reg_pool, 256):
                 c = cond[i:i + 256]
                 eps = lambda x, tt, c=c: t.eps_cfg(x, tt, c, c.unconditional(uncond), t.default_guidance)  # noqa: E731
-                out.append(sample_tcd(eps, noise[i:i + 256], timesteps, self.acp))
+                out.append(sample_tcd(eps, noise[i:i + 256], timesteps, self.schedule))
         self.pool = (noise, cond, torch.cat(out))
 
     def _sample(self, cond: Cond) -> torch.Tensor:
-        noise = torch.randn((len(cond), *self.teacher.latent_shape), generator=self.d.generator).to(self.acp.device)
+        noise = torch.randn((len(cond), *self.teacher.latent_shape), generator=self.d.generator).to(self.teacher.device)
         with torch.no_grad():
-            return generate(self._eps(cond), noise, self.stage.generator_t, self.acp)
+            return generate(self._eps(cond), noise, self.stage.generator_t, self.schedule)
 
     def _fake_update(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         g = self.d.generator
@@ -268,7 +268,7 @@ class DMDRun(StageRun):
         noise = torch.randn(x.shape, generator=g).to(x.device)
         with lora.adapter(self.unet, lora.FAKE):  # the fake adapter active and trainable
             with self.d.rt.autocast():
-                loss = denoising_loss(self._eps(cond), x, noise, t, self.acp)
+                loss = denoising_loss(self._eps(cond), x, noise, t, self.schedule)
             self.fake_opt.zero_grad(set_to_none=True)
             self.d.rt.step(loss, self.fake_opt, self.fake_params, self.d.recipe.grad_clip, role="fake")
         return loss.detach()
@@ -276,11 +276,11 @@ class DMDRun(StageRun):
     def loss(self, z, prompts, cond):
         s, g, t_ = self.stage, self.d.generator, self.teacher
         n = len(z)
-        noise = torch.randn((n, *t_.latent_shape), generator=g).to(self.acp.device)
+        noise = torch.randn((n, *t_.latent_shape), generator=g).to(self.teacher.device)
         pool_noise, pool_cond, pool_out = self.pool
         idx = torch.randint(len(pool_noise), (s.reg_batch,), generator=g).to(pool_noise.device)
         both = Cond.cat([cond, pool_cond[idx]])
-        x_all = generate(self._eps(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.acp)
+        x_all = generate(self._eps(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.schedule)
         x, x_reg = x_all[:n], x_all[n:]
 
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
@@ -288,9 +288,9 @@ class DMDRun(StageRun):
         uncond = cond.unconditional(self.d.uncond_row)
         with fp8.teacher_pass(self.unet):
             x0_real = score_x0(lambda xt, tt: t_.eps_cfg(xt, tt, cond, uncond, self.w_real), x.detach(), noise_t, t,
-                               self.acp)
+                               self.schedule)
         with lora.adapter(self.unet, lora.FAKE):
-            x0_fake = score_x0(self._eps(cond), x.detach(), noise_t, t, self.acp)
+            x0_fake = score_x0(self._eps(cond), x.detach(), noise_t, t, self.schedule)
         logs = {"dmd": dmd_loss(x, dmd_gradient(x.detach(), x0_real, x0_fake)),
                 "reg": (x_reg - pool_out[idx]).pow(2).mean()}
         loss = s.dmd_weight * logs["dmd"] + s.reg_weight * logs["reg"]
@@ -307,7 +307,7 @@ class DMDRun(StageRun):
         """‖ε_stu − ε_anchor‖² on real latents noised to the other samplers' timesteps."""
         g = self.d.generator
         t = torch.tensor(self.keep_t)[torch.randint(len(self.keep_t), (len(z),), generator=g)].to(z.device)
-        x_t = add_noise(z, torch.randn(z.shape, generator=g).to(z.device), t, self.acp)
+        x_t = add_noise(z, torch.randn(z.shape, generator=g).to(z.device), t, self.schedule)
         with torch.no_grad(), lora.adapter(self.unet, lora.EMA):
             anchor = self.teacher.eps(x_t, t, cond)
         return (self.teacher.eps(x_t, t, cond) - anchor).pow(2).mean()

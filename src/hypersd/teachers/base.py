@@ -61,8 +61,9 @@ class Cond:
 
 
 def require_epsilon(scheduler_config: dict) -> None:
-    """Refuse a teacher whose output is not ε: TSCD reads it through ``Teacher.schedule``, but the
-    DMD and feedback stages still read the bare ᾱ table as ε, and would train on the wrong thing."""
+    """Refuse a teacher whose output is not ε: every stage reads the output through
+    ``Teacher.schedule``, which knows v-prediction, but no stage has been tested on a v-prediction
+    teacher end to end yet."""
     kind = scheduler_config.get("prediction_type", "epsilon")
     if kind != "epsilon":
         raise HypersdError(f"the teacher predicts {kind!r}; hypersd needs an epsilon-prediction model")
