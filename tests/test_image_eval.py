@@ -12,7 +12,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 from hypersd import image_eval
 from hypersd.cli import main
 from hypersd.errors import HypersdError
-from hypersd.generate import save_png
+from hypersd.inference.jobs import save_png
 from hypersd.image_eval import evaluate, image_prompts, list_images, reward_settings, write_report
 from hypersd.metrics import frechet_distance
 from hypersd.rewards import load_reward

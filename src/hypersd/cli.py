@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    from .generate import add_generate_parser
+    from .inference.cli import add_generate_parser
 
     add_generate_parser(sub)
 

@@ -40,7 +40,7 @@ def image_prompts(files: list[Path], prompts_file: str | Path | None = None) -> 
     ``prompt`` metadata (what ``hypersd generate`` writes)."""
     from PIL import Image
 
-    from .generate import read_prompts
+    from .inference.jobs import read_prompts
 
     if prompts_file is not None:
         prompts = read_prompts(prompts_file)
@@ -250,7 +250,7 @@ def write_report(result: EvalResult, out_dir: str | Path, force: bool = False, n
 # -- the command --------------------------------------------------------------------------------------
 def add_eval_args(e) -> None:
     """The real-image options of ``hypersd eval`` (the digits table keeps its own)."""
-    from .generate import add_sampling_args
+    from .inference.cli import add_sampling_args
 
     e.add_argument("--images", default=None, help="evaluate this folder of images (real-image mode)")
     e.add_argument("--model", default=None, help="generate from this model first, then evaluate (real-image mode)")
@@ -275,7 +275,9 @@ def real_only_flags(a) -> list[str]:
 
 def cmd_image_eval(a) -> None:
     """``hypersd eval`` with --images or --model."""
-    from .generate import generator_from_args, pick_device, plan_jobs, read_prompts, run_jobs
+    from .inference.choices import pick_device
+    from .inference.cli import generator_from_args
+    from .inference.jobs import plan_jobs, read_prompts, run_jobs
     from .outputs import check_writable
 
     if bool(a.images) == bool(a.model):
