@@ -19,7 +19,7 @@ from hypersd.inference.models import detect_backbone
 from hypersd.inference.plan import resolve
 from hypersd.inference.recipes import Recipe, published_recipe
 from hypersd.inference.schedulers import make_scheduler, scheduler_call_args
-from hypersd.lora_files import read_any, to_diffusers
+from hypersd.lora.layouts import read_any, to_diffusers
 from hypersd.sampling import sample_prompts
 from hypersd.schedule import inference_timesteps
 from hypersd.teachers import load_teacher

@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=cmd_cache)
 
-    from . import lora_cli
+    from .lora import cli as lora_cli
 
     lora_cli.add_parser(sub)
     return p

@@ -44,12 +44,12 @@ def build_pipeline(teacher, backbone: str):
 def attach_lora(pipe, path: str | Path, hypersd_meta: dict | None, scale: float = 1.0) -> None:
     """Load a LoRA file into the pipeline and fuse it (one UNet pass per step, as without LoRA).
 
-    hypersd's files are converted by ``lora_files`` (diffusers assumes alpha = rank); any other
+    hypersd's files are converted by ``lora.layouts`` (diffusers assumes alpha = rank); any other
     file (the published Hyper-SD ones, kohya's, diffusers') goes to diffusers' own converters."""
     from safetensors.torch import load_file
 
     if hypersd_meta is not None:
-        from ..lora_files import read_any, to_diffusers
+        from ..lora.layouts import read_any, to_diffusers
 
         state = to_diffusers(*read_any(path))
     else:
