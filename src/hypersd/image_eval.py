@@ -275,7 +275,7 @@ def real_only_flags(a) -> list[str]:
 
 def cmd_image_eval(a) -> None:
     """``hypersd eval`` with --images or --model."""
-    from .inference.choices import pick_device
+    from .device import resolve_device
     from .inference.cli import generator_from_args
     from .inference.jobs import plan_jobs, read_prompts, run_jobs
     from .outputs import check_writable
@@ -303,7 +303,7 @@ def cmd_image_eval(a) -> None:
     else:
         prompts = read_prompts(a.prompts)
         jobs = plan_jobs(prompts, out_dir / "images", 1, a.seed, a.force)
-    device = pick_device(a.device)
+    device = resolve_device(a.device)
     # every judge before any generation: a missing weight fails in seconds, not after 5,000 images
     rewards = load_rewards(settings, device)
     fid = make_fid(a.fid_feature) if reference else None

@@ -1,4 +1,4 @@
-"""The compile, device and dtype a run uses."""
+"""The compile path and the dtype a run uses (the device: ``hypersd.device``)."""
 
 from __future__ import annotations
 
@@ -27,16 +27,6 @@ def pick_compile(flag: str, device: str, n_images: int) -> bool:
     if flag == "auto":
         return str(device).startswith("cuda") and n_images >= COMPILE_MIN_IMAGES
     return flag == "on"
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HypersdError(f"--device {device} asked for, but torch sees no CUDA device; pass --device cpu")
-    return device
 
 
 def pick_dtype(dtype: str, device: str) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..device import resolve_device
 from ..errors import HypersdError
-from .choices import COMPILE, COMPILE_MIN_IMAGES, DTYPES, pick_compile, pick_device
+from .choices import COMPILE, COMPILE_MIN_IMAGES, DTYPES, pick_compile
 from .jobs import plan_jobs, read_prompts, run_jobs
 from .schedulers import SCHEDULERS
 
@@ -49,7 +50,7 @@ def generator_from_args(a, steps: int | None, n_images: int = 1) -> Generator:
     return Generator(a.model, a.lora, backbone=a.backbone, steps=steps,
                      scheduler=a.scheduler, eta=a.eta, guidance=a.guidance, lora_scale=a.lora_scale,
                      negative_prompt=a.negative_prompt, device=a.device, dtype=a.dtype, config=a.model_config,
-                     compile=pick_compile(a.compile, pick_device(a.device), n_images))
+                     compile=pick_compile(a.compile, resolve_device(a.device), n_images))
 
 
 def prompts_from_args(a) -> list[str]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ..device import resolve_device
 from ..errors import HypersdError
-from .choices import pick_device, pick_dtype, pick_path
+from .choices import pick_dtype, pick_path
 from .models import load_model
 from .pipeline import attach_lora, build_pipeline, quiet
 from .plan import resolve
@@ -18,7 +19,7 @@ class Generator:
                  scheduler=None, eta=None, guidance=None, lora_scale: float = 1.0, negative_prompt=None,
                  device: str = "auto", dtype: str = "auto", config: str | None = None, compile: bool = False,
                  compile_backend="inductor"):
-        device = pick_device(device)
+        device = resolve_device(device)
         dtype = pick_dtype(dtype, device)
         recipe, meta = lora_recipe(lora) if lora else (Recipe(), None)
         import torch
