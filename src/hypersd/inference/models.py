@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from ..errors import HypersdError
+from ..hub import check_hub_id
 
-_HUB_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
 
 
 def detect_backbone(model: str) -> str:
@@ -23,10 +22,8 @@ def detect_backbone(model: str) -> str:
             raise HypersdError(f"{path} has no unet/config.json; pass a diffusers folder (as save_pretrained "
                                f"writes it), a hub id, or a single .safetensors checkpoint")
         cfg = json.loads(cfg_file.read_text())
-    elif not _HUB_ID.fullmatch(str(model)):
-        raise HypersdError(f"model {model} not found; pass a diffusers folder, a .safetensors checkpoint or a hub id "
-                           f"(owner/name)")
     else:
+        check_hub_id(model, "model", "pass a diffusers folder, a .safetensors checkpoint or a hub id (owner/name)")
         from diffusers import UNet2DConditionModel
 
         try:
