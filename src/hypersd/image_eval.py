@@ -155,6 +155,20 @@ def make_fid(feature: "int | torch.nn.Module" = 2048):
                            f"with network access so torch-fidelity caches them") from None
 
 
+def fid_value(fid) -> float:
+    """FID of a metric from ``make_fid`` after its updates: torchmetrics extracts and sums the
+    features, hypersd's one Fréchet distance (``frechet``) compares them, as it does for every judge."""
+    from .frechet import frechet_from_moments
+
+    def side(name: str):
+        n = int(getattr(fid, f"{name}_features_num_samples"))
+        mean = getattr(fid, f"{name}_features_sum").double().cpu() / n
+        cov = (getattr(fid, f"{name}_features_cov_sum").double().cpu() - n * mean.outer(mean)) / (n - 1)
+        return mean.numpy(), cov.numpy()
+
+    return frechet_from_moments(*side("fake"), *side("real"))
+
+
 # -- the evaluation ---------------------------------------------------------------------------------
 @dataclass
 class EvalResult:
@@ -217,7 +231,7 @@ def _evaluate(files, prompts, rewards, reference, fid_feature, batch_size, devic
         metrics[name] = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 0.0,
                          "n": len(scores)}
     if fid is not None:
-        metrics["fid"] = {"value": float(fid.compute()), "n": len(files), "n_reference": len(reference)}
+        metrics["fid"] = {"value": fid_value(fid), "n": len(files), "n_reference": len(reference)}
     info = {"size": list(size), **(settings or {})}
     if fid is not None:
         info["fid_feature"] = fid_feature if isinstance(fid_feature, int) else type(fid_feature).__name__
