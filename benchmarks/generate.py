@@ -197,7 +197,7 @@ def pipeline_rows(p: Pipeline, steps_list, ref, a, record, compile: bool) -> Non
     """hypersd generate's path on the same modules: diffusers' pipeline, eager then compiled."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from hypersd.generate import make_scheduler
+    from hypersd.inference.schedulers import make_scheduler
 
     scheduler = make_scheduler("tcd", archs.SCHEDULE)
     if p.backbone == "sdxl":

@@ -34,8 +34,8 @@ import torch
 from hypersd import lora
 from hypersd.digits import data
 from hypersd.evaluation import REFERENCE_STEPS, DigitsBench
+from hypersd.frechet import frechet_distance
 from hypersd.grid import save_grid
-from hypersd.metrics import frechet_distance
 from hypersd.sampling import guided, initial_noise, sample_prompts
 from hypersd.schedule import alpha_bar, inference_timesteps
 from hypersd.teachers.digits import DigitsTeacher

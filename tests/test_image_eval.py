@@ -12,9 +12,9 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 from hypersd import image_eval
 from hypersd.cli import main
 from hypersd.errors import HypersdError
-from hypersd.generate import save_png
+from hypersd.frechet import frechet_distance
 from hypersd.image_eval import evaluate, image_prompts, list_images, reward_settings, write_report
-from hypersd.metrics import frechet_distance
+from hypersd.inference.jobs import save_png
 from hypersd.rewards import load_reward
 from sd_tiny import _text_config, save_tiny, tiny_tokenizer
 
@@ -91,7 +91,8 @@ def test_scores_and_fid_equal_direct_computation(folders, clip_dir):
     prompts = image_prompts(files)
     assert prompts == PROMPTS  # read back from each PNG's metadata
     feature = TinyFeatures()
-    result = evaluate(files, prompts, {"clip": clip}, ref, fid_feature=feature, batch_size=4)
+    metric = image_eval.make_fid(feature)
+    result = evaluate(files, prompts, {"clip": clip}, ref, fid_feature=feature, batch_size=4, fid=metric)
 
     with torch.no_grad():
         direct = clip(folders["fake"].float() / 127.5 - 1, PROMPTS)
@@ -99,11 +100,12 @@ def test_scores_and_fid_equal_direct_computation(folders, clip_dir):
     assert result.metrics["clip"]["mean"] == pytest.approx(direct.mean().item(), abs=1e-4)
     assert result.metrics["clip"]["mean"] > 0 and result.metrics["clip"]["n"] == 6
 
-    # torchmetrics' FID equals the Fréchet distance of the same features, computed here independently
+    # the FID of torchmetrics' running sums equals the Fréchet distance of the same features, all at once
     with torch.no_grad():
         want = frechet_distance(TinyFeatures()(folders["fake"]).numpy(), TinyFeatures()(folders["real"]).numpy())
     fid = result.metrics["fid"]
     assert fid["value"] == pytest.approx(want, rel=1e-4) and want > 1e-3
+    assert fid["value"] == pytest.approx(float(metric.compute()), rel=1e-4)  # torchmetrics' own formula agrees
     assert (fid["n"], fid["n_reference"]) == (6, 5)
     assert feature.seen == [(SIZE, SIZE)] * 4  # two batches of each side
 

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .device import resolve_device
 from .errors import HypersdError
 from .imagedata import crop_rng, open_source, resize_and_crop
 from .outputs import atomic_path, write_text
@@ -73,7 +74,7 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
     if teacher is None:
         from .teachers import load_teacher
 
-        teacher = load_teacher(backbone, model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        teacher = load_teacher(backbone, model, device=resolve_device(device))
     if vae:
         from .teachers.sd import replace_vae
 

@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    from .generate import add_generate_parser
+    from .inference.cli import add_generate_parser
 
     add_generate_parser(sub)
 
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=cmd_cache)
 
-    from . import lora_cli
+    from .lora import cli as lora_cli
 
     lora_cli.add_parser(sub)
     return p

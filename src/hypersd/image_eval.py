@@ -40,7 +40,7 @@ def image_prompts(files: list[Path], prompts_file: str | Path | None = None) -> 
     ``prompt`` metadata (what ``hypersd generate`` writes)."""
     from PIL import Image
 
-    from .generate import read_prompts
+    from .inference.jobs import read_prompts
 
     if prompts_file is not None:
         prompts = read_prompts(prompts_file)
@@ -155,6 +155,20 @@ def make_fid(feature: "int | torch.nn.Module" = 2048):
                            f"with network access so torch-fidelity caches them") from None
 
 
+def fid_value(fid) -> float:
+    """FID of a metric from ``make_fid`` after its updates: torchmetrics extracts and sums the
+    features, hypersd's one Fréchet distance (``frechet``) compares them, as it does for every judge."""
+    from .frechet import frechet_from_moments
+
+    def side(name: str):
+        n = int(getattr(fid, f"{name}_features_num_samples"))
+        mean = getattr(fid, f"{name}_features_sum").double().cpu() / n
+        cov = (getattr(fid, f"{name}_features_cov_sum").double().cpu() - n * mean.outer(mean)) / (n - 1)
+        return mean.numpy(), cov.numpy()
+
+    return frechet_from_moments(*side("fake"), *side("real"))
+
+
 # -- the evaluation ---------------------------------------------------------------------------------
 @dataclass
 class EvalResult:
@@ -217,7 +231,7 @@ def _evaluate(files, prompts, rewards, reference, fid_feature, batch_size, devic
         metrics[name] = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 0.0,
                          "n": len(scores)}
     if fid is not None:
-        metrics["fid"] = {"value": float(fid.compute()), "n": len(files), "n_reference": len(reference)}
+        metrics["fid"] = {"value": fid_value(fid), "n": len(files), "n_reference": len(reference)}
     info = {"size": list(size), **(settings or {})}
     if fid is not None:
         info["fid_feature"] = fid_feature if isinstance(fid_feature, int) else type(fid_feature).__name__
@@ -250,7 +264,7 @@ def write_report(result: EvalResult, out_dir: str | Path, force: bool = False, n
 # -- the command --------------------------------------------------------------------------------------
 def add_eval_args(e) -> None:
     """The real-image options of ``hypersd eval`` (the digits table keeps its own)."""
-    from .generate import add_sampling_args
+    from .inference.cli import add_sampling_args
 
     e.add_argument("--images", default=None, help="evaluate this folder of images (real-image mode)")
     e.add_argument("--model", default=None, help="generate from this model first, then evaluate (real-image mode)")
@@ -275,7 +289,9 @@ def real_only_flags(a) -> list[str]:
 
 def cmd_image_eval(a) -> None:
     """``hypersd eval`` with --images or --model."""
-    from .generate import generator_from_args, pick_device, plan_jobs, read_prompts, run_jobs
+    from .device import resolve_device
+    from .inference.cli import generator_from_args
+    from .inference.jobs import plan_jobs, read_prompts, run_jobs
     from .outputs import check_writable
 
     if bool(a.images) == bool(a.model):
@@ -301,7 +317,7 @@ def cmd_image_eval(a) -> None:
     else:
         prompts = read_prompts(a.prompts)
         jobs = plan_jobs(prompts, out_dir / "images", 1, a.seed, a.force)
-    device = pick_device(a.device)
+    device = resolve_device(a.device)
     # every judge before any generation: a missing weight fails in seconds, not after 5,000 images
     rewards = load_rewards(settings, device)
     fid = make_fid(a.fid_feature) if reference else None

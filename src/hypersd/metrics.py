@@ -11,31 +11,15 @@ is nearly blind to grey speckle on the background; the pixel judges see it.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
-from scipy import linalg
+
+from .frechet import frechet_distance
 
 METRICS = ("fd", "pix_fd", "bg_noise", "acc", "traj_mse", "reward")
 # Lower is better; each is also reported as a multiple of the teacher's own 40-step value.
 DISTANCES = ("fd", "pix_fd", "bg_noise")
 DARK_SHARE = 0.9  # a pixel is background when at least this share of real test digits leave it black
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between two feature sets [n, d]."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(cov_a @ cov_b)
-        if not np.isfinite(covmean).all():  # near-singular product: nudge both, as FID does
-            eps = 1e-6 * np.eye(a.shape[1])
-            covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 
 
 class PixelJudge:

@@ -15,21 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device import resolve_device
 from .errors import HypersdError
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise HypersdError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HypersdError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device: cpu")
-    return dev
 
 
 class StepGuard:

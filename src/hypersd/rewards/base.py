@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import HypersdError
+from ..hub import check_hub_id
 
-_HUB_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
 
 
 def check_scores(scores, batch: int, name: str = "reward") -> torch.Tensor:
@@ -70,10 +69,7 @@ def model_source(path: str | None, reward: str, what: str) -> str:
     folder = Path(str(path)).expanduser()
     if folder.is_dir():
         return str(folder)
-    if folder.exists() or not _HUB_ID.fullmatch(str(path)):
-        problem = "is a file, not a folder" if folder.exists() else "not found"
-        raise HypersdError(f"{reward} reward: {path} {problem}; pass path= a local folder with {what} or a hub id")
-    return str(path)
+    return check_hub_id(path, f"{reward} reward:", f"pass path= a local folder with {what} or a hub id")
 
 
 def load_part(load, source: str, reward: str, what: str, fix: str = "pass path= a local folder"):

@@ -7,7 +7,6 @@ feature extractor) is ever loaded.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import HypersdError
+from ..hub import check_hub_id
 from .base import Cond, Teacher, require_epsilon
 
 COMPONENTS = {
@@ -33,7 +33,6 @@ COMPONENTS = {
         "tokenizer_2": CLIPTokenizer,
     },
 }
-_HUB_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
 
 
 def load_sd(backbone: str, path: str, device="cpu", dtype=None) -> Teacher:
@@ -51,9 +50,8 @@ def load_sd(backbone: str, path: str, device="cpu", dtype=None) -> Teacher:
                     f"{folder} has no {name!r} component (no {name}/ subfolder); pass a complete diffusers "
                     f"{backbone} folder, as written by the pipeline's save_pretrained"
                 )
-    elif folder.exists() or not _HUB_ID.fullmatch(path):
-        problem = "is a file, not a folder" if folder.exists() else "not found"
-        raise HypersdError(f"model folder {path} {problem}; pass a diffusers folder or a hub id (owner/name)")
+    else:
+        check_hub_id(path, "model folder", "pass a diffusers folder or a hub id (owner/name)")
 
     parts = {name: _load(cls.from_pretrained, path, name) for name, cls in COMPONENTS[backbone].items()}
     sched = _load(DDPMScheduler.load_config, path, "scheduler")
@@ -75,9 +73,9 @@ def replace_vae(teacher: "_StableDiffusion", source: str) -> None:
     precision. ``source``: a folder holding an AutoencoderKL (its config.json and safetensors
     weights), a diffusers model folder (its vae/ is used), or a hub id."""
     folder = Path(str(source)).expanduser()
-    if folder.is_file() or (not folder.exists() and not _HUB_ID.fullmatch(str(source))):
-        raise HypersdError(f"VAE {source} is not a folder or a hub id; pass a folder with an AutoencoderKL "
-                           f"(config.json and diffusion_pytorch_model.safetensors) or a hub id")
+    if not folder.is_dir():
+        check_hub_id(source, "VAE", "pass a folder with an AutoencoderKL (config.json and "
+                                    "diffusion_pytorch_model.safetensors) or a hub id")
     sub = "vae" if (folder / "vae").is_dir() else None
     path = str(folder) if folder.exists() else str(source)
     try:

@@ -12,21 +12,14 @@ from safetensors.torch import save_file
 from hypersd import lora
 from hypersd.cli import main
 from hypersd.errors import HypersdError
-from hypersd.generate import (
-    COMPILE_MIN_IMAGES,
-    Generator,
-    Recipe,
-    detect_backbone,
-    make_scheduler,
-    pick_compile,
-    pick_path,
-    plan_jobs,
-    published_recipe,
-    read_prompts,
-    resolve,
-    scheduler_call_args,
-)
-from hypersd.lora_files import read_any, to_diffusers
+from hypersd.inference.choices import COMPILE_MIN_IMAGES, pick_compile, pick_path
+from hypersd.inference.generator import Generator
+from hypersd.inference.jobs import plan_jobs, read_prompts
+from hypersd.inference.models import detect_backbone
+from hypersd.inference.plan import resolve
+from hypersd.inference.recipes import Recipe, published_recipe
+from hypersd.inference.schedulers import make_scheduler, scheduler_call_args
+from hypersd.lora.layouts import read_any, to_diffusers
 from hypersd.sampling import sample_prompts
 from hypersd.schedule import inference_timesteps
 from hypersd.teachers import load_teacher
@@ -95,7 +88,7 @@ def test_one_step_timestep_from_the_lora():
 
 
 def test_the_loras_recommended_eta_is_used_unless_eta_is_given():
-    from hypersd.generate import hypersd_recipe
+    from hypersd.inference.recipes import hypersd_recipe
 
     recipe = hypersd_recipe({"guidance": 1.0, "backbone": "sd15", "recommended_eta": {"1": 0.0, "4": 0.3}}, "l")
     kw = dict(model="m", backbone="sd15", lora="l.safetensors", T=1000, default_guidance=7.5)

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from hypersd import lora
 from hypersd.cli import main
 from hypersd.errors import HypersdError
-from hypersd.lora_cli import FORMATS as CLI_FORMATS
-from hypersd.lora_files import FORMATS, load_into_unet, read_any, write
+from hypersd.lora.cli import FORMATS as CLI_FORMATS
+from hypersd.lora.layouts import FORMATS, load_into_unet, read_any, write
 from hypersd.sampling import guided, initial_noise, sample_tcd
 from hypersd.schedule import inference_timesteps
 from hypersd.teachers import load_teacher

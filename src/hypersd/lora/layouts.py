@@ -3,7 +3,7 @@
 All three hold the same weights: each adapted layer adds ``(alpha/rank)·B·A`` to its weight.
 
 - ``hypersd``: peft's keys (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight``),
-  with rank, alpha and targets in the ``hypersd`` metadata (``lora.save_state``).
+  with rank, alpha and targets in the ``hypersd`` metadata (``files.save_state``).
 - ``diffusers``: the same keys under ``unet.``. diffusers reads no alpha from such a file (it takes
   alpha = rank), so alpha/rank is folded into B; ``pipe.load_lora_weights(path)`` loads it.
 - ``kohya``: ``lora_unet_<module path, dots as underscores>.lora_down.weight`` (A),
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from . import lora
-from .errors import HypersdError
+from ..errors import HypersdError
+from .adapters import STUDENT, add_lora, check_state, has_adapters, lora_config, remove_lora
+from .files import save_state
 
 FORMATS = ("hypersd", "diffusers", "kohya")
 KOHYA_PREFIX = "lora_unet_"
@@ -325,7 +326,7 @@ def write(path: str | Path, state: dict[str, torch.Tensor], meta: dict, fmt: str
     """``state`` (hypersd's layout) written as ``fmt``; atomic, and never over a file without ``force``."""
     from safetensors.torch import save_file
 
-    from .outputs import atomic_path, check_writable
+    from ..outputs import atomic_path, check_writable
 
     if fmt not in FORMATS:
         raise HypersdError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -334,7 +335,7 @@ def write(path: str | Path, state: dict[str, torch.Tensor], meta: dict, fmt: str
     targets = meta.get("targets") or sorted(_modules(state))
     meta = {**meta, "rank": rank, "alpha": alpha, "targets": targets}
     if fmt == "hypersd":
-        return lora.save_state(path, state, meta)
+        return save_state(path, state, meta)
     if fmt == "diffusers":
         tensors, header = to_diffusers(state, meta), {"format": "pt"}
         meta = {**meta, "alpha": float(rank)}  # folded into B
@@ -347,23 +348,23 @@ def write(path: str | Path, state: dict[str, torch.Tensor], meta: dict, fmt: str
 
 
 # -- onto a UNet ------------------------------------------------------------------------------
-def load_into_unet(unet, path: str | Path, name: str = lora.STUDENT) -> dict:
+def load_into_unet(unet, path: str | Path, name: str = STUDENT) -> dict:
     """A LoRA file of any layout as adapter ``name`` on ``unet``, made active; returns its meta.
 
     Keys and shapes are checked against the UNet first: every layer that does not fit is listed in
     one message, and the UNet is left without the adapter."""
     state, meta, _ = _read(path, unet.config.layers_per_block)
-    lora.remove_lora(unet, name)
+    remove_lora(unet, name)
     try:
-        lora.add_lora(unet, lora.lora_config(meta["rank"], meta["alpha"], meta["targets"]), name)
+        add_lora(unet, lora_config(meta["rank"], meta["alpha"], meta["targets"]), name)
     except (ValueError, TypeError) as e:  # peft: no target layer in this UNet, or one it cannot adapt
         example = ", ".join(sorted(_modules(state))[:3])
         raise HypersdError(f"LoRA {path} does not fit this UNet: {str(e).splitlines()[0][:160]} "
                            f"(its layers: {example}, ...); was it trained on another model?") from None
     try:
-        lora.check_state(unet, state, name, source=f"LoRA {path}")
+        check_state(unet, state, name, source=f"LoRA {path}")
     except HypersdError:
-        lora.remove_lora(unet, name)
+        remove_lora(unet, name)
         raise
     from peft.utils import set_peft_model_state_dict
 
@@ -376,7 +377,7 @@ def fuse_into_unet(unet, path: str | Path, scale: float = 1.0) -> dict:
     """Fold a LoRA file into the UNet's own weights (``scale`` times its effect); no adapter is left.
 
     The UNet must carry no adapters: removing the fused LoRA's layers removes every adapter's."""
-    if lora.has_adapters(unet):
+    if has_adapters(unet):
         raise HypersdError(f"fuse a LoRA into a UNet without adapters (this one has {sorted(unet.peft_config)})")
     name = "fuse"
     meta = load_into_unet(unet, path, name)

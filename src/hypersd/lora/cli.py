@@ -7,16 +7,16 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import HypersdError
+from ..errors import HypersdError
 
-# lora_files.FORMATS, spelled out so that building the command line imports no torch
+# layouts.FORMATS, spelled out so that building the command line imports no torch
 FORMATS = ("hypersd", "diffusers", "kohya")
 BACKBONES = ("sd15", "sdxl")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def cmd_convert(a) -> None:
-    from .lora_files import read_any, write
+    from .layouts import read_any, write
 
     state, meta = read_any(a.src)
     path = write(a.out, state, meta, a.to, force=a.force)
@@ -24,8 +24,8 @@ def cmd_convert(a) -> None:
 
 
 def cmd_merge(a) -> None:
-    from .lora import merge_states
-    from .lora_files import read_any, write
+    from .algebra import merge_states
+    from .layouts import read_any, write
 
     state_a, meta_a = read_any(a.a)
     state_b, meta_b = read_any(a.b)
@@ -51,9 +51,9 @@ def fuse_to_folder(backbone: str, model: str, lora_path: str, out: str | Path, s
     Written beside ``out`` and renamed into place, so a crash never leaves half a model there."""
     import torch
 
-    from .lora_files import fuse_into_unet
-    from .outputs import fsync_tree
-    from .teachers import load_teacher
+    from ..outputs import fsync_tree
+    from ..teachers import load_teacher
+    from .layouts import fuse_into_unet
 
     out = Path(out)
     if out.exists() and not force:

@@ -1,0 +1,85 @@
+"""A run's plan: the command line's choices over the LoRA's recipe over the model's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import HypersdError
+from .recipes import Recipe
+from .schedulers import SCHEDULERS
+
+BASE_STEPS = 25  # a model without a LoRA: the paper's baseline step count
+
+
+@dataclass
+class Plan:
+    """Everything one generation run is sampled with; written into each PNG."""
+
+    model: str
+    backbone: str
+    lora: str | None
+    steps: int
+    scheduler: str
+    eta: float
+    guidance: float
+    timesteps: list[int]
+    one_step_t: int | None = None
+    lora_scale: float = 1.0
+    negative_prompt: str | None = None
+    recipe: str = "model defaults"
+    dtype: str = "float32"
+
+
+def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: int, default_guidance: float,
+            steps=None, scheduler=None, eta=None, guidance=None, lora_scale: float = 1.0,
+            negative_prompt: str | None = None, dtype: str = "float32") -> Plan:
+    """The command line's choices over the LoRA's recipe over the model's defaults."""
+    if recipe.backbone and recipe.backbone != backbone:
+        raise HypersdError(f"{Path(lora).name} is an {recipe.backbone} LoRA but {model} is an {backbone} model; "
+                           f"pass a {recipe.backbone} model or a LoRA trained on this one")
+    if steps is None:
+        steps = recipe.steps if recipe.steps is not None else (BASE_STEPS if lora is None else None)
+    if steps is None:
+        raise HypersdError(f"no step count is known for LoRA {lora} (neither a published Hyper-SD file name nor "
+                           f"hypersd metadata); pass --steps N")
+    if steps < 1:
+        raise HypersdError(f"--steps must be at least 1, got {steps}")
+    scheduler = scheduler or recipe.scheduler or "ddim"
+    if scheduler not in SCHEDULERS:
+        raise HypersdError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if eta is None:
+        eta = recipe.eta if (recipe.eta is not None and scheduler == "tcd") else 0.0
+        if scheduler == "tcd" and str(steps) in (recipe.etas or {}):
+            eta = float(recipe.etas[str(steps)])
+    if not 0.0 <= eta <= 1.0:
+        raise HypersdError(f"--eta is TCD's gamma, between 0 and 1; got {eta}")
+    if eta > 0 and scheduler != "tcd":
+        raise HypersdError(f"--eta {eta} needs --scheduler tcd (DDIM is TCD at eta 0)")
+    if guidance is None:
+        guidance = recipe.guidance if recipe.guidance is not None else (default_guidance if lora is None else 1.0)
+    one_step_t = recipe.one_step_t if steps == 1 else None
+    if one_step_t is not None and scheduler == "ddim":
+        raise HypersdError(f"this LoRA's one step starts at t={one_step_t}, which diffusers' DDIM cannot start at; "
+                           f"use --scheduler tcd (with --eta 0 it is the same sampler)")
+    timesteps = sampler_timesteps(steps, T, one_step_t, exact=recipe.on_boundaries)
+    return Plan(model=str(model), backbone=backbone, lora=None if lora is None else str(lora), steps=steps,
+                scheduler=scheduler, eta=float(eta), guidance=float(guidance), timesteps=timesteps,
+                one_step_t=one_step_t, lora_scale=lora_scale, negative_prompt=negative_prompt, recipe=recipe.source,
+                dtype=dtype)
+
+
+def sampler_timesteps(k: int, T: int, one_step_t: int | None = None, exact: bool = True) -> list[int]:
+    """hypersd's k-step timesteps (the segment boundaries, which exist where k divides T). Where
+    they do not exist and ``exact`` is off (a published 12-step LoRA, a model alone), diffusers'
+    DDIM trailing spacing, which the published recipes ran and which equals hypersd's wherever
+    both exist; with ``exact`` on, the refusal of ``inference_timesteps``."""
+    from ..schedule import inference_timesteps
+
+    if exact or T % k == 0 or one_step_t is not None:
+        return inference_timesteps(k, T, one_step_t)
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    ddim.set_timesteps(k)
+    return [int(t) for t in ddim.timesteps]

@@ -1,0 +1,70 @@
+"""What a LoRA brings to sampling: a published Hyper-SD file's recipe, a hypersd file's metadata."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import HypersdError
+
+# Hyper-SD's released LoRA files: Hyper-SD15-1step-lora, Hyper-SDXL-8steps-CFG-lora, ...
+_PUBLISHED = re.compile(r"hyper-sd(15|xl)-(\d+)steps?(-cfg)?-lora", re.IGNORECASE)
+
+
+@dataclass
+class Recipe:
+    """Sampling defaults a LoRA brings; None leaves the choice to the next source."""
+
+    steps: int | None = None
+    scheduler: str | None = None
+    eta: float | None = None
+    guidance: float | None = None
+    backbone: str | None = None
+    one_step_t: int | None = None
+    # a hypersd LoRA's measured eta per step count ("4": 0.3), preferred over ``eta`` at those counts
+    etas: dict | None = None
+    source: str = "model defaults"
+    # trained on hypersd's segment boundaries: a step count without boundaries is refused
+    on_boundaries: bool = False
+
+
+def published_recipe(path: str | Path) -> Recipe | None:
+    """The recipe Hyper-SD's authors published for one of their LoRA files, known by its name.
+
+    N-step LoRAs: DDIM trailing, no CFG. The 1-step LoRA is the unified one: TCD with eta 1 at any
+    of 1 to 8 steps. The CFG LoRAs keep classifier-free guidance: 5 (they publish 5 to 8)."""
+    m = _PUBLISHED.search(Path(path).name)
+    if not m:
+        return None
+    backbone = "sd15" if m.group(1) == "15" else "sdxl"
+    steps, cfg = int(m.group(2)), bool(m.group(3))
+    source = f"published Hyper-SD recipe for {m.group(0)}"
+    if cfg:
+        return Recipe(steps, "ddim", 0.0, 5.0, backbone, source=source)
+    if steps == 1:
+        return Recipe(1, "tcd", 1.0, 0.0, backbone, source=source)
+    return Recipe(steps, "ddim", 0.0, 0.0, backbone, source=source)
+
+
+def hypersd_recipe(meta: dict, path) -> Recipe:
+    """A hypersd LoRA's own metadata: its guidance, its one-step timestep, TCD form."""
+    return Recipe(scheduler="tcd", eta=0.0, guidance=meta.get("guidance"), backbone=meta.get("backbone"),
+                  one_step_t=meta.get("one_step_t"), etas=meta.get("recommended_eta"),
+                  source=f"hypersd LoRA metadata of {Path(path).name}", on_boundaries=True)
+
+
+
+def lora_recipe(path: str | Path) -> tuple[Recipe, dict | None]:
+    """(recipe, hypersd metadata or None) of a LoRA file, read without loading its weights."""
+    from ..outputs import read_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise HypersdError(f"LoRA file {path} not found")
+    if path.suffix != ".safetensors":
+        raise HypersdError(f"{path} is not a .safetensors file; hypersd loads LoRAs in safetensors only")
+    meta = read_metadata(path, "LoRA")
+    if meta:
+        return hypersd_recipe(meta, path), meta
+    return published_recipe(path) or Recipe(source=f"no recipe known for {path.name}"), None

@@ -1,0 +1,63 @@
+"""diffusers' DDIM (trailing) and TCD, both ending at x0 as hypersd's sampler does."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import HypersdError
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+SCHEDULERS = ("tcd", "ddim")
+
+
+def make_scheduler(kind: str, config: dict):
+    """diffusers' TCD or DDIM (trailing) from the model's scheduler config, ending at x0."""
+    from diffusers import DDIMScheduler
+
+    if kind == "ddim":
+        # set_alpha_to_one: the last step lands on ᾱ = 1, i.e. returns x0
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                         clip_sample=False, thresholding=False)
+    if kind == "tcd":
+        return _tcd_class().from_config(config, original_inference_steps=40)
+    raise HypersdError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def scheduler_call_args(plan: Plan) -> dict:
+    """The pipeline arguments that put its scheduler on ``plan.timesteps``.
+
+    TCD takes them as they are; DDIM takes only a count, and its trailing spacing gives the same
+    list (checked after the run)."""
+    if plan.scheduler == "tcd":
+        return {"timesteps": list(plan.timesteps), "eta": plan.eta}
+    return {"num_inference_steps": plan.steps, "eta": 0.0}
+
+
+_TCD = None
+
+
+def _tcd_class():
+    """diffusers' TCDScheduler whose last step returns x0 (hypersd's sampler) instead of the
+    ᾱ_0-noised x0; every other step is diffusers' own."""
+    global _TCD
+    if _TCD is None:
+        import torch
+        from diffusers import TCDScheduler
+        from diffusers.schedulers.scheduling_tcd import TCDSchedulerOutput
+
+        class HypersdTCDScheduler(TCDScheduler):
+            def step(self, model_output, timestep, sample, eta: float = 0.3, generator=None, return_dict: bool = True):
+                if self.step_index is None:
+                    self._init_step_index(timestep)
+                last = self.step_index == len(self.timesteps) - 1
+                out = super().step(model_output, timestep, sample, eta=eta, generator=generator, return_dict=True)
+                if last:
+                    a = self.alphas_cumprod.to(sample.device)[int(timestep)].to(torch.float32)
+                    x0 = ((sample.float() - (1 - a).sqrt() * model_output.float()) / a.sqrt()).to(sample.dtype)
+                    out = TCDSchedulerOutput(prev_sample=x0, pred_noised_sample=x0)
+                return out if return_dict else (out.prev_sample, out.pred_noised_sample)
+
+        _TCD = HypersdTCDScheduler
+    return _TCD
