@@ -433,7 +433,7 @@ def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> No
             try:
                 grid = SolverGrid(T, s.solver_steps, spacing)
             except HypersdError as e:
-                raise HypersdError(f"{where}: solver_steps {s.solver_steps} on {family}: {e}") from None
+                raise HypersdError(f"{where}: solver_steps {s.solver_steps}: {e}") from None
             try:
                 Segments(s.segments, grid)
             except HypersdError as e:
