@@ -71,20 +71,22 @@ def _unet(**kwargs) -> UNet2DConditionModel:
     )
 
 
-def tiny_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+def tiny_sd15_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    """``prediction_type`` "v_prediction": the same UNet read as an SD2-style v-model."""
     torch.manual_seed(seed)
     unet = _unet(layers_per_block=1, cross_attention_dim=TEXT_DIM)
     vae = _vae()
     tokenizer = tiny_tokenizer()
     text_encoder = CLIPTextModel(_text_config(tokenizer))
-    scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(**{**SD_SCHEDULE, "prediction_type": prediction_type}, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     time_dim = 8
     unet = _unet(
@@ -97,26 +99,27 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     tokenizer = tiny_tokenizer()
     text_encoder = CLIPTextModel(_text_config(tokenizer))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer))
-    scheduler = EulerDiscreteScheduler(**SD_SCHEDULE, steps_offset=1, timestep_spacing="leading")
+    scheduler = EulerDiscreteScheduler(**{**SD_SCHEDULE, "prediction_type": prediction_type}, steps_offset=1,
+                                       timestep_spacing="leading")
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler,
     )
 
 
-def tiny_pipeline(kind: str, seed: int = 0):
-    return {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline}[kind](seed)
+def tiny_pipeline(kind: str, seed: int = 0, prediction_type: str = "epsilon"):
+    return {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline}[kind](seed, prediction_type)
 
 
-def save_tiny(kind: str, folder, seed: int = 0) -> Path:
+def save_tiny(kind: str, folder, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny ``kind`` ("sd15" or "sdxl") pipeline to ``folder`` as a diffusers folder."""
     folder = Path(folder)
-    tiny_pipeline(kind, seed).save_pretrained(folder)
+    tiny_pipeline(kind, seed, prediction_type).save_pretrained(folder)
     return folder
 
 
-def tiny_teacher(kind: str, folder, seed: int = 0):
+def tiny_teacher(kind: str, folder, seed: int = 0, prediction_type: str = "epsilon"):
     """A hypersd teacher loaded, as a user's would be, from a tiny pipeline saved to ``folder``."""
     from hypersd.teachers import load_teacher
 
-    return load_teacher(kind, str(save_tiny(kind, folder, seed)))
+    return load_teacher(kind, str(save_tiny(kind, folder, seed, prediction_type)))

@@ -253,7 +253,7 @@ def test_flow_euler_sampler_equals_flow_match_euler_discrete_scheduler(k):
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_flux_euler_sampler_equals_the_pipelines_scheduler(k):
     sched, net, x = flux(4096), tiny_net(), randn(2, 4, 8, 8)
     ref = _stock_run(stock_flux(k, 4096), lambda x, t: net(x, t / 1000), x)

@@ -87,3 +87,57 @@ def test_a_value_of_the_wrong_type_is_refused_naming_key_and_type(where, key, va
         target[where][key] = value
     with pytest.raises(HypersdError, match=message):
         from_dict(raw)
+
+
+# -- on the teacher's own schedule: a flow teacher's σ grid ---------------------------------------
+def _flow_recipe(*stages, **top):
+    """A recipe of a backbone whose schedule is not known by name: checked once its teacher loads."""
+    return from_dict({"backbone": "flow-under-test", "stages": list(stages), **top})
+
+
+FLOW_TSCD = {"name": "t", "segments": 8, "solver_steps": 43}
+
+
+def _sd3():
+    from hypersd.core import FlowSchedule
+
+    return FlowSchedule(shift=3.0, timestep_scale=1000.0, spacing="inclusive")
+
+
+def test_a_flow_recipe_is_checked_on_the_teachers_inclusive_grid():
+    from hypersd.recipe import check_timesteps
+
+    dmd = {"name": "d", "kind": "dmd", "t_range": [20, 820], "generator_t": 840, "reg_steps": 21}
+    ok = _flow_recipe(FLOW_TSCD, dmd, eval_steps=[1, 2, 4, 8])
+    check_timesteps(ok, "recipe", _sd3())  # N=43 holds the boundaries of k = 1, 2, 4, 8 on T=841
+    with pytest.raises(HypersdError, match="1000 training timesteps"):  # the DDPM grid cannot serve it
+        check_timesteps(from_dict({"stages": [{"name": "t", "segments": 8, "solver_steps": 43}]}))
+    with pytest.raises(HypersdError, match=r"stage 't': solver_steps 40: 40 points do not split the 840 intervals"
+                                           r".*N=43"):  # the DDPM default N=40 is no inclusive grid
+        check_timesteps(_flow_recipe({"name": "t", "segments": 4}), "recipe", _sd3())
+    with pytest.raises(HypersdError, match=r"stage 't': segments 8 with solver_steps 13: .*not on the N=13 "
+                                           r"solver grid \(T=841, inclusive spacing\); .*N=43"):
+        check_timesteps(_flow_recipe({"name": "t", "segments": 8, "solver_steps": 13}), "recipe", _sd3())
+    with pytest.raises(HypersdError, match="eval_steps 10: 10 points do not split the 840 intervals"):
+        check_timesteps(_flow_recipe(FLOW_TSCD, eval_steps=[10]), "recipe", _sd3())
+    with pytest.raises(HypersdError, match=r"stage 'd': t_range \[20, 980\] is outside the timesteps 0..840 of "
+                                           r"the teacher's schedule \(T=841, inclusive spacing\)"):
+        check_timesteps(_flow_recipe(FLOW_TSCD, {"name": "d", "kind": "dmd"}), "recipe", _sd3())
+    with pytest.raises(HypersdError, match="generator_t 999 is outside the timesteps 0..840"):
+        check_timesteps(_flow_recipe(FLOW_TSCD, {"name": "d", "kind": "dmd", "t_range": [20, 820]}), "recipe",
+                        _sd3())
+
+
+def test_a_flow_recipe_off_the_grid_is_refused_when_its_teacher_loads(random_teacher_file, tmp_path):
+    from hypersd.teachers.digits import DigitsTeacher
+    from hypersd.trainer import Distiller
+
+    class OnFlow(DigitsTeacher):  # the digits network, read on SD3's σ grid
+        schedule = _sd3()
+
+    teacher = DigitsTeacher.load(random_teacher_file)
+    teacher.__class__ = OnFlow
+    recipe = _flow_recipe({"name": "t", "segments": 8, "solver_steps": 13, "steps": 1, "batch": 2},
+                          teacher=str(random_teacher_file), eval_steps=[1], grid_every_stage=False, lora_rank=4)
+    with pytest.raises(HypersdError, match=r"segments 8 with solver_steps 13: .*T=841, inclusive"):
+        Distiller(recipe, tmp_path, progress=False, teacher=teacher)

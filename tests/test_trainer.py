@@ -294,9 +294,11 @@ def test_a_finished_run_resumed_keeps_the_adapters_it_ended_with(tmp_path, rando
     assert lora.active(again.teacher.unet) == ended == [lora.STUDENT]
 
 
-def test_a_digits_teacher_that_is_not_epsilon_is_refused():
+def test_a_digits_teacher_reads_v_prediction_and_refuses_an_unknown_output():
     from hypersd.teachers.digits import SCHEDULER_CONFIG, DigitsTeacher
 
     teacher = DigitsTeacher.new()
-    with pytest.raises(HypersdError, match="predicts 'v_prediction'; hypersd needs an epsilon-prediction model"):
-        DigitsTeacher(teacher.unet, teacher.text, {**SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    v = DigitsTeacher(teacher.unet, teacher.text, {**SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    assert v.schedule.prediction_type == "v_prediction"
+    with pytest.raises(HypersdError, match="unknown prediction_type 'sample'"):
+        DigitsTeacher(teacher.unet, teacher.text, {**SCHEDULER_CONFIG, "prediction_type": "sample"})

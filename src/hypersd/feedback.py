@@ -68,19 +68,22 @@ def sample_until(eps_fn, noise: torch.Tensor, timesteps: list[int], stop: int, a
     return denoise(eps_fn, x, timesteps[stop], alphas_cumprod)
 
 
-def stop_options(sample_steps: list[int], t_range: list[int], T: int) -> list[tuple[int, int]]:
-    """Every (k, i): step i of a k-step sampler, k from ``sample_steps``, with its timestep in ``t_range``."""
-    return [(k, i) for k in sample_steps for i, t in enumerate(inference_timesteps(k, T))
+def stop_options(sample_steps: list[int], t_range: list[int], T: int,
+                 spacing: str = "trailing") -> list[tuple[int, int]]:
+    """Every (k, i): step i of a k-step sampler, k from ``sample_steps``, with its timestep in ``t_range``;
+    T and ``spacing`` are the teacher's schedule's."""
+    return [(k, i) for k in sample_steps for i, t in enumerate(inference_timesteps(k, T, spacing=spacing))
             if t_range[0] <= t <= t_range[1]]
 
 
-def draw_stop(sample_steps: list[int], t_range: list[int], T: int, generator=None) -> tuple[list[int], int]:
+def draw_stop(sample_steps: list[int], t_range: list[int], T: int, generator=None,
+              spacing: str = "trailing") -> tuple[list[int], int]:
     """A step count k from ``sample_steps`` and a step of its sampler whose timestep is in ``t_range``."""
-    options = stop_options(sample_steps, t_range, T)
+    options = stop_options(sample_steps, t_range, T, spacing)
     if not options:
         raise HypersdError(f"no step of a {sample_steps}-step sampler has its timestep in {t_range}; widen t_range")
     k, i = options[int(torch.randint(len(options), (1,), generator=generator))]
-    return inference_timesteps(k, T), i
+    return inference_timesteps(k, T, spacing=spacing), i
 
 
 # -- perceptual feedback -----------------------------------------------------------------------

@@ -20,8 +20,10 @@ import yaml
 from .errors import HypersdError
 
 CONFIGS = Path(__file__).parent / "configs"
-# The training timesteps of every teacher hypersd loads (digits, SD1.5, SDXL): what a recipe's step
-# counts are checked against at load. The trainer checks again against the teacher it loaded.
+# The DDPM backbones (their schedule known by name: T = 1000, trailing): what a recipe's step counts
+# are checked against at load. The trainer checks again on the schedule of the teacher it loaded
+# (the only check for the other backbones, flow ones included).
+DDPM_BACKBONES = ("digits", "sd15", "sdxl")
 TEACHER_T = 1000
 RUNTIME_KEYS = ("device", "mixed_precision", "gradient_checkpointing", "channels_last", "compile", "tf32", "optimizer",
                 "fp8_teacher")
@@ -398,17 +400,30 @@ def _validate_settings(r: Recipe, source: str) -> None:
         raise HypersdError(f"{source}: eval_etas must lie in [0, 1], got {r.eval_etas}")
 
 
-def check_timesteps(recipe: Recipe, source: str = "recipe", T: int = TEACHER_T) -> None:
-    """Every step count and grid of the recipe against a teacher of ``T`` training timesteps: what a
-    stage would otherwise refuse only when it starts, after the stages before it have trained."""
+def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> None:
+    """Every step count, grid and timestep of the recipe on the teacher's ``NoiseSchedule`` (its own T
+    and spacing): what a stage would otherwise refuse only when it starts, after the stages before it
+    have trained. Without a schedule (a recipe read before its teacher is loaded): the DDPM schedule
+    of the backbones whose schedule is known by name; any other backbone is checked once its teacher
+    is loaded (the trainer calls this again with the teacher's schedule)."""
     from .feedback import stop_options
     from .schedule import Segments, SolverGrid, inference_timesteps
 
+    if schedule is None and recipe.backbone not in DDPM_BACKBONES:
+        return
+    T, spacing = (TEACHER_T, "trailing") if schedule is None else (schedule.T, schedule.spacing)
+    family = f"the teacher's schedule (T={T}, {spacing} spacing)"
+
     def timesteps(k, where: str, key: str) -> list[int]:
         try:
-            return inference_timesteps(k, T)
+            return inference_timesteps(k, T, spacing=spacing)
         except HypersdError as e:
             raise HypersdError(f"{where}: {key} {k}: {e}") from None
+
+    def within(value, where: str, key: str) -> None:
+        if not all(0 <= int(v) <= T - 1 for v in (value if isinstance(value, list) else [value])):
+            raise HypersdError(f"{where}: {key} {value} is outside the timesteps 0..{T - 1} of {family}; "
+                               f"set {key} in 0..{T - 1}")
 
     for k in recipe.eval_steps:
         timesteps(k, source, "eval_steps")
@@ -416,7 +431,7 @@ def check_timesteps(recipe: Recipe, source: str = "recipe", T: int = TEACHER_T) 
         where = f"{source}: stage {s.name!r}"
         if isinstance(s, TSCDStage):
             try:
-                grid = SolverGrid(T, s.solver_steps)
+                grid = SolverGrid(T, s.solver_steps, spacing)
             except HypersdError as e:
                 raise HypersdError(f"{where}: solver_steps {s.solver_steps}: {e}") from None
             try:
@@ -424,12 +439,16 @@ def check_timesteps(recipe: Recipe, source: str = "recipe", T: int = TEACHER_T) 
             except HypersdError as e:
                 raise HypersdError(f"{where}: segments {s.segments} with solver_steps {s.solver_steps}: {e}") from None
         if isinstance(s, FeedbackStage):
+            within(s.t_range, where, "t_range")
+            within(s.perceptual_t, where, "perceptual_t")
             for k in s.sample_steps:
                 timesteps(k, where, "sample_steps")
-            if not stop_options(s.sample_steps, s.t_range, T):
+            if not stop_options(s.sample_steps, s.t_range, T, spacing):
                 raise HypersdError(f"{where}: no step of a {s.sample_steps}-step sampler has its timestep in "
                                    f"t_range {s.t_range}; widen t_range")
         if isinstance(s, DMDStage):
+            within(s.t_range, where, "t_range")
+            within(s.generator_t, where, "generator_t")
             timesteps(s.reg_steps, where, "reg_steps")
             keep = {t for k in s.keep_steps for t in timesteps(k, where, "keep_steps")} - {s.generator_t}
             if s.keep_weight > 0 and not keep:

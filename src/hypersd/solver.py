@@ -21,7 +21,8 @@ def as_schedule(schedule) -> NoiseSchedule:
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
-    """x0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t, with ᾱ_t per sample."""
+    """x0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t, with ᾱ_t per sample: ε-prediction only (any other
+    output reads through its schedule's ``to_x0_eps``)."""
     a_t = _b(a_t, x_t)
     return (_up(x_t) - (1 - a_t).sqrt() * _up(eps)) / a_t.sqrt()
 

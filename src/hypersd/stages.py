@@ -18,7 +18,6 @@ from .dmd import denoising_loss, dmd_gradient, dmd_loss, generate, score_x0
 from .feedback import draw_stop, load_perception, load_terms, perceptual_loss, reward_loss, sample_until
 from .recipe import DMDStage, FeedbackStage, MergeStage, Stage, TSCDStage
 from .sampling import sample_tcd
-from .schedule import inference_timesteps
 from .solver import add_noise
 from .teachers.base import Cond
 from .tscd import ConsistencyConfig, ConsistencyStep
@@ -149,7 +148,7 @@ class FeedbackRun(StageRun):
         loss, logs = z.new_zeros(()), {}
         if self.terms:
             noise = torch.randn(z.shape, generator=g).to(z.device)
-            timesteps, stop = draw_stop(s.sample_steps, s.t_range, self.teacher.T, g)
+            timesteps, stop = draw_stop(s.sample_steps, s.t_range, self.teacher.T, g, self.schedule.spacing)
             x0 = sample_until(eps_fn, noise, timesteps, stop, self.schedule)
             r_loss, logs = reward_loss(self.terms, self.teacher.decode(x0), prompts)
             loss = loss + r_loss
@@ -219,7 +218,7 @@ class DMDRun(StageRun):
             lora.ensure_lora(unet, lora.EMA, **lora.spec(unet, lora.STUDENT))
             if fresh:
                 lora.set_state(unet, lora.get_state(unet, lora.STUDENT), lora.EMA)
-            self.keep_t = sorted({t for k in s.keep_steps for t in inference_timesteps(k, self.teacher.T)}
+            self.keep_t = sorted({t for k in s.keep_steps for t in self.schedule.inference_timesteps(k)}
                                  - {s.generator_t})
         if s.generator_ema > 0:  # the average starts where the generator does
             lora.ensure_lora(unet, lora.AVERAGE, **lora.spec(unet, lora.STUDENT))
@@ -248,7 +247,7 @@ class DMDRun(StageRun):
         _, _, cond = self.d.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
         noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device)  # float32: the network call casts its own input
         uncond = t.empty_cond(1)
-        timesteps = inference_timesteps(s.reg_steps, t.T)
+        timesteps = self.schedule.inference_timesteps(s.reg_steps)
         out = []
         with fp8.teacher_pass(self.unet):
             for i in range(0, s.reg_pool, 256):

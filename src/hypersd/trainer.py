@@ -122,7 +122,7 @@ class Distiller:
             from .teachers.sd import replace_vae
 
             replace_vae(self.teacher, recipe.vae)
-        check_timesteps(recipe, "recipe", self.teacher.T)  # loading checked them against the usual 1000
+        check_timesteps(recipe, "recipe", self.teacher.schedule)  # on its own T and spacing (flow: σ grid)
         unet = self.teacher.unet
         unet.requires_grad_(False)
         check_rewards(recipe)

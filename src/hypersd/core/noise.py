@@ -248,7 +248,22 @@ class FlowSchedule(NoiseSchedule):
         return self.sigma(t) * self.timestep_scale
 
     def tcd_point(self, t_next, gamma: float):
-        """The point with σ_s = (1−γ)·σ_next (flow's time is σ): γ = 1 is the clean end (LCM)."""
+        """The point with σ_s = (1−γ)·σ_next (flow's time is σ): γ = 1 is the clean end (LCM).
+
+        A γ step of ``sampling.sample_tcd`` from σ_t, with the network's v: the Euler jump
+        x_s = x_t + (σ_s − σ_t)·v, then the forward transition of the schedule to σ_next,
+        x_next = (α_next/α_s)·x_s + √(σ_next² − (α_next·σ_s/α_s)²)·z with α = 1 − σ (``renoise``).
+        Against diffusers (tests/test_flow_sampling.py):
+
+        - γ = 0 is FlowMatchEulerDiscreteScheduler on the same sigmas (no noise drawn).
+        - γ = 1 is FlowMatchLCMScheduler: x̂0 = x_t − σ_t·v, x_next = (1 − σ_next)·x̂0 + σ_next·z,
+          the last step x̂0. Equal given the same noise: both draw one torch.randn of x's shape per
+          step from the generator (LCM draws one more at its last step, where σ_next = 0 cancels it,
+          so only the generator's state afterwards differs).
+        - 0 < γ < 1 has no diffusers counterpart: FlowMatchLCMScheduler has no γ, and TCDScheduler
+          is DDPM's, whose s = floor((1−γ)·t_next) is a fraction of the timestep, not of σ (under a
+          shift the two differ). s is a fractional timestep; σ_s is exact (u is linear in t).
+        - Not modelled: LCM's ``scale_factors`` / ``upscale_mode`` (x̂0 resized between steps)."""
         if t_next == CLEAN or gamma >= 1:
             return CLEAN
         if gamma <= 0:

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..solver import add_noise
 from ..teachers.digits import DigitsTeacher
 from . import data
 
@@ -35,7 +34,7 @@ def train_teacher(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = copy.deepcopy(teacher)  # the shipped weights: an EMA of the trained ones
     ema_params = list(ema.unet.parameters()) + list(ema.text.parameters())
-    acp = teacher.alphas_cumprod
+    sched = teacher.schedule
     deadline = time.monotonic() + 60 * minutes if minutes else None
     bar = tqdm(range(steps), desc="teacher", disable=not progress)
     for step in bar:
@@ -50,7 +49,9 @@ def train_teacher(
         cond = teacher.encode_prompt(texts)
         t = torch.randint(0, teacher.T, (batch,))
         noise = torch.randn_like(x0)
-        loss = torch.nn.functional.mse_loss(teacher.eps(add_noise(x0, noise, t, acp), t, cond), noise)
+        # the target by the teacher's parameterisation (ε for the shipped config: the noise itself)
+        loss = torch.nn.functional.mse_loss(teacher.eps(sched.add_noise(x0, noise, t), t, cond),
+                                            sched.target(x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -43,9 +43,10 @@ def _tcd_class():
     ᾱ_0-noised x0; every other step is diffusers' own."""
     global _TCD
     if _TCD is None:
-        import torch
         from diffusers import TCDScheduler
         from diffusers.schedulers.scheduling_tcd import TCDSchedulerOutput
+
+        from ..core.noise import DDPMSchedule
 
         class HypersdTCDScheduler(TCDScheduler):
             def step(self, model_output, timestep, sample, eta: float = 0.3, generator=None, return_dict: bool = True):
@@ -53,9 +54,9 @@ def _tcd_class():
                     self._init_step_index(timestep)
                 last = self.step_index == len(self.timesteps) - 1
                 out = super().step(model_output, timestep, sample, eta=eta, generator=generator, return_dict=True)
-                if last:
-                    a = self.alphas_cumprod.to(sample.device)[int(timestep)].to(torch.float32)
-                    x0 = ((sample.float() - (1 - a).sqrt() * model_output.float()) / a.sqrt()).to(sample.dtype)
+                if last:  # x0 by the model's parameterisation (ε or v), as hypersd's sampler reads it
+                    schedule = DDPMSchedule(self.alphas_cumprod, self.config.prediction_type)
+                    x0 = schedule.to_x0_eps(sample, model_output, int(timestep))[0].to(sample.dtype)
                     out = TCDSchedulerOutput(prev_sample=x0, pred_noised_sample=x0)
                 return out if return_dict else (out.prev_sample, out.pred_noised_sample)
 

@@ -1,8 +1,9 @@
 """The teacher interface: everything a distillation stage may ask of a teacher, and nothing more.
 
-A teacher is an ε-prediction UNet (a diffusers ``UNet2DConditionModel``) with its noise schedule,
+A teacher is a denoising network (a diffusers ``UNet2DConditionModel``) with its noise schedule,
 its prompt encoder and its latent codec. The student is the same UNet with a LoRA enabled, so
-``eps`` serves both; which one answers depends on the adapter state of ``unet``.
+``eps`` serves both; which one answers depends on the adapter state of ``unet``. What the network
+outputs (ε, v, flow's v) is read only through ``schedule``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.noise import DDPMSchedule, NoiseSchedule
-from ..errors import HypersdError
 from ..solver import cfg
 
 
@@ -60,15 +60,6 @@ class Cond:
         )
 
 
-def require_epsilon(scheduler_config: dict) -> None:
-    """Refuse a teacher whose output is not ε: every stage reads the output through
-    ``Teacher.schedule``, which knows v-prediction, but no stage has been tested on a v-prediction
-    teacher end to end yet."""
-    kind = scheduler_config.get("prediction_type", "epsilon")
-    if kind != "epsilon":
-        raise HypersdError(f"the teacher predicts {kind!r}; hypersd needs an epsilon-prediction model")
-
-
 class Teacher:
     """Base class; backbones fill in the prompt encoder and the latent codec."""
 
@@ -110,11 +101,13 @@ class Teacher:
 
     # -- the network ---------------------------------------------------------------------
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """ε-prediction of whatever ``unet`` is now (teacher, or student with adapters on).
+        """The raw output (ε, v: ``schedule.prediction_type``) of whatever ``unet`` is now (teacher,
+        or student with adapters on), at timestep t in the schedule's units; the network itself is
+        called with ``schedule.model_timestep(t)`` (t itself for DDPM, the scaled σ for flow).
 
-        The one place where dtypes change: inputs go in as the network's dtype, ε comes out in
-        float32, so every jump, noise addition, guidance mix and loss around it is float32."""
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        The one place where dtypes change: inputs go in as the network's dtype, the output comes out
+        in float32, so every jump, noise addition, guidance mix and loss around it is float32."""
+        t = self.schedule.model_timestep(torch.as_tensor(t, device=x.device)).expand(x.shape[0])
         cond = self.network_cond(cond)
         kwargs = {"added_cond_kwargs": cond.added} if cond.added else {}
         return self.unet(x.to(self.dtype), t, encoder_hidden_states=cond.hidden, **kwargs).sample.float()

@@ -10,13 +10,14 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from ..core.noise import DDPMSchedule
 from ..digits import ASSETS
 from ..digits.text import DigitTextEncoder, tokenize
 from ..errors import HypersdError
-from .base import Cond, Teacher, require_epsilon
+from .base import Cond, Teacher
 
 DEFAULT_PATH = ASSETS / "teacher.safetensors"
 
@@ -48,9 +49,7 @@ class DigitsTeacher(Teacher):
     def __init__(self, unet, text, scheduler_config: dict, default_guidance: float = 1.0, info=None):
         self.unet, self.text = unet, text
         self.scheduler_config = dict(scheduler_config)
-        require_epsilon(self.scheduler_config)
-        sched = DDPMScheduler.from_config(self.scheduler_config)
-        self.alphas_cumprod = sched.alphas_cumprod.float()
+        self.alphas_cumprod = DDPMSchedule.from_scheduler_config(self.scheduler_config).alphas_cumprod
         self.default_guidance = float(default_guidance)
         self.info = dict(info or {})
         self.fingerprint: str | None = None  # digest of the file it was loaded from

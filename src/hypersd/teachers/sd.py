@@ -13,9 +13,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..core.noise import DDPMSchedule
 from ..errors import HypersdError
 from ..hub import check_hub_id
-from .base import Cond, Teacher, require_epsilon
+from .base import Cond, Teacher
 
 COMPONENTS = {
     "sd15": {
@@ -127,8 +128,8 @@ class _StableDiffusion(Teacher):
         self.unet, self.vae = unet, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.scheduler_config = dict(scheduler_config)
-        require_epsilon(self.scheduler_config)
-        self.alphas_cumprod = DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.float()
+        # ε or v (SD2's 768 models): refused here, with the choices, if it is neither
+        self.alphas_cumprod = DDPMSchedule.from_scheduler_config(self.scheduler_config).alphas_cumprod
         size = unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else size
         self.latent_shape = (unet.config.in_channels, h, w)
