@@ -135,11 +135,18 @@ def test_the_fingerprint_covers_the_method_only():
     assert flat_before.fingerprint() == "e00dbe42736ef2e8"
 
 
-def test_the_resolved_recipe_shows_its_sections_and_loads_back():
+def test_the_resolved_recipe_shows_its_sections_and_loads_back(tmp_path, capsys):
     import yaml
+
+    from hypersd.cli import main
 
     r = _recipe(**FLAT_RUN_EVAL)
     printed = yaml.safe_load(r.dump())
     assert printed["run"]["checkpoint_every"] == 7 and printed["eval"]["steps"] == [1, 2]
     assert not set(printed) & set(FLAT_RUN_EVAL)  # no flat copy beside the sections
     assert from_dict(printed) == r
+    cfg = tmp_path / "flat.yaml"
+    cfg.write_text(yaml.safe_dump({"stages": [TSCD], **FLAT_RUN_EVAL}))
+    main(["distill", "--config", str(cfg), "--dry-run"])  # what is printed before a run
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["run"] == printed["run"] and shown["eval"] == printed["eval"]

@@ -128,7 +128,8 @@ def cmd_distill(a) -> None:
         recipe.teacher = a.teacher
     out = Path(a.out)
     if a.dry_run:
-        print(f"# resolved recipe ({a.config}), fingerprint {recipe.fingerprint()}")
+        print(f"# resolved recipe ({a.config}), fingerprint {recipe.fingerprint()} (of the method: the keys "
+              f"above run:, which says how it runs, and eval:, what it measures)")
         print(recipe.dump(), end="", flush=True)
         # last, so the resolved recipe shows even where a reward cannot load here (say, offline)
         check_rewards(recipe)  # the reward weights, as a run loads them before its first stage

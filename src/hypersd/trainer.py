@@ -2,6 +2,8 @@
 
 The loop knows nothing of any one method: each stage kind (``stages.py``) sets up its adapters
 and builds its loss from the stage's config; the loop steps the optimizer and writes files.
+Nor of any one backbone: the recipe's (``backbones``) loads the teacher, serves the data and its
+conditioning, writes the sample grids and evaluates the final LoRA.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class Distiller:
             tqdm.write(message)
 
     def _speed_up(self, unet) -> None:
-        r = self.recipe.run
+        r = self.recipe
         if r.tf32 and self.rt.device.type == "cuda":
             speed.enable_tf32()
         if r.gradient_checkpointing:
@@ -143,7 +145,7 @@ class Distiller:
         state = {"fingerprint": self.recipe.fingerprint(), "stage_idx": stage_idx, "step": step,
                  "global_step": global_step, "stats": self.stats, "bad_in_a_row": self.rt.guard.in_a_row,
                  "adapters": {n: lora.spec(unet, n) for n in unet.peft_config}, "active": lora.active(unet)}
-        path = save_checkpoint(self.out / "checkpoints", global_step, tensors, optim, state, self.recipe.run.checkpoint_keep)
+        path = save_checkpoint(self.out / "checkpoints", global_step, tensors, optim, state, self.recipe.checkpoint_keep)
         self.log.write("checkpoint", path=str(path), stage_idx=stage_idx, step=step, global_step=global_step)
 
     def _restore(self):
@@ -222,9 +224,9 @@ class Distiller:
             run.enter(fresh=not resuming)
             if resuming:
                 torch.set_rng_state(restored[0]["rng"]["torch"])
-            if self.recipe.run.channels_last:  # the stage's new adapters too
+            if self.recipe.channels_last:  # the stage's new adapters too
                 speed.channels_last(self.teacher.unet)
-            opt = speed.optimizer(run.params, stage.lr, self.recipe.run.optimizer) if run.params else None
+            opt = speed.optimizer(run.params, stage.lr, self.recipe.optimizer) if run.params else None
             if resuming:
                 tensors, optim, _ = restored
                 opt.load_state_dict(optim["opt"])
@@ -262,7 +264,7 @@ class Distiller:
                 continue
             if step % 10 == 0:
                 bar.set_postfix({k: f"{float(torch.as_tensor(v).detach()):.3g}" for k, v in logs.items()})
-            if global_step % self.recipe.run.checkpoint_every == 0 and step + 1 < stage.steps:
+            if global_step % self.recipe.checkpoint_every == 0 and step + 1 < stage.steps:
                 self._save(i, step + 1, global_step, opt, run)
         stats["seconds"] = round(stats.get("seconds", 0) + time.perf_counter() - t0, 1)
         self.log.write("stage_end", stage=stage.name, global_step=global_step, seconds=stats["seconds"])
