@@ -1,5 +1,7 @@
 """Loading a recipe refuses, by stage and key, whatever its stages would refuse when they start."""
 
+import copy
+
 import pytest
 
 from hypersd.errors import HypersdError
@@ -105,6 +107,7 @@ def test_flat_keys_and_sections_give_the_same_recipe(tmp_path):
     assert flat.eval_steps == [1, 2] and flat.max_bad_steps == 3  # a flat name reads its section
     flat.checkpoint_every = 9
     assert flat.run.checkpoint_every == 9
+    assert copy.deepcopy(flat) == flat and copy.deepcopy(flat).eval_n == 20
     half = {"eval_steps": [1, 2], "run": {"checkpoint_every": 7}}  # one file may mix the two
     assert _recipe(**half).eval.steps == [1, 2] and _recipe(**half).run.checkpoint_every == 7
     with pytest.raises(HypersdError, match="eval_steps and eval.steps are the same setting; keep one"):

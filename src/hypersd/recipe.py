@@ -167,7 +167,7 @@ class Recipe:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __getattr__(self, name):  # only for names that are no attribute: the flat ones
-        if name in FLAT:
+        if name in FLAT and FLAT[name][0] in self.__dict__:
             section, key = FLAT[name]
             return getattr(self.__dict__[section], key)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -527,6 +527,8 @@ def _set_key(raw: dict, key: str) -> str:
     """An override's key in the form the file uses, flat or sectioned: ``--set eval_steps=...``
     on a sectioned recipe sets ``eval.steps``, and ``--set eval.steps=...`` on a flat one
     ``eval_steps``, so neither collides with the file's own key."""
+    if not isinstance(raw, dict):  # refused, with the reason, by from_dict
+        return key
     sectioned = {".".join(where): flat for flat, where in FLAT.items()}
     if key in FLAT and key not in raw:
         return ".".join(FLAT[key])

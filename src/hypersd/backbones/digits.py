@@ -1,7 +1,17 @@
 """The digits world: an 8x8 pixel teacher trained on the bundled digits, judged by the digits judges.
 
-A flow-matching digits teacher is this backbone with another teacher loader: subclass
-``DigitsBackbone``, set ``name`` and override ``load_teacher``, then register it.
+A flow-matching digits teacher is this backbone with another teacher loader (same data, judges
+and grids)::
+
+    class FlowDigitsBackbone(DigitsBackbone):
+        name = "digits-flow"
+
+        def load_teacher(self, recipe, device, dtype):
+            from ..teachers.digits_flow import FlowDigitsTeacher
+
+            return FlowDigitsTeacher.load(recipe.teacher, device=device)
+
+registered in ``hypersd.backbones`` beside the others.
 """
 
 from __future__ import annotations
