@@ -1,5 +1,7 @@
 """Loading a recipe refuses, by stage and key, whatever its stages would refuse when they start."""
 
+import copy
+
 import pytest
 
 from hypersd.errors import HypersdError
@@ -90,6 +92,22 @@ def test_a_value_of_the_wrong_type_is_refused_naming_key_and_type(where, key, va
 
 
 # -- on the teacher's own schedule: a flow teacher's σ grid ---------------------------------------
+@pytest.fixture(autouse=True)
+def _flow_backbone():
+    """A backbone whose schedule only its loaded teacher knows (as a flow model's shift)."""
+    from hypersd.backbones import BACKBONES, DigitsBackbone, register
+
+    class FlowUnderTest(DigitsBackbone):
+        name = "flow-under-test"
+
+        def named_schedule(self):
+            return None
+
+    register(FlowUnderTest())
+    yield
+    BACKBONES.pop("flow-under-test", None)
+
+
 def _flow_recipe(*stages, **top):
     """A recipe of a backbone whose schedule is not known by name: checked once its teacher loads."""
     return from_dict({"backbone": "flow-under-test", "stages": list(stages), **top})
@@ -141,3 +159,67 @@ def test_a_flow_recipe_off_the_grid_is_refused_when_its_teacher_loads(random_tea
                           teacher=str(random_teacher_file), eval_steps=[1], grid_every_stage=False, lora_rank=4)
     with pytest.raises(HypersdError, match=r"segments 8 with solver_steps 13: .*T=841, inclusive"):
         Distiller(recipe, tmp_path, progress=False, teacher=teacher)
+
+
+FLAT_RUN_EVAL = {"device": "cpu", "mixed_precision": "bf16", "gradient_checkpointing": True, "channels_last": True,
+                 "compile": True, "tf32": False, "optimizer": "adamw8bit", "fp8_teacher": True, "checkpoint_every": 7,
+                 "checkpoint_keep": 5, "max_bad_steps": 3, "eval_steps": [1, 2], "eval_etas": [0.0, 0.5],
+                 "eval_n": 20, "eval_seeds": 2, "grid_every_stage": False}
+SECTIONED_RUN_EVAL = {"run": {"device": "cpu", "mixed_precision": "bf16", "gradient_checkpointing": True,
+                              "channels_last": True, "compile": True, "tf32": False, "optimizer": "adamw8bit",
+                              "fp8_teacher": True, "checkpoint_every": 7, "checkpoint_keep": 5, "max_bad_steps": 3},
+                      "eval": {"steps": [1, 2], "etas": [0.0, 0.5], "n": 20, "seeds": 2, "grid_every_stage": False}}
+
+
+def test_flat_keys_and_sections_give_the_same_recipe(tmp_path):
+    flat, sectioned = _recipe(**FLAT_RUN_EVAL), _recipe(**SECTIONED_RUN_EVAL)
+    assert flat == sectioned and flat.run.checkpoint_every == 7 and flat.eval.steps == [1, 2]
+    assert flat.eval_steps == [1, 2] and flat.max_bad_steps == 3  # a flat name reads its section
+    flat.checkpoint_every = 9
+    assert flat.run.checkpoint_every == 9
+    assert copy.deepcopy(flat) == flat and copy.deepcopy(flat).eval_n == 20
+    half = {"eval_steps": [1, 2], "run": {"checkpoint_every": 7}}  # one file may mix the two
+    assert _recipe(**half).eval.steps == [1, 2] and _recipe(**half).run.checkpoint_every == 7
+    with pytest.raises(HypersdError, match="eval_steps and eval.steps are the same setting; keep one"):
+        _recipe(eval_steps=[1], eval={"steps": [2]})
+    with pytest.raises(HypersdError, match=r"unknown key\(s\) \['stepz'\] in config: eval"):
+        _recipe(eval={"stepz": [1]})
+    with pytest.raises(HypersdError, match=r"config: run: checkpoint_every must be a whole number"):
+        _recipe(run={"checkpoint_every": "often"})
+
+
+def test_set_takes_either_form_on_either_file(tmp_path):
+    stages = "stages:\n  - {name: t, segments: 2}\n"
+    (tmp_path / "flat.yaml").write_text("eval_steps: [1]\ncheckpoint_every: 3\n" + stages)
+    (tmp_path / "sectioned.yaml").write_text("eval: {steps: [1]}\nrun: {checkpoint_every: 3}\n" + stages)
+    for name in ("flat", "sectioned"):
+        for sets in (["eval_steps=[2, 4]", "checkpoint_every=5"], ["eval.steps=[2, 4]", "run.checkpoint_every=5"]):
+            r = load_recipe(tmp_path / f"{name}.yaml", sets)
+            assert (r.eval.steps, r.run.checkpoint_every) == ([2, 4], 5), (name, sets)
+
+
+def test_the_fingerprint_covers_the_method_only():
+    base = _recipe()
+    assert _recipe(**FLAT_RUN_EVAL).fingerprint() == base.fingerprint()  # every run and eval setting changed
+    for method in ({"seed": 1}, {"lora_rank": 8}, {"lora_targets": "attn"}, {"grad_clip": 0.5}):
+        assert _recipe(**method).fingerprint() != base.fingerprint(), method
+    # as hypersd computed it before the sections: checkpoints of such runs still resume
+    flat_before = from_dict({"stages": [TSCD], "seed": 3, "eval_steps": [1, 2], "checkpoint_every": 7})
+    assert flat_before.fingerprint() == "e00dbe42736ef2e8"
+
+
+def test_the_resolved_recipe_shows_its_sections_and_loads_back(tmp_path, capsys):
+    import yaml
+
+    from hypersd.cli import main
+
+    r = _recipe(**FLAT_RUN_EVAL)
+    printed = yaml.safe_load(r.dump())
+    assert printed["run"]["checkpoint_every"] == 7 and printed["eval"]["steps"] == [1, 2]
+    assert not set(printed) & set(FLAT_RUN_EVAL)  # no flat copy beside the sections
+    assert from_dict(printed) == r
+    cfg = tmp_path / "flat.yaml"
+    cfg.write_text(yaml.safe_dump({"stages": [TSCD], **FLAT_RUN_EVAL}))
+    main(["distill", "--config", str(cfg), "--dry-run"])  # what is printed before a run
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["run"] == printed["run"] and shown["eval"] == printed["eval"]

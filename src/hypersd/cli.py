@@ -128,7 +128,8 @@ def cmd_distill(a) -> None:
         recipe.teacher = a.teacher
     out = Path(a.out)
     if a.dry_run:
-        print(f"# resolved recipe ({a.config}), fingerprint {recipe.fingerprint()}")
+        print(f"# resolved recipe ({a.config}), fingerprint {recipe.fingerprint()} (of the method: the keys "
+              f"above run:, which says how it runs, and eval:, what it measures)")
         print(recipe.dump(), end="", flush=True)
         # last, so the resolved recipe shows even where a reward cannot load here (say, offline)
         check_rewards(recipe)  # the reward weights, as a run loads them before its first stage
@@ -152,23 +153,8 @@ def cmd_distill(a) -> None:
     print(f"log: {out / 'log.jsonl'} (a JSON line per step); 'hypersd log summary {out}' tabulates it, "
           f"docs/LOGS.md plots it" + (f"; tensorboard --logdir {out / 'tensorboard'}"
                                       if "tensorboard" in (a.log_with or []) else ""))
-    if not a.no_eval and recipe.backbone != "digits":
-        print(f"no metrics: they are the digits world's; the samples are in {out}/samples-*step.png")
-    elif not a.no_eval:
-        from .evaluation import ETA_TUNE_SEED, JUDGES, DigitsBench, distill_rows, write_report
-
-        bench = DigitsBench(distiller.teacher, n=recipe.eval_n, seeds=range(recipe.eval_seeds))
-        # the final LoRA at every step count (the unified LoRA is one file for 1 to 8 steps), each
-        # beside the teacher's DDIM at as many steps
-        rows, verdicts = distill_rows(bench, final, recipe.eval_steps)
-        meta = {"lora": str(final), "samples per seed": recipe.eval_n, "seeds": recipe.eval_seeds,
-                "judges": JUDGES, "student guidance": 1.0,
-                "LoRA eta": f"its recommended eta, picked of {recipe.eval_etas} on seed {ETA_TUNE_SEED}"}
-        js, md = write_report(rows, out, "metrics", "Distilled LoRA beside its teacher (digits world)", meta,
-                              extra=verdicts)
-        print(md.read_text())
-        print(f"wrote {js} and {md}; {out}/compare.png shows the teacher's 40 steps above the LoRA's "
-              f"{', '.join(map(str, recipe.eval_steps))} steps, from the same noise and prompts")
+    if not a.no_eval:  # the backbone's own measure of the final LoRA (digits: the judges' table)
+        print(distiller.backbone.evaluate(distiller, final))
 
 
 def cmd_log_summary(a) -> None:

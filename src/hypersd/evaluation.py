@@ -318,3 +318,17 @@ def _verdict(k: int, student: dict, teacher: dict, reference: dict) -> str:
     vs_40 = (f"no worse than the teacher's {REFERENCE_STEPS} steps on any judge" if not worse
              else f"worse than the teacher's {REFERENCE_STEPS} steps on {', '.join(worse)}")
     return f"- {k} step{'s' * (k > 1)}: against the teacher's {k}-step DDIM the LoRA {vs_k}; it is {vs_40}"
+
+
+def distill_report(teacher, final: str | Path, out: str | Path, ev) -> str:
+    """The end-of-run evaluation of a digits run: the final LoRA at every step count of ``ev``
+    (the recipe's eval section; the unified LoRA is one file for 1 to 8 steps), each beside the
+    teacher's DDIM at as many steps, written to ``out``/metrics.{json,md}; the text to print."""
+    bench = DigitsBench(teacher, n=ev.n, seeds=range(ev.seeds))
+    rows, verdicts = distill_rows(bench, final, ev.steps)
+    meta = {"lora": str(final), "samples per seed": ev.n, "seeds": ev.seeds, "judges": JUDGES,
+            "student guidance": 1.0, "LoRA eta": f"its recommended eta, picked of {ev.etas} on seed {ETA_TUNE_SEED}"}
+    js, md = write_report(rows, out, "metrics", "Distilled LoRA beside its teacher (digits world)", meta,
+                          extra=verdicts)
+    return (f"{md.read_text()}\nwrote {js} and {md}; {out}/compare.png shows the teacher's 40 steps above the "
+            f"LoRA's {', '.join(map(str, ev.steps))} steps, from the same noise and prompts")

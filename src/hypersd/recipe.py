@@ -20,13 +20,6 @@ import yaml
 from .errors import HypersdError
 
 CONFIGS = Path(__file__).parent / "configs"
-# The DDPM backbones (their schedule known by name: T = 1000, trailing): what a recipe's step counts
-# are checked against at load. The trainer checks again on the schedule of the teacher it loaded
-# (the only check for the other backbones, flow ones included).
-DDPM_BACKBONES = ("digits", "sd15", "sdxl")
-TEACHER_T = 1000
-RUNTIME_KEYS = ("device", "mixed_precision", "gradient_checkpointing", "channels_last", "compile", "tf32", "optimizer",
-                "fp8_teacher")
 
 
 @dataclass
@@ -115,7 +108,46 @@ STAGE_KINDS = {"tscd": TSCDStage, "feedback": FeedbackStage, "merge": MergeStage
 
 
 @dataclass
+class RunSettings:
+    """How the steps run, not what they compute: a run may resume with other settings (docs/SPEED.md)."""
+
+    device: str = "auto"  # auto (cuda when there is one), cpu, cuda, cuda:N; accelerate launch sets its own
+    mixed_precision: str = "no"  # no, bf16, fp16: the frozen weights and autocast; LoRA weights stay float32
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the UNet's repeated blocks
+    tf32: bool = True
+    optimizer: str = "adamw"  # or adamw8bit (bitsandbytes)
+    fp8_teacher: bool = False  # the teacher passes' frozen linear layers in FP8 (compute capability 8.9+)
+    checkpoint_every: int = 200
+    checkpoint_keep: int = 2
+    # an optimizer's non-finite steps are skipped; this many in a row (of one optimizer) stop the run
+    max_bad_steps: int = 20
+
+
+@dataclass
+class EvalSettings:
+    """What a run measures and shows of its LoRAs: sample grids and, on digits, the judges' tables."""
+
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    etas: list[float] = field(default_factory=lambda: [0.0])  # of which each step count's recommended eta is picked
+    n: int = 1000
+    seeds: int = 3
+    grid_every_stage: bool = True
+
+
+SECTIONS = {"run": RunSettings, "eval": EvalSettings}
+# A recipe's flat keys (every recipe before the sections, and any still) and where each now lives.
+FLAT = {**{f.name: ("run", f.name) for f in dataclasses.fields(RunSettings)},
+        **{f"eval_{f.name}": ("eval", f.name) for f in dataclasses.fields(EvalSettings) if f.name != "grid_every_stage"},
+        "grid_every_stage": ("eval", "grid_every_stage")}
+
+
+@dataclass
 class Recipe:
+    """The method (what the fingerprint covers), then ``run`` (how it runs) and ``eval`` (what it
+    measures). A flat name such as ``recipe.eval_steps`` reads its section's field."""
+
     stages: list[Stage]
     backbone: str = "digits"
     teacher: str | None = None
@@ -128,34 +160,32 @@ class Recipe:
     lora_alpha: float | None = None
     lora_targets: str | list[str] = "all"
     grad_clip: float = 1.0
-    # an optimizer's non-finite steps are skipped; this many in a row (of one optimizer) stop the run
-    max_bad_steps: int = 20
-    checkpoint_every: int = 200
-    checkpoint_keep: int = 2
-    eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    eval_etas: list[float] = field(default_factory=lambda: [0.0])
-    eval_n: int = 1000
-    eval_seeds: int = 3
-    grid_every_stage: bool = True
-    # How the steps run, not what they compute: a run may resume with other settings (docs/SPEED.md).
-    device: str = "auto"  # auto (cuda when there is one), cpu, cuda, cuda:N; accelerate launch sets its own
-    mixed_precision: str = "no"  # no, bf16, fp16: the frozen weights and autocast; LoRA weights stay float32
-    gradient_checkpointing: bool = False
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the UNet's repeated blocks
-    tf32: bool = True
-    optimizer: str = "adamw"  # or adamw8bit (bitsandbytes)
-    fp8_teacher: bool = False  # the teacher passes' frozen linear layers in FP8 (compute capability 8.9+)
+    run: RunSettings = field(default_factory=RunSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __getattr__(self, name):  # only for names that are no attribute: the flat ones
+        if name in FLAT and FLAT[name][0] in self.__dict__:
+            section, key = FLAT[name]
+            return getattr(self.__dict__[section], key)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in FLAT:
+            section, key = FLAT[name]
+            setattr(getattr(self, section), key, value)
+        else:
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """What a checkpoint must match to be resumed (evaluation settings excluded)."""
+        """What a checkpoint must match to be resumed: the method, not its run or eval sections."""
         d = self.to_dict()
-        for k in ("eval_steps", "eval_etas", "eval_n", "eval_seeds", "checkpoint_every", "checkpoint_keep",
-                  "max_bad_steps", *RUNTIME_KEYS):
-            d.pop(k)
+        del d["run"], d["eval"]
+        # Before the sections, grid_every_stage counted, at its default true in nearly every run:
+        # hashed as that constant, those runs' checkpoints keep their fingerprints and resume.
+        d["grid_every_stage"] = True
         for k in ("data", "resolution", "vae"):  # unset, they leave the fingerprints of earlier runs as they were
             if d[k] is None:
                 d.pop(k)
@@ -184,7 +214,8 @@ def from_dict(raw: dict, source: str = "config") -> Recipe:
     if not isinstance(raw, dict):
         raise HypersdError(f"{source} must be a YAML mapping of recipe keys")
     raw = dict(raw)
-    _check_keys(raw, set(_fields(Recipe)) | {"stage_defaults"}, source)
+    _check_keys(raw, set(_fields(Recipe)) | set(FLAT) | {"stage_defaults"}, source)
+    sections = _sections(raw, source)
     defaults = raw.pop("stage_defaults", None) or {}
     # a default may serve any kind; each stage takes the defaults its own kind knows
     _check_keys(defaults, set().union(*(_fields(c) for c in STAGE_KINDS.values())), f"{source}: stage_defaults")
@@ -211,12 +242,29 @@ def from_dict(raw: dict, source: str = "config") -> Recipe:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise HypersdError(f"{source}: stage names must be unique, got {names}")
-    recipe = Recipe(stages=stages, **_typed(raw, _hints(Recipe), source))
+    recipe = Recipe(stages=stages, **_typed(raw, _hints(Recipe), source), **sections)
     _validate_order(recipe, source)
     _validate_runtime(recipe, source)
     _validate_settings(recipe, source)
     check_timesteps(recipe, source)
     return recipe
+
+
+def _sections(raw: dict, source: str) -> dict:
+    """The ``run`` and ``eval`` sections, popped from ``raw``: each from its mapping and from the
+    flat keys that map to it (``eval_steps`` is ``eval: {steps}``), typed as written."""
+    given = {name: raw.pop(name, None) or {} for name in SECTIONS}
+    for name, values in given.items():
+        if not isinstance(values, dict):
+            raise HypersdError(f"{source}: {name} must be a mapping of {name} settings, got {values!r}")
+        _check_keys(values, set(_fields(SECTIONS[name])), f"{source}: {name}")
+    out = {name: _typed(values, _hints(SECTIONS[name]), f"{source}: {name}") for name, values in given.items()}
+    for flat in [k for k in raw if k in FLAT]:
+        name, key = FLAT[flat]
+        if key in given[name]:
+            raise HypersdError(f"{source}: {flat} and {name}.{key} are the same setting; keep one of them")
+        out[name] |= {key: _typed({flat: raw.pop(flat)}, {flat: _hints(SECTIONS[name])[key]}, source)[flat]}
+    return {name: SECTIONS[name](**values) for name, values in out.items()}
 
 
 # YAML reads a float only with a dot and a signed exponent: 1e-4 and 1.0e30 arrive as strings.
@@ -285,16 +333,17 @@ def _typed(d: dict, hints: dict, where: str) -> dict:
 
 
 def _validate_runtime(recipe: Recipe, source: str) -> None:
+    from .backbones import get_backbone
+
     choices = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adamw", "adamw8bit")}
     for key, allowed in choices.items():
-        if getattr(recipe, key) not in allowed:
-            raise HypersdError(f"{source}: {key} {getattr(recipe, key)!r} is not one of {', '.join(allowed)}")
-    switches = [f.name for f in dataclasses.fields(Recipe) if f.name in RUNTIME_KEYS and f.type == "bool"]
+        if getattr(recipe.run, key) not in allowed:
+            raise HypersdError(f"{source}: {key} {getattr(recipe.run, key)!r} is not one of {', '.join(allowed)}")
+    switches = [f.name for f in dataclasses.fields(RunSettings) if f.type == "bool"]
     for key in switches:
-        if not isinstance(getattr(recipe, key), bool):  # YAML's "maybe" or 1 would read as on
-            raise HypersdError(f"{source}: {key} must be true or false, got {getattr(recipe, key)!r}")
-    if recipe.mixed_precision == "fp16" and recipe.backbone == "digits":
-        raise HypersdError(f"{source}: the digits teacher trains in float32 or bf16; use mixed_precision: bf16 or no")
+        if not isinstance(getattr(recipe.run, key), bool):  # YAML's "maybe" or 1 would read as on
+            raise HypersdError(f"{source}: {key} must be true or false, got {getattr(recipe.run, key)!r}")
+    get_backbone(recipe.backbone).check_recipe(recipe, source)
 
 
 def _range(value, where: str, what: str, lo, hi) -> None:
@@ -396,22 +445,24 @@ def _validate_settings(r: Recipe, source: str) -> None:
             raise HypersdError(f"{source}: {key} must be >= {lo}, got {getattr(r, key)}")
     if r.grad_clip <= 0:
         raise HypersdError(f"{source}: grad_clip must be > 0, got {r.grad_clip}")
-    if any(not 0 <= eta <= 1 for eta in r.eval_etas):
-        raise HypersdError(f"{source}: eval_etas must lie in [0, 1], got {r.eval_etas}")
+    if any(not 0 <= eta <= 1 for eta in r.eval.etas):
+        raise HypersdError(f"{source}: eval_etas must lie in [0, 1], got {r.eval.etas}")
 
 
 def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> None:
     """Every step count, grid and timestep of the recipe on the teacher's ``NoiseSchedule`` (its own T
     and spacing): what a stage would otherwise refuse only when it starts, after the stages before it
-    have trained. Without a schedule (a recipe read before its teacher is loaded): the DDPM schedule
-    of the backbones whose schedule is known by name; any other backbone is checked once its teacher
-    is loaded (the trainer calls this again with the teacher's schedule)."""
+    have trained. Without a schedule (a recipe read before its teacher is loaded): the schedule its
+    backbone fixes by name, if any; the others are checked once the teacher is loaded (the trainer
+    calls this again with the teacher's schedule)."""
+    from .backbones import get_backbone
     from .feedback import stop_options
     from .schedule import Segments, SolverGrid, inference_timesteps
 
-    if schedule is None and recipe.backbone not in DDPM_BACKBONES:
+    schedule = schedule or get_backbone(recipe.backbone).named_schedule()
+    if schedule is None:
         return
-    T, spacing = (TEACHER_T, "trailing") if schedule is None else (schedule.T, schedule.spacing)
+    T, spacing = schedule.T, schedule.spacing
     family = f"the teacher's schedule (T={T}, {spacing} spacing)"
 
     def timesteps(k, where: str, key: str) -> list[int]:
@@ -425,7 +476,7 @@ def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> No
             raise HypersdError(f"{where}: {key} {value} is outside the timesteps 0..{T - 1} of {family}; "
                                f"set {key} in 0..{T - 1}")
 
-    for k in recipe.eval_steps:
+    for k in recipe.eval.steps:
         timesteps(k, source, "eval_steps")
     for s in recipe.stages:
         where = f"{source}: stage {s.name!r}"
@@ -484,8 +535,22 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
         key, sep, value = item.partition("=")
         if not sep:
             raise HypersdError(f"--set takes key=value, got {item!r}")
-        _set(raw, key.strip(), yaml.safe_load(value), item)
+        _set(raw, _set_key(raw, key.strip()), yaml.safe_load(value), item)
     return from_dict(raw, str(path))
+
+
+def _set_key(raw: dict, key: str) -> str:
+    """An override's key in the form the file uses, flat or sectioned: ``--set eval_steps=...``
+    on a sectioned recipe sets ``eval.steps``, and ``--set eval.steps=...`` on a flat one
+    ``eval_steps``, so neither collides with the file's own key."""
+    if not isinstance(raw, dict):  # refused, with the reason, by from_dict
+        return key
+    sectioned = {".".join(where): flat for flat, where in FLAT.items()}
+    if key in FLAT and key not in raw:
+        return ".".join(FLAT[key])
+    if key in sectioned and sectioned[key] in raw:
+        return sectioned[key]
+    return key
 
 
 def _set(raw: dict, key: str, value, item: str) -> None:

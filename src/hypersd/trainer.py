@@ -2,6 +2,8 @@
 
 The loop knows nothing of any one method: each stage kind (``stages.py``) sets up its adapters
 and builds its loss from the stage's config; the loop steps the optimizer and writes files.
+Nor of any one backbone: the recipe's (``backbones``) loads the teacher, serves the data and its
+conditioning, writes the sample grids and evaluates the final LoRA.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import fp8, lora, speed
-from .cache import CachedData, describe_skips
+from .backbones import get_backbone
 from .checkpoint import list_checkpoints, load_latest, save_checkpoint
 from .errors import HypersdError
 from .outputs import write_text
@@ -23,43 +25,6 @@ from .recipe import Recipe, Stage, check_timesteps
 from .runlog import RunLog
 from .runtime import Runtime
 from .stages import StageRun, current_lora, stage_run
-from .teachers import load_teacher
-
-
-SD_SAMPLES = 8  # images per sample grid of an sd15/sdxl run
-
-
-class DigitsData:
-    """Training batches from the digits train split: (latents, prompts)."""
-
-    def __init__(self, teacher):
-        from .digits import data
-
-        self.x, self.y = data.load("train")
-        self.teacher, self.prompts_for = teacher, data.prompts_for
-
-    def batch(self, n: int, generator: torch.Generator):
-        idx = torch.randint(0, len(self.x), (n,), generator=generator)
-        return self.teacher.encode(self.x[idx]).to(self.teacher.device), self.prompts_for(self.y[idx])
-
-
-def open_cache(recipe: Recipe):
-    """The recipe's cache for sd15/sdxl, read and checked before any model loads; None for digits."""
-    if recipe.backbone not in ("sd15", "sdxl"):
-        if recipe.data or recipe.resolution or recipe.vae:
-            raise HypersdError(f"data, resolution and vae are for the sd15 and sdxl backbones; {recipe.backbone} "
-                               f"trains on its own data: leave them unset")
-        return None
-    if not recipe.data:
-        raise HypersdError(f"distilling backbone {recipe.backbone!r} needs its data pipeline: set data: to a folder "
-                           f"written by 'hypersd cache --backbone {recipe.backbone} --model M --data SRC --out DIR' "
-                           f"(or --set data=DIR)")
-    cached = CachedData(recipe.data, recipe.backbone)
-    made_at = cached.manifest["resolution"]
-    if recipe.resolution and made_at != recipe.resolution:
-        raise HypersdError(f"cache {recipe.data} was made at resolution {made_at}, the recipe trains at "
-                           f"{recipe.resolution}; cache the data with --resolution {recipe.resolution}")
-    return cached
 
 
 def _warn(msg: str) -> None:
@@ -110,18 +75,15 @@ class Distiller:
     def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, teacher=None,
                  log_with: list[str] | None = None):
         self.recipe, self.out = recipe, Path(out_dir)
-        cached = open_cache(recipe)  # refuses a wrong or missing cache before a large model loads
-        self.rt = Runtime.create(recipe.device, recipe.mixed_precision)
+        self.backbone = get_backbone(recipe.backbone)
+        opened = self.backbone.open_data(recipe)  # refuses a wrong or missing cache before a large model loads
+        self.rt = Runtime.create(recipe.run.device, recipe.run.mixed_precision)
         self.progress = progress and self.rt.is_main  # one bar per run, not one per process
         self.log = RunLog(self.out, self.rt.is_main, log_with)  # a missing tracker package: refused now
-        self.rt.guard.limit = recipe.max_bad_steps
-        # digits: a float32 teacher at any precision (autocast lowers its matmuls); SD: the frozen weights in it
-        dtype = self.rt.dtype if recipe.backbone != "digits" else None
-        self.teacher = teacher or load_teacher(recipe.backbone, recipe.teacher, device=self.rt.device, dtype=dtype)
-        if recipe.vae:
-            from .teachers.sd import replace_vae
-
-            replace_vae(self.teacher, recipe.vae)
+        self.rt.guard.limit = recipe.run.max_bad_steps
+        dtype = self.backbone.teacher_dtype(self.rt)
+        self.teacher = teacher or self.backbone.load_teacher(recipe, self.rt.device, dtype)
+        self.backbone.adapt_teacher(recipe, self.teacher)  # a given teacher too: the recipe's VAE, say
         check_timesteps(recipe, "recipe", self.teacher.schedule)  # on its own T and spacing (flow: σ grid)
         unet = self.teacher.unet
         unet.requires_grad_(False)
@@ -133,16 +95,17 @@ class Distiller:
             lora.add_lora(unet, lora.lora_config(recipe.lora_rank, recipe.lora_alpha, recipe.lora_targets), lora.STUDENT)
         lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
         self._speed_up(unet)
-        self.data = cached.attach(self.teacher) if cached is not None else DigitsData(self.teacher)
+        self.data = self.backbone.training_data(opened, self.teacher)
         # each process draws its own batches and noise; process 0 draws what a single process would
         self.generator = torch.Generator().manual_seed(recipe.seed + RANK_SEED * self.rt.rank)
         with torch.no_grad():
             self.uncond_row = self.teacher.empty_cond(1)
         self.stats: dict = {"nan_skipped": 0, "stages": {}}
-        if cached is not None:  # what the cache could not serve, in stats.json and on the console
-            self.stats["data"] = {"items": len(cached), "skipped": dict(cached.skipped)}
-            if cached.skipped and self.progress:
-                tqdm.write(f"cache {recipe.data}: {len(cached)} items; skipped {describe_skips(cached.skipped)}")
+        data_stats, message = self.backbone.data_report(recipe, self.data)  # what the data could not serve
+        if data_stats is not None:
+            self.stats["data"] = data_stats
+        if message and self.progress:
+            tqdm.write(message)
 
     def _speed_up(self, unet) -> None:
         r = self.recipe
@@ -314,19 +277,13 @@ class Distiller:
                                         for st in self.stats["stages"].values())
 
     def batch(self, n: int, generator: torch.Generator | None = None):
-        """(latents, prompts, cond): the conditioning from the data where it holds it (a cache),
-        else from the teacher's prompt encoder. ``generator``: the run's own by default."""
-        generator = generator or self.generator
-        if hasattr(self.data, "batch_cond"):
-            return self.data.batch_cond(n, generator)
-        z, prompts = self.data.batch(n, generator)
-        with torch.no_grad():
-            return z, prompts, self.teacher.encode_prompt(prompts)
+        """(latents, prompts, cond), as the backbone conditions them. ``generator``: the run's own by default."""
+        return self.backbone.batch(self.data, self.teacher, n, generator or self.generator)
 
     def _finish_stage(self, stage: Stage, run: StageRun) -> None:
         d = self.out / "stages" / stage.name
         run.finish(d)  # on every process: a merge changes the adapters (the files written are identical)
-        if self.recipe.grid_every_stage and self.rt.is_main:
+        if self.recipe.eval.grid_every_stage and self.rt.is_main:
             k = getattr(stage, "segments", 1)
             grid = self.sample_grid(d / f"samples-{k}step.png", k, one_step_t=self.one_step_t(stage))
             self.log.write("samples", stage=stage.name, steps=k, path=str(grid))
@@ -349,25 +306,14 @@ class Distiller:
         return None if t is None or t == self.teacher.T - 1 else t
 
     @torch.no_grad()
-    def sample_grid(self, path, steps: int, eta: float = 0.0, n: int = 100, one_step_t: int | None = None):
-        from .grid import save_grid
+    def sample_grid(self, path, steps: int, eta: float = 0.0, n: int | None = None, one_step_t: int | None = None):
+        """The student's samples at ``steps`` on ``n`` of the backbone's grid prompts (its default count)."""
         from .sampling import sample_prompts
 
-        if self.recipe.backbone == "digits":
-            from .digits.data import balanced_labels, prompts_for
-
-            prompts, layout = prompts_for(balanced_labels(n)), {}
-        else:  # a few of the data's own captions, written beside the images in grid order
-            captions = self.data.captions
-            prompts, layout = captions[::max(1, len(captions) // SD_SAMPLES)][:SD_SAMPLES], {"ncol": 4, "scale": 1}
-            write_text(Path(path).with_suffix(".txt"), "\n".join(prompts) + "\n")
+        prompts = self.backbone.grid_prompts(self.data, n or self.backbone.grid_samples)
         with lora.fused(self.teacher.unet):
             x = sample_prompts(self.teacher, prompts, steps, guidance=1.0, eta=eta, seed=0, one_step_t=one_step_t)
-        # SD: one image at a time; the VAE's attention over eight 1024-pixel images at once asked for
-        # 8 GiB more than an 80 GB GPU had left after SDXL training
-        per_decode = len(x) if self.recipe.backbone == "digits" else 1
-        images = torch.cat([self.teacher.decode(v) for v in x.split(per_decode)])
-        return save_grid(images, path, **layout)
+        return self.backbone.save_grid(self.teacher, x, prompts, path)
 
     def finish(self) -> Path:
         """The final LoRA (the last stage's) at ``out/lora.safetensors``, with sample grids."""
@@ -381,62 +327,16 @@ class Distiller:
             return self.out / "lora.safetensors"
         state, spec = current_lora(self.teacher.unet)
         meta = {**self.lora_meta(last), **spec}
-        if self.recipe.backbone == "digits":  # the setting is measured by the digits world's judges
-            meta["recommended_eta"] = self.recommended_etas(state, meta)
+        self.backbone.annotate_lora(self, state, meta)  # digits: the recommended etas, by its judges
         path = lora.save_state(self.out / "lora.safetensors", state, meta)
         etas = {int(k): v for k, v in meta.get("recommended_eta", {}).items()}
-        for k in self.recipe.eval_steps:
+        for k in self.recipe.eval.steps:
             grid = self.sample_grid(self.out / f"samples-{k}step.png", k, eta=etas.get(k, 0.0),
                                     one_step_t=self.one_step_t(last))
             self.log.write("samples", stage=last.name, steps=k, eta=etas.get(k, 0.0), path=str(grid))
-        if self.recipe.backbone == "digits":
-            grid = self.compare_grid(self.out / "compare.png", etas, self.one_step_t(last))
-            self.log.write("samples", stage=last.name, steps="compare", path=str(grid))
+        for label, grid in self.backbone.final_grids(self, etas, self.one_step_t(last)):
+            self.log.write("samples", stage=last.name, steps=label, path=str(grid))
         write_text(self.out / "stats.json", json.dumps(self.stats, indent=1))
         self.log.write("run_end", lora=str(path), nan_skipped=self.stats["nan_skipped"])
         self.log.close()
         return path
-
-    def recommended_etas(self, state: dict, meta: dict) -> dict[str, float]:
-        """{step count: eta} for the final LoRA, of the recipe's eval_etas, by the judges on a seed
-        no table reports (evaluation.recommend_etas). A finished run's file that already holds it
-        for these very weights is not measured again."""
-        from .evaluation import ETA_TUNE_N, DigitsBench, recommend_etas
-
-        old = self.out / "lora.safetensors"
-        if old.is_file():
-            try:
-                had, had_meta = lora.read_lora(old)
-            except HypersdError:
-                had, had_meta = {}, {}
-            same = had.keys() == state.keys() and all(torch.equal(had[k], state[k].cpu()) for k in state)
-            steps = {str(k) for k in self.recipe.eval_steps}
-            if same and set(had_meta.get("recommended_eta") or {}) == steps \
-                    and had_meta.get("recommended_from") == self.recipe.eval_etas:
-                meta["recommended_from"] = had_meta["recommended_from"]
-                return had_meta["recommended_eta"]
-        bench = DigitsBench(self.teacher, n=self.recipe.eval_n, seeds=range(self.recipe.eval_seeds),
-                            progress=self.progress)
-        picks, scan = recommend_etas(bench, self.recipe.eval_steps, self.recipe.eval_etas,
-                                     one_step_t=meta.get("one_step_t"), n=min(ETA_TUNE_N, self.recipe.eval_n))
-        meta["recommended_from"] = list(self.recipe.eval_etas)
-        self.stats["eta_scan"] = {str(k): v for k, v in scan.items()}
-        return {str(k): v for k, v in picks.items()}
-
-    @torch.no_grad()
-    def compare_grid(self, path, etas: dict[int, float], one_step_t: int | None, n: int = 20):
-        """The teacher's 40 steps, then the LoRA at each eval step count, from the same noise and
-        prompts: what the distillation bought, at a glance."""
-        from . import evaluation
-        from .digits.data import balanced_labels, prompts_for
-        from .grid import save_rows
-        from .sampling import sample_prompts
-
-        prompts, t, ref = prompts_for(balanced_labels(n)), self.teacher, evaluation.REFERENCE_STEPS
-        with lora.adapters_disabled(t.unet):
-            blocks = [(f"teacher DDIM\n{ref} steps", t.decode(sample_prompts(t, prompts, ref, seed=0)))]
-        with lora.fused(t.unet):
-            for k in self.recipe.eval_steps:
-                x = sample_prompts(t, prompts, k, guidance=1.0, eta=etas.get(k, 0.0), seed=0, one_step_t=one_step_t)
-                blocks.append((f"LoRA\n{k} step{'s' * (k > 1)}\neta {etas.get(k, 0.0):g}", t.decode(x)))
-        return save_rows(blocks, path)

@@ -1,0 +1,34 @@
+"""Backbones by name: the registry a recipe's ``backbone:`` is looked up in.
+
+A new model family registers its ``Backbone`` here (or from its own module with ``register``).
+A flow-matching digits world, say, is ``DigitsBackbone`` with another ``name`` and ``load_teacher``.
+"""
+
+from __future__ import annotations
+
+from ..errors import HypersdError
+from .base import Backbone
+from .digits import DigitsBackbone
+from .sd import SDBackbone
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+def register(backbone: Backbone) -> Backbone:
+    """Make ``backbone`` available to recipes under its name (a second one of a name replaces it)."""
+    if not backbone.name:
+        raise HypersdError(f"{type(backbone).__name__} has no name to register it under")
+    BACKBONES[backbone.name] = backbone
+    return backbone
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise HypersdError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+for _b in (DigitsBackbone(), SDBackbone("sd15"), SDBackbone("sdxl")):
+    register(_b)
+
+__all__ = ["BACKBONES", "Backbone", "DigitsBackbone", "SDBackbone", "get_backbone", "register"]
