@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 
 _FROM = {
-    "adapters": ("STUDENT", "EMA", "FEEDBACK", "FAKE", "AVERAGE", "TARGET_PRESETS", "lora_config", "has_adapters",
+    "adapters": ("STUDENT", "EMA", "FEEDBACK", "FAKE", "AVERAGE", "TARGET_PRESETS", "preset_for", "lora_config", "has_adapters",
                  "add_lora", "remove_lora", "spec", "ensure_lora", "activate", "adapter_params", "get_state",
                  "set_state", "check_state", "active", "adapters_disabled", "adapter", "fused", "_tuner_layers"),
     "algebra": ("merge_states", "compress_state"),
