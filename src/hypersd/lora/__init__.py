@@ -4,6 +4,7 @@
 - ``algebra``: an exact merge of two LoRAs, and the nearest LoRA of a lower rank
 - ``files``: hypersd's own LoRA files (save, read, load)
 - ``layouts``: diffusers' and kohya's layouts, read and written; loading or fusing any of them
+- ``transformer_layouts``: kohya's layout for SD3's and FLUX's transformers (original names, fused qkv)
 - ``cli``: the ``hypersd lora`` command
 
 The rest of hypersd calls these as ``lora.X`` (``lora.STUDENT``, ``lora.adapter``, ``lora.save_lora``).

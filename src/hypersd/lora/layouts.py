@@ -19,6 +19,10 @@ which SD1.5 and SDXL both have. It is also what kohya's own trainer writes for S
 (LDM/SGM) UNet's paths (``lora_unet_input_blocks_4_1_...``), which kohya's trainer writes for SDXL,
 would tie the export to a block layout (the resnets per block, where each upsampler sits); the
 diffusers paths are a plain renaming that round-trips for any UNet. Reading accepts both namings.
+
+SD3's and FLUX's transformers (told apart from a UNet by their ``transformer_blocks`` paths):
+diffusers' layout puts their keys under ``transformer.``; kohya's uses the original models' layer
+names with q, k and v fused (``transformer_layouts``).
 """
 
 from __future__ import annotations
