@@ -144,7 +144,7 @@ def test_kohya_flux_file_fuses_qkv_and_diffusers_kohya_reader_gives_the_same_out
     a = {p: state[f"transformer_blocks.1.attn.to_{p}.lora_A.weight"] for p in "qkv"}
     b = {p: state[f"transformer_blocks.1.attn.to_{p}.lora_B.weight"] for p in "qkv"}
     torch.testing.assert_close(up @ down, torch.cat([b[p] @ a[p] for p in "qkv"]), atol=0, rtol=0)
-    assert f"lora_unet_double_blocks_0_txt_mlp_2.lora_up.weight" in kohya
+    assert "lora_unet_double_blocks_0_txt_mlp_2.lora_up.weight" in kohya
     assert not any("transformer" in k for k in kohya)
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["ss_network_module"] == "networks.lora_flux"
@@ -165,39 +165,36 @@ def test_kohya_flux_single_block_linear1_at_flux_width_loads_in_diffusers(tmp_pa
     torch.testing.assert_close(_diffusers_out(net, path), want, atol=1e-5, rtol=0)
 
 
+def _swap(w):
+    """The original model's (shift, scale) as diffusers' AdaLayerNormContinuous's (scale, shift)."""
+    return torch.cat(w.chunk(2)[::-1])
+
+
 def _original_checkpoint(net):
     """The SD3 transformer's weights under the original (SAI) names, fused as the original model
     has them: hypersd's naming for every layer it maps, the few it does not spelled out here."""
-    sd = net.state_dict()
     last = net.config.num_layers - 1
-    swap = lambda w: torch.cat(w.chunk(2)[::-1])  # noqa: E731  diffusers' AdaLayerNormContinuous order
+    rename = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
+              "norm_out.linear": "final_layer.adaLN_modulation.1"}
     out, groups = {}, {}
-    for key, value in sd.items():
+    for key, value in net.state_dict().items():
         module, kind = key.rsplit(".", 1)
-        if module.endswith(("norm_q", "norm_k", "norm_added_q", "norm_added_k")):
-            block, attn, norm = module.split(".")[1], module.split(".")[2], module.split(".")[3]
-            side = "context_block" if "added" in norm else "x_block"
-            out[f"joint_blocks.{block}.{side}.{attn}.ln_{norm[-1]}.{kind}"] = value
-            continue
-        fixed = {"pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj", "norm_out.linear": None,
-                 f"transformer_blocks.{last}.norm1_context.linear": None}
-        if module in fixed or key == "pos_embed.pos_embed":
-            if key == "pos_embed.pos_embed":
-                out["pos_embed"] = value
-            elif module == "pos_embed.proj":
-                out[f"x_embedder.proj.{kind}"] = value
-            elif module == "norm_out.linear":
-                out[f"final_layer.adaLN_modulation.1.{kind}"] = swap(value)
-            else:
-                out[f"joint_blocks.{last}.context_block.adaLN_modulation.1.{kind}"] = swap(value)
-            continue
-        if module.endswith("norm1_context.linear"):
-            out[f"joint_blocks.{module.split('.')[1]}.context_block.adaLN_modulation.1.{kind}"] = value
-            continue
-        orig, part, n = original_of(module, "sd3")
-        groups.setdefault((orig, kind), {})[part] = value
-    for (orig, kind), parts in groups.items():
-        out[f"{orig}.{kind}"] = torch.cat([parts[i] for i in range(len(parts))])
+        path = module.split(".")
+        if key in rename:
+            out[rename[key]] = value
+        elif module in rename:
+            out[f"{rename[module]}.{kind}"] = _swap(value) if module == "norm_out.linear" else value
+        elif path[-1] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            side = "context_block" if "added" in path[-1] else "x_block"
+            out[f"joint_blocks.{path[1]}.{side}.{path[2]}.ln_{path[-1][-1]}.{kind}"] = value
+        elif module.endswith("norm1_context.linear"):  # the last block's is an AdaLayerNormContinuous
+            out[f"joint_blocks.{path[1]}.context_block.adaLN_modulation.1.{kind}"] = (
+                _swap(value) if int(path[1]) == last else value)
+        else:
+            orig, part, _ = original_of(module, "sd3")
+            groups.setdefault(f"{orig}.{kind}", {})[part] = value
+    for name, parts in groups.items():
+        out[name] = torch.cat([parts[i] for i in range(len(parts))])
     return out
 
 
@@ -252,6 +249,17 @@ def test_hypersd_kohya_diffusers_hypersd_round_trip_is_exact(arch, tmp_path):
         else:
             assert torch.equal(got, want) and meta_loaded["guidance"] == 3.5
     assert read_any(start)[0].keys() == state.keys()
+
+
+def test_a_qkv_with_parts_left_out_round_trips_without_them(tmp_path):
+    """q and v trained, k not: the fused layer's k block is zeros, and reading it back leaves k out."""
+    net = _net("sd3")
+    state, meta = _random_lora(net, targets=["to_q", "to_v", "add_k_proj"])
+    kohya = load_file(str(write(tmp_path / "k.safetensors", state, meta, "kohya")))
+    up = kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"]
+    assert up.shape == (48, 3 * RANK) and not up[16:32].any()  # k's rows
+    back, _ = read_any(tmp_path / "k.safetensors")
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_a_lora_trained_on_the_fused_qkv_reads_as_diffusers_reads_it(tmp_path):

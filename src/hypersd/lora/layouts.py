@@ -38,7 +38,6 @@ from .adapters import STUDENT, add_lora, check_state, has_adapters, lora_config,
 from .files import save_state
 from .transformer_layouts import arch_of, arch_of_kohya, fuse, is_transformer, split
 
-
 FORMATS = ("hypersd", "diffusers", "kohya")
 KOHYA_PREFIX = "lora_unet_"
 DIFFUSERS_PREFIX = "unet."

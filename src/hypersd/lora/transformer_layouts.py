@@ -16,6 +16,7 @@ its rows of the up: rank unchanged, also exact.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -108,14 +109,12 @@ def arch_of(modules, backbone: str | None) -> str:
                        "say which with --backbone sd3 or --backbone flux")
 
 
-def _compiled(arch: str):
-    key = f"_compiled_{arch}"
-    if key not in globals():
-        globals()[key] = [
-            (re.compile(d.format(r"(\d+)")), o,
+@functools.cache
+def _compiled(arch: str) -> list[tuple]:
+    """Each rule as (diffusers path pattern, original name, its kohya-name pattern, part, parts)."""
+    return [(re.compile(d.format(r"(\d+)")), o,
              re.compile(re.escape(o.replace(".", "_")).replace(r"\{0\}", r"(\d+)")), part, n)
             for d, o, part, n in RULES[arch]]
-    return globals()[key]
 
 
 def original_of(module: str, arch: str) -> tuple[str, int, int]:
@@ -135,9 +134,8 @@ def parts_of(kohya_stem: str, arch: str) -> list[str] | None:
     for _, o, k, _, _ in _compiled(arch):
         m = k.fullmatch(kohya_stem)
         if m:
-            block = m.groups()
-            return [d.replace("\\", "").format(*block) for d, oo, _, _ in
-                    sorted((r for r in RULES[arch] if r[1] == o), key=lambda r: r[2])]
+            rules = sorted((r for r in RULES[arch] if r[1] == o), key=lambda r: r[2])
+            return [d.replace("\\", "").format(*m.groups()) for d, *_ in rules]
     return None
 
 
