@@ -4,6 +4,7 @@
 - ``algebra``: an exact merge of two LoRAs, and the nearest LoRA of a lower rank
 - ``files``: hypersd's own LoRA files (save, read, load)
 - ``layouts``: diffusers' and kohya's layouts, read and written; loading or fusing any of them
+- ``transformer_layouts``: kohya's layout for SD3's and FLUX's transformers (original names, fused qkv)
 - ``cli``: the ``hypersd lora`` command
 
 The rest of hypersd calls these as ``lora.X`` (``lora.STUDENT``, ``lora.adapter``, ``lora.save_lora``).
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib
 
 _FROM = {
-    "adapters": ("STUDENT", "EMA", "FEEDBACK", "FAKE", "AVERAGE", "TARGET_PRESETS", "lora_config", "has_adapters",
+    "adapters": ("STUDENT", "EMA", "FEEDBACK", "FAKE", "AVERAGE", "TARGET_PRESETS", "preset_for", "lora_config", "has_adapters",
                  "add_lora", "remove_lora", "spec", "ensure_lora", "activate", "adapter_params", "get_state",
                  "set_state", "check_state", "active", "adapters_disabled", "adapter", "fused", "_tuner_layers"),
     "algebra": ("merge_states", "compress_state"),

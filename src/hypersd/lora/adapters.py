@@ -7,6 +7,7 @@ with adapters off; the EMA target is a second adapter, ``ema``. No second UNet i
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 
 import torch
@@ -18,13 +19,30 @@ from ..errors import HypersdError
 # student; fake: DMD's fake score; average: an EMA of DMD's generator. All are adapters on the one UNet.
 STUDENT, EMA, FEEDBACK, FAKE, AVERAGE = "student", "ema", "feedback", "fake", "average"
 
-# Module-name suffixes a LoRA may target: attention, feed-forward, resnet convolutions.
+# Module-name suffixes a LoRA may target: attention, feed-forward, resnet convolutions. An entry
+# "!path" leaves out the module at exactly that path, which a suffix would match too.
 TARGET_PRESETS = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
     "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
     "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
             "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+    # SD3's and FLUX's transformers (docs/LORA.md): image and context attention, both feed-forwards,
+    # FLUX's single blocks (their q, k, v are to_q/to_k/to_v too); not the final projection
+    # (the top-level proj_out), whose LoRA diffusers' reader of kohya's FLUX files drops
+    "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+                    "!proj_out"],
 }
+# the preset that fits a network when a recipe leaves lora_targets at its default
+_PRESET_OF_CLASS = {"SD3Transformer2DModel": "transformer", "FluxTransformer2DModel": "transformer"}
+
+
+def preset_for(network: torch.nn.Module, targets: str | list[str] = "all") -> str | list[str]:
+    """``targets``, except that the default ``all`` (a UNet's layers) becomes ``transformer`` on
+    SD3's and FLUX's transformers, which have none of a UNet's convolutions."""
+    if targets == "all":
+        return _PRESET_OF_CLASS.get(type(network).__name__, targets)
+    return targets
 
 
 def lora_config(rank: int, alpha: float | None = None, targets: str | list[str] = "all") -> LoraConfig:
@@ -32,8 +50,25 @@ def lora_config(rank: int, alpha: float | None = None, targets: str | list[str] 
         if targets not in TARGET_PRESETS:
             raise HypersdError(f"unknown LoRA target preset {targets!r}; use one of {sorted(TARGET_PRESETS)} or a list")
         targets = TARGET_PRESETS[targets]
+    keep = [t for t in targets if not t.startswith("!")]
+    # peft reads a string as one regular expression the whole path must match: exactly these paths
+    leave_out = "|".join(re.escape(t[1:]) for t in targets if t.startswith("!")) or None
     # init_lora_weights=True zeroes B: a fresh LoRA leaves the teacher exactly as it was.
-    return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True)
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=keep, exclude_modules=leave_out,
+                      init_lora_weights=True)
+
+
+def targets_of(cfg: LoraConfig) -> list[str]:
+    """The target list ``lora_config`` was given (left-out paths as "!path"), sorted."""
+    left_out = cfg.exclude_modules.split("|") if isinstance(cfg.exclude_modules, str) else []
+    return sorted([*cfg.target_modules, *("!" + re.sub(r"\\(.)", r"\1", p) for p in left_out)])
+
+
+def targets_match(module: str, targets: list[str]) -> bool:
+    """Whether peft puts a LoRA on ``module`` for this target list (``lora_config``'s rules)."""
+    if "!" + module in targets:
+        return False
+    return any(module == t or module.endswith("." + t) for t in targets if not t.startswith("!"))
 
 
 def has_adapters(unet: torch.nn.Module) -> bool:
@@ -63,7 +98,7 @@ def remove_lora(unet, name: str) -> None:
 def spec(unet, name: str) -> dict:
     """An adapter's shape as plain data (rank, alpha, targets): enough to build it again."""
     cfg = unet.peft_config[name]
-    return {"rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules)}
+    return {"rank": cfg.r, "alpha": cfg.lora_alpha, "targets": targets_of(cfg)}
 
 
 def ensure_lora(unet, name: str, rank: int, alpha: float, targets) -> None:

@@ -19,6 +19,8 @@ def cmd_convert(a) -> None:
     from .layouts import read_any, write
 
     state, meta = read_any(a.src)
+    if a.backbone:  # names the model where the layers alone cannot (SD3 or FLUX double blocks)
+        meta = {**meta, "backbone": a.backbone}
     path = write(a.out, state, meta, a.to, force=a.force)
     print(f"wrote {path} ({a.to}, rank {meta['rank']}, {len(state) // 2} layers)")
 
@@ -120,6 +122,8 @@ def add_parser(sub) -> None:
     c.add_argument("src", metavar="IN", help="LoRA .safetensors in any layout")
     c.add_argument("out", metavar="OUT", help="output .safetensors")
     c.add_argument("--to", choices=FORMATS, required=True, help=fmt_help)
+    c.add_argument("--backbone", help="the model the LoRA is for (sd3, flux), where its metadata does not say: "
+                                      "kohya's layout names SD3's and FLUX's layers differently")
     c.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     c.set_defaults(fn=cmd_convert)
 

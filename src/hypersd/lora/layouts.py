@@ -19,6 +19,10 @@ which SD1.5 and SDXL both have. It is also what kohya's own trainer writes for S
 (LDM/SGM) UNet's paths (``lora_unet_input_blocks_4_1_...``), which kohya's trainer writes for SDXL,
 would tie the export to a block layout (the resnets per block, where each upsampler sits); the
 diffusers paths are a plain renaming that round-trips for any UNet. Reading accepts both namings.
+
+SD3's and FLUX's transformers (told apart from a UNet by their ``transformer_blocks`` paths):
+diffusers' layout puts their keys under ``transformer.``; kohya's uses the original models' layer
+names with q, k and v fused (``transformer_layouts``).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import torch
 from ..errors import HypersdError
 from .adapters import STUDENT, add_lora, check_state, has_adapters, lora_config, remove_lora
 from .files import save_state
+from .transformer_layouts import arch_of, arch_of_kohya, fuse, is_transformer, split
 
 FORMATS = ("hypersd", "diffusers", "kohya")
 KOHYA_PREFIX = "lora_unet_"
 DIFFUSERS_PREFIX = "unet."
+TRANSFORMER_PREFIX = "transformer."  # SD3's and FLUX's pipelines load their network's LoRA under this
 _KOHYA_PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _PEFT_PARTS = (".lora_A.weight", ".lora_B.weight")
 
@@ -168,22 +174,28 @@ def _uniform(layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> tup
 
 # -- hypersd layout to the others ---------------------------------------------------------------
 def to_diffusers(state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
-    """Keys under ``unet.``, alpha/rank folded into B (diffusers' loader assumes alpha = rank)."""
+    """Keys under ``unet.`` (a transformer's: ``transformer.``), alpha/rank folded into B
+    (diffusers' loader assumes alpha = rank)."""
     rank, alpha = _spec(state, meta)
     scale = alpha / rank
+    prefix = TRANSFORMER_PREFIX if is_transformer(state) else DIFFUSERS_PREFIX
     out = {}
     for key, value in state.items():
         if ".lora_B." in key and scale != 1:
             value = (value.float() * scale).to(value.dtype)
-        out[DIFFUSERS_PREFIX + key] = value
+        out[prefix + key] = value
     return out
 
 
 def to_kohya(state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
-    """kohya's names (diffusers module paths, see the module docstring); A, B and alpha as they are."""
+    """kohya's names (diffusers module paths, see the module docstring); A, B and alpha as they are.
+    A transformer's: the original model's names, q, k and v fused (``transformer_layouts``)."""
     _, alpha = _spec(state, meta)
+    modules = _modules(state)
+    if is_transformer(modules):
+        return fuse(modules, arch_of(modules, meta.get("backbone")), alpha)
     out = {}
-    for module, pair in _modules(state).items():
+    for module, pair in modules.items():
         name = kohya_name(module)
         out[f"{name}.lora_down.weight"] = pair["A"]
         out[f"{name}.lora_up.weight"] = pair["B"]
@@ -194,7 +206,11 @@ def to_kohya(state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tens
 def kohya_metadata(state: dict[str, torch.Tensor], meta: dict) -> dict[str, str]:
     """The ``ss_*`` fields kohya's trainer writes, which UIs show and filter by."""
     rank, alpha = _spec(state, meta)
-    out = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}"}
+    network = "networks.lora"
+    if is_transformer(state):  # the module kohya's SD3 and FLUX trainers write
+        network = f"networks.lora_{arch_of(_modules(state), meta.get('backbone'))}"
+    # a fused qkv layer has 3 or 4 times this rank; every layer keeps alpha/rank
+    out = {"ss_network_module": network, "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}"}
     if any(v.dim() == 4 and v.shape[-1] > 1 for k, v in state.items() if ".lora_A." in k):
         out["ss_network_args"] = json.dumps({"conv_dim": str(rank), "conv_alpha": f"{alpha:g}"})
     version = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(meta.get("backbone", ""))
@@ -225,14 +241,15 @@ def detect_format(keys) -> str:
     if all(k.startswith(KOHYA_PREFIX) and k.endswith(_KOHYA_PARTS) for k in keys):
         return "kohya"
     if all(k.endswith(_PEFT_PARTS) for k in keys):
-        if all(k.startswith(DIFFUSERS_PREFIX) for k in keys):
-            return "diffusers"
-        if not any(k.startswith(DIFFUSERS_PREFIX) for k in keys):
+        for prefix in (DIFFUSERS_PREFIX, TRANSFORMER_PREFIX):
+            if all(k.startswith(prefix) for k in keys):
+                return "diffusers"
+        if not any(k.startswith((DIFFUSERS_PREFIX, TRANSFORMER_PREFIX)) for k in keys):
             return "hypersd"
     fits = [(k.startswith(KOHYA_PREFIX) and k.endswith(_KOHYA_PARTS)) or k.endswith(_PEFT_PARTS) for k in keys]
     odd = next((k for k, fit in zip(keys, fits) if not fit), keys[0])
     raise HypersdError(f"unknown LoRA layout (e.g. key {odd}); hypersd reads its own files (peft keys), "
-                       f"diffusers' (unet.*.lora_A/lora_B) and kohya's (lora_unet_*.lora_down/lora_up/alpha)")
+                       f"diffusers' (unet.* or transformer.*, .lora_A/lora_B) and kohya's (lora_unet_*.lora_down/lora_up/alpha)")
 
 
 def _read(path, layers_per_block: int) -> tuple[dict, dict, str]:
@@ -258,7 +275,7 @@ def _read(path, layers_per_block: int) -> tuple[dict, dict, str]:
     try:
         fmt = detect_format(raw)
         if fmt == "kohya":
-            layers = _kohya_layers(raw, layers_per_block)
+            layers = _kohya_layers(raw, layers_per_block, ours)
         else:
             layers = _peft_layers(raw, fmt, ours, header)
     except HypersdError as e:
@@ -271,10 +288,11 @@ def _read(path, layers_per_block: int) -> tuple[dict, dict, str]:
 
 def _peft_layers(raw: dict, fmt: str, ours: dict, header: dict) -> dict:
     """(A, B, alpha) per module of a hypersd or diffusers file."""
+    prefix = TRANSFORMER_PREFIX if next(iter(raw)).startswith(TRANSFORMER_PREFIX) else DIFFUSERS_PREFIX
     if fmt == "diffusers":
-        raw = {k[len(DIFFUSERS_PREFIX):]: v for k, v in raw.items()}
+        raw = {k[len(prefix):]: v for k, v in raw.items()}
     modules = _modules(raw)
-    alpha_of = _diffusers_alphas(header) if fmt == "diffusers" else None
+    alpha_of = _diffusers_alphas(header, prefix) if fmt == "diffusers" else None
     layers = {}
     for module, pair in modules.items():
         r = pair["A"].shape[0]
@@ -286,14 +304,14 @@ def _peft_layers(raw: dict, fmt: str, ours: dict, header: dict) -> dict:
     return layers
 
 
-def _diffusers_alphas(header: dict):
+def _diffusers_alphas(header: dict, prefix: str = DIFFUSERS_PREFIX):
     """alpha per module for a diffusers file: from the adapter config diffusers may store in
     ``lora_adapter_metadata`` (its own saves), else alpha = rank (what its loader assumes)."""
     try:
         cfg = json.loads(header.get("lora_adapter_metadata") or "{}")
     except json.JSONDecodeError:
         cfg = {}
-    cfg = {k[len(DIFFUSERS_PREFIX):]: v for k, v in cfg.items() if k.startswith(DIFFUSERS_PREFIX)}
+    cfg = {k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix)}
     patterns = cfg.get("alpha_pattern") or {}
 
     def alpha(module: str, rank: int) -> float:
@@ -305,8 +323,11 @@ def _diffusers_alphas(header: dict):
     return alpha
 
 
-def _kohya_layers(raw: dict, layers_per_block: int) -> dict:
+def _kohya_layers(raw: dict, layers_per_block: int, ours: dict | None = None) -> dict:
     names = sorted({k.split(".", 1)[0] for k in raw})
+    arch = arch_of_kohya(names)
+    if arch is not None:
+        return _kohya_transformer_layers(raw, names, arch, ours or {})
     layers = {}
     for name in names:
         down, up = raw.get(f"{name}.lora_down.weight"), raw.get(f"{name}.lora_up.weight")
@@ -318,6 +339,32 @@ def _kohya_layers(raw: dict, layers_per_block: int) -> dict:
             raise HypersdError(f"two kohya layers name the same module {module}")
         # kohya without .alpha means alpha = rank
         layers[module] = (down, up, float(alpha) if alpha is not None else float(down.shape[0]))
+    return layers
+
+
+def _kohya_transformer_layers(raw: dict, names: list[str], arch: str, ours: dict) -> dict:
+    """(A, B, alpha) per diffusers module of a kohya file in SD3's or FLUX's original names."""
+    from .adapters import TARGET_PRESETS, targets_match
+
+    targets = ours.get("targets")
+    targets = TARGET_PRESETS.get(targets, [targets]) if isinstance(targets, str) else targets
+    layers = {}
+    for name in names:
+        down, up = raw.get(f"{name}.lora_down.weight"), raw.get(f"{name}.lora_up.weight")
+        if down is None or up is None:
+            raise HypersdError(f"kohya layer {name} lacks its lora_down or lora_up weight; the file is incomplete")
+        alpha = raw.get(f"{name}.alpha")
+        alpha = float(alpha) if alpha is not None else float(down.shape[0])
+        parts = split(name[len(KOHYA_PREFIX):], down, up, alpha, arch)
+        if parts is None:
+            raise HypersdError(f"kohya layer {name} names no {arch.upper()} transformer layer hypersd knows")
+        for module, (a, b, part_alpha) in parts.items():
+            # a fused layer's parts that hypersd filled with zeros (layers it did not train) stay out
+            if targets and not targets_match(module, targets):
+                continue
+            if ours.get("alpha") and abs(part_alpha - ours["alpha"]) <= 1e-6 * ours["alpha"]:
+                part_alpha = float(ours["alpha"])  # alpha·3r/r/3 may round off by an ulp
+            layers[module] = (a, b, part_alpha)
     return layers
 
 
@@ -353,7 +400,7 @@ def load_into_unet(unet, path: str | Path, name: str = STUDENT) -> dict:
 
     Keys and shapes are checked against the UNet first: every layer that does not fit is listed in
     one message, and the UNet is left without the adapter."""
-    state, meta, _ = _read(path, unet.config.layers_per_block)
+    state, meta, _ = _read(path, getattr(unet.config, "layers_per_block", 2))
     remove_lora(unet, name)
     try:
         add_lora(unet, lora_config(meta["rank"], meta["alpha"], meta["targets"]), name)
