@@ -1,0 +1,183 @@
+"""SD3 and FLUX.1 teachers against diffusers' own pipelines, on tiny models saved as diffusers folders:
+the prompt embeddings are StableDiffusion3Pipeline's / FluxPipeline's, and hypersd's k-step sampler
+on the teacher (``sample_tcd`` at γ = 0 on ``schedule.inference_timesteps(k)``) gives the pipeline's
+latents when the pipeline is given ``sigmas=schedule.pipeline_sigmas(k)``."""
+
+import pytest
+import torch
+from flow_tiny import LATENT_SIZE, T5_LENGTH, save_flow_tiny
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+from hypersd.core.noise import flux_shift
+from hypersd.errors import HypersdError
+from hypersd.sampling import guided, initial_noise, sample_tcd
+from hypersd.teachers import load_teacher
+from hypersd.teachers.flux import pack, unpack
+
+PROMPTS = ["a red cat", "two dogs on a hill"]
+SIDE = 2 * LATENT_SIZE  # image side of the tiny models
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    return {kind: save_flow_tiny(kind, root / kind) for kind in ("sd3", "flux", "flux-schnell")}
+
+
+def teacher(folders, kind):
+    backbone = "sd3" if kind == "sd3" else "flux"
+    opts = {"max_sequence_length": T5_LENGTH} | ({} if kind == "sd3" else {"resolution": SIDE})
+    return load_teacher(backbone, str(folders[kind]), **opts)
+
+
+def pipeline(folders, kind):
+    cls = StableDiffusion3Pipeline if kind == "sd3" else FluxPipeline
+    pipe = cls.from_pretrained(str(folders[kind]))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd3_teacher_loads_with_its_schedule(folders):
+    t = teacher(folders, "sd3")
+    assert t.latent_shape == (16, LATENT_SIZE, LATENT_SIZE) and t.T == 841 and t.prediction_type == "flow"
+    s = t.schedule
+    assert (s.shift, s.timestep_scale, s.spacing) == (3.0, 1000.0, "inclusive")
+    assert t.transformer is t.unet and not any(p.requires_grad for p in t.unet.parameters())
+
+
+def test_flux_teacher_schedule_is_the_training_resolutions_shift(folders):
+    t = teacher(folders, "flux")
+    s = t.schedule
+    assert t.latent_shape == (16, LATENT_SIZE, LATENT_SIZE) and t.T == 1000
+    assert s.shift == pytest.approx(flux_shift((LATENT_SIZE // 2) ** 2)) and s.shift != 3.0
+    assert (s.timestep_scale, s.spacing) == (1.0, "trailing")
+    assert t.guidance_embeds and t.guidance == 3.5
+    schnell = teacher(folders, "flux-schnell")
+    assert schnell.schedule.shift == 1.0 and not schnell.guidance_embeds and schnell.guidance is None
+    big = load_teacher("flux", str(folders["flux"]), resolution=4 * SIDE)  # more tokens, more shift
+    assert big.latent_shape == (16, 4 * LATENT_SIZE, 4 * LATENT_SIZE) and big.schedule.shift > s.shift
+
+
+def test_sd3_prompt_embeddings_are_the_pipelines(folders):
+    t, pipe = teacher(folders, "sd3"), pipeline(folders, "sd3")
+    cond = t.encode_prompt(PROMPTS)
+    with torch.no_grad():  # T5's attention takes another kernel with autograd on (6e-7 apart)
+        hidden, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, None, None, max_sequence_length=T5_LENGTH,
+                                                             do_classifier_free_guidance=True)
+    assert cond.hidden.shape == (2, 16 + T5_LENGTH, 80) and cond.added["pooled_projections"].shape == (2, 64)
+    assert torch.equal(cond.hidden, hidden) and torch.equal(cond.added["pooled_projections"], pooled)
+    empty = t.empty_cond(2)  # "" encoded once and repeated; the pipeline encodes a batch of them
+    assert torch.allclose(empty.hidden, neg, atol=1e-6, rtol=0)
+    assert torch.allclose(empty.added["pooled_projections"], neg_pooled, atol=1e-6, rtol=0)
+    assert cond.hidden[:, :16, 64:].abs().max() == 0  # the CLIP pair zero-padded to T5's width
+
+
+def test_flux_prompt_embeddings_are_the_pipelines(folders):
+    t, pipe = teacher(folders, "flux"), pipeline(folders, "flux")
+    cond = t.encode_prompt(PROMPTS)
+    with torch.no_grad():
+        hidden, pooled, text_ids = pipe.encode_prompt(PROMPTS, max_sequence_length=T5_LENGTH)
+    assert torch.equal(cond.hidden, hidden) and torch.equal(cond.added["pooled_projections"], pooled)
+    assert text_ids.shape == (T5_LENGTH, 3) and not text_ids.any()
+
+
+def test_pack_and_unpack_are_flux_pipelines():
+    x = torch.randn(2, 16, 6, 4)
+    packed = pack(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 16, 6, 4))
+    assert torch.equal(unpack(packed, 6, 4), x)
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 6, 4, 1), x)
+
+
+def ours(t, k, guidance, seed=0):
+    """hypersd's Euler sampler (γ = 0) on the teacher's k-step boundaries, from a seed's x_T."""
+    noise, _ = initial_noise(len(PROMPTS), t.latent_shape, seed)
+    cond = t.encode_prompt(PROMPTS)
+    s = t.schedule
+    with torch.no_grad():
+        return noise, sample_tcd(guided(t, cond, guidance), noise, s.inference_timesteps(k), s, eta=0.0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_sd3_sampler_equals_the_pipeline_with_cfg(folders, k):
+    t, pipe = teacher(folders, "sd3"), pipeline(folders, "sd3")
+    noise, got = ours(t, k, 4.0)
+    ref = pipe(prompt=PROMPTS, latents=noise, guidance_scale=4.0, sigmas=t.schedule.pipeline_sigmas(k),
+               height=SIDE, width=SIDE, max_sequence_length=T5_LENGTH, output_type="latent").images
+    assert (got - noise).abs().max() > 0.1
+    assert (got - ref).abs().max() < 1e-5
+    _, unguided = ours(t, k, 1.0)
+    assert (unguided - got).abs().max() > 1e-3  # the guidance mattered
+
+
+class Calls:
+    """Records the batch size and guidance of every transformer call."""
+
+    def __init__(self, module):
+        self.seen = []
+        self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        g = kwargs.get("guidance")
+        self.seen.append((kwargs["hidden_states"].shape[0], None if g is None else g.tolist()))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_flux_dev_sampler_equals_the_pipeline_with_one_guided_pass_a_step(folders, k):
+    t, pipe = teacher(folders, "flux"), pipeline(folders, "flux")
+    calls = Calls(t.unet)
+    noise, got = ours(t, k, 2.5)
+    assert calls.seen == [(2, [2.5, 2.5])] * k  # one pass of the batch per step, ω as the embedding
+    assert t.guidance == 2.5  # recorded, for the student's calls and the LoRA's metadata
+    ref = pipe(prompt=PROMPTS, latents=pack(noise), guidance_scale=2.5, sigmas=t.schedule.pipeline_sigmas(k),
+               height=SIDE, width=SIDE, max_sequence_length=T5_LENGTH, output_type="latent").images
+    assert (got - noise).abs().max() > 0.1
+    assert (got - unpack(ref, LATENT_SIZE, LATENT_SIZE)).abs().max() < 1e-5
+    _, other = ours(t, k, 5.0)
+    assert (other - got).abs().max() > 1e-4  # the embedding's value mattered
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_flux_schnell_sampler_equals_the_pipeline_without_guidance(folders, k):
+    t, pipe = teacher(folders, "flux-schnell"), pipeline(folders, "flux-schnell")
+    calls = Calls(t.unet)
+    noise, got = ours(t, k, 3.0)
+    assert calls.seen == [(2, None)] * k
+    ref = pipe(prompt=PROMPTS, latents=pack(noise), sigmas=t.schedule.pipeline_sigmas(k), height=SIDE, width=SIDE,
+               max_sequence_length=T5_LENGTH, output_type="latent").images
+    assert (got - unpack(ref, LATENT_SIZE, LATENT_SIZE)).abs().max() < 1e-5
+
+
+def test_decode_is_the_pipelines(folders):
+    """The VAE's shift and scale, both ways, as the flow pipelines apply them."""
+    t, pipe = teacher(folders, "sd3"), pipeline(folders, "sd3")
+    z = torch.randn(1, 16, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+        assert torch.allclose(t.decode(z), want.clamp(-1, 1), atol=1e-6)
+        back = t.encode(t.decode(z))
+    assert back.shape == z.shape
+
+
+def test_a_model_of_the_other_family_is_refused_naming_the_backbone(folders):
+    with pytest.raises(HypersdError, match="FluxTransformer2DModel.*use backbone flux"):
+        load_teacher("sd3", str(folders["flux"]))
+    with pytest.raises(HypersdError, match="SD3Transformer2DModel.*use backbone sd3"):
+        load_teacher("flux", str(folders["sd3"]))
+
+
+def test_bad_sources_are_refused(folders, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(HypersdError, match="no 'transformer' component"):
+        load_teacher("sd3", str(broken))
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(HypersdError, match="not a .safetensors checkpoint"):
+        load_teacher("flux", str(ckpt))
+    with pytest.raises(HypersdError, match="multiple of 4 pixels"):
+        load_teacher("flux", str(folders["flux"]), resolution=18)
+    with pytest.raises(HypersdError, match="no guidance embedding"):
+        load_teacher("flux", str(folders["flux-schnell"]), resolution=SIDE, guidance=3.5)
+    with pytest.raises(HypersdError, match="takes no options"):
+        load_teacher("sd15", "some/model", resolution=512)
