@@ -181,3 +181,57 @@ def test_bad_sources_are_refused(folders, tmp_path):
         load_teacher("flux", str(folders["flux-schnell"]), resolution=SIDE, guidance=3.5)
     with pytest.raises(HypersdError, match="takes no options"):
         load_teacher("sd15", "some/model", resolution=512)
+
+
+# -- hypersd generate on SD3 and FLUX ----------------------------------------------------------------
+def reference_images(t, prompts, seeds, k, guidance, latent_shape):
+    """hypersd's sampler on the teacher, one image per seed, decoded."""
+    out = []
+    for p, seed in zip(prompts, seeds):
+        noise, _ = initial_noise(1, latent_shape, seed)
+        s = t.schedule
+        with torch.no_grad():
+            x0 = sample_tcd(guided(t, t.encode_prompt([p]), guidance), noise, s.inference_timesteps(k), s)
+            out.append(t.decode(x0))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind,guidance", [("sd3", 3.0), ("flux", 2.0)])
+def test_generate_equals_hypersd_sampler_on_the_teachers_sigmas(folders, kind, guidance):
+    from hypersd.inference.generator import Generator
+
+    gen = Generator(str(folders[kind]), steps=2, guidance=guidance, device="cpu", width=SIDE, height=SIDE)
+    assert gen.plan.backbone == kind and gen.plan.scheduler == "euler"
+    assert gen.plan.timesteps == gen.teacher.schedule.inference_timesteps(2)
+    prompts, seeds = ["a cat", "a red house"], [5, 9]
+    images = gen.images(prompts, seeds)
+    ref = reference_images(gen.teacher, prompts, seeds, 2, guidance, gen.latent_shape)
+    assert images.shape == ref.shape == (2, 3, SIDE, SIDE) and images.std() > 0.01
+    assert (images - ref).abs().max() < 1e-4
+
+
+def test_flux_generate_takes_the_shift_of_its_image_size(folders):
+    """Other sizes: the shift of their token count (as FluxPipeline's), the sigmas still the teacher's."""
+    from hypersd.inference.generator import Generator
+
+    gen = Generator(str(folders["flux"]), steps=2, device="cpu", width=2 * SIDE, height=SIDE)
+    assert gen.latent_shape == (16, LATENT_SIZE, 2 * LATENT_SIZE)
+    assert gen.teacher.schedule.shift == pytest.approx(flux_shift(LATENT_SIZE ** 2 // 2))
+    images = gen.images(["a cat"], [1])
+    assert images.shape == (1, 3, SIDE, 2 * SIDE)
+    with pytest.raises(HypersdError, match="--width 18 is not a positive multiple of 4"):
+        Generator(str(folders["sd3"]), steps=2, device="cpu", width=18)
+    with pytest.raises(HypersdError, match="Euler sampler only"):
+        Generator(str(folders["sd3"]), steps=2, device="cpu", scheduler="tcd", eta=0.5)
+
+
+def test_generate_command_detects_sd3(folders, tmp_path):
+    from PIL import Image
+
+    from hypersd.cli import main
+
+    out = tmp_path / "images"
+    assert main(["generate", "--model", str(folders["sd3"]), "--prompt", "a cat", "--steps", "1", "--width",
+                 str(SIDE), "--height", str(SIDE), "--device", "cpu", "--out", str(out), "--quiet"]) in (0, None)
+    png = Image.open(out / "00000.png")
+    assert png.size == (SIDE, SIDE) and '"backbone": "sd3"' in png.text["hypersd"]

@@ -62,21 +62,22 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 class FluxTeacher(FlowTeacher):
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 scheduler_config: dict, resolution: int = RESOLUTION, max_sequence_length: int | None = None,
+                 scheduler_config: dict, resolution: int | tuple[int, int] = RESOLUTION, max_sequence_length: int | None = None,
                  guidance: float | None = None):
         cfg = transformer.config
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         if cfg.in_channels % 4 or cfg.in_channels // 4 != vae.config.latent_channels:
             raise HypersdError(f"the transformer takes {cfg.in_channels} channels, not 4 x the VAE's "
                                f"{vae.config.latent_channels} (2x2 packed latents); these are not one FLUX model")
-        if resolution % (2 * scale):
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+        if height % (2 * scale) or width % (2 * scale) or min(height, width) <= 0:
             raise HypersdError(f"FLUX images must be a multiple of {2 * scale} pixels on a side (2x2 patches of "
-                               f"the VAE's 1/{scale} latents); got {resolution}")
-        side = resolution // scale
+                               f"the VAE's 1/{scale} latents); got {height}x{width}")
+        h, w = height // scale, width // scale
         steps = int(scheduler_config.get("num_train_timesteps", 1000))
-        flow = dict(shift=flow_shift(scheduler_config, (side // 2) ** 2), timestep_scale=1.0, spacing="trailing",
+        flow = dict(shift=flow_shift(scheduler_config, (h // 2) * (w // 2)), timestep_scale=1.0, spacing="trailing",
                     T=steps, num_train_timesteps=steps)
-        super().__init__(transformer, vae, scheduler_config, (cfg.in_channels // 4, side, side), flow)
+        super().__init__(transformer, vae, scheduler_config, (cfg.in_channels // 4, h, w), flow)
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.guidance_embeds = bool(cfg.guidance_embeds)
@@ -128,11 +129,13 @@ class FluxTeacher(FlowTeacher):
         return unpack(out.sample, h, w).float()
 
 
-def load_flux(path: str, device="cpu", dtype=None, config: str | None = None, resolution: int = RESOLUTION,
+def load_flux(path: str, device="cpu", dtype=None, config: str | None = None,
+              resolution: int | tuple[int, int] = RESOLUTION,
               max_sequence_length: int | None = None, guidance: float | None = None) -> FluxTeacher:
     """A FLUX.1 dev or schnell teacher from a hub id, a local diffusers folder or one .safetensors file.
 
-    ``resolution``: the image side it is distilled at (its schedule's shift depends on it)."""
+    ``resolution``: the image side (or (height, width)) it is distilled at: its schedule's shift is
+    that of the image's token count, as FluxPipeline's dynamic shift."""
     from diffusers import FluxPipeline
 
     parts, sched = load_flow_parts("flux", path, FLUX_COMPONENTS, FluxPipeline, config)
