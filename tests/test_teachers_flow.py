@@ -235,3 +235,17 @@ def test_generate_command_detects_sd3(folders, tmp_path):
                  str(SIDE), "--height", str(SIDE), "--device", "cpu", "--out", str(out), "--quiet"]) in (0, None)
     png = Image.open(out / "00000.png")
     assert png.size == (SIDE, SIDE) and '"backbone": "sd3"' in png.text["hypersd"]
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_boundaries_are_the_pipelines_own_k_step_sigmas(folders, kind, k):
+    """SD3's "inclusive" grid holds set_timesteps(k)'s sigmas, FLUX's "trailing" one FluxPipeline's
+    default linspace(1, 1/k, k): a pipeline given only a step count samples hypersd's boundaries."""
+    t, pipe = teacher(folders, kind), pipeline(folders, kind)
+    noise, got = ours(t, k, 1.0)
+    lat = noise if kind == "sd3" else pack(noise)
+    ref = pipe(prompt=PROMPTS, latents=lat, guidance_scale=1.0, num_inference_steps=k, height=SIDE, width=SIDE,
+               max_sequence_length=T5_LENGTH, output_type="latent").images
+    ref = ref if kind == "sd3" else unpack(ref, LATENT_SIZE, LATENT_SIZE)
+    assert (got - ref).abs().max() < 1e-5
