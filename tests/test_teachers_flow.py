@@ -249,3 +249,26 @@ def test_the_boundaries_are_the_pipelines_own_k_step_sigmas(folders, kind, k):
                max_sequence_length=T5_LENGTH, output_type="latent").images
     ref = ref if kind == "sd3" else unpack(ref, LATENT_SIZE, LATENT_SIZE)
     assert (got - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_single_checkpoint_gives_the_transformer_and_its_config_the_rest(folders, kind, tmp_path):
+    from safetensors.torch import save_file
+
+    from flow_tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    other = (tiny_sd3_pipeline if kind == "sd3" else tiny_flux_pipeline)(seed=1).transformer
+    file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(file))
+    backbone = "sd3" if kind == "sd3" else "flux"
+    opts = {"max_sequence_length": T5_LENGTH} | ({} if kind == "sd3" else {"resolution": SIDE})
+    t = load_teacher(backbone, str(file), config=str(folders[kind]), **opts)
+    for (name, got), want in zip(t.unet.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(got, want), name  # the file's weights, not the config folder's
+    ref = teacher(folders, kind)
+    assert torch.equal(t.encode_prompt(PROMPTS).hidden, ref.encode_prompt(PROMPTS).hidden)
+    with pytest.raises(HypersdError, match="--model-config"):
+        load_teacher(backbone, str(file))
+    wrong = "flux" if kind == "sd3" else "sd3"
+    with pytest.raises(HypersdError, match=f"use backbone {backbone}"):
+        load_teacher(wrong, str(file), config=str(folders[kind]))

@@ -136,9 +136,7 @@ def load_flux(path: str, device="cpu", dtype=None, config: str | None = None,
 
     ``resolution``: the image side (or (height, width)) it is distilled at: its schedule's shift is
     that of the image's token count, as FluxPipeline's dynamic shift."""
-    from diffusers import FluxPipeline
-
-    parts, sched = load_flow_parts("flux", path, FLUX_COMPONENTS, FluxPipeline, config)
+    parts, sched = load_flow_parts("flux", path, FLUX_COMPONENTS, config)
     place(parts, device, dtype)
     return FluxTeacher(**parts, scheduler_config=sched, resolution=resolution,
                        max_sequence_length=max_sequence_length, guidance=guidance)

@@ -62,14 +62,13 @@ def flow_shift(scheduler_config: dict, image_seq_len: int) -> float:
                       max_shift=scheduler_config.get("max_shift", 1.15))
 
 
-def load_flow_parts(backbone: str, path: str, components: dict, pipeline_cls, config: str | None = None):
+def load_flow_parts(backbone: str, path: str, components: dict, config: str | None = None):
     """(modules by component name, scheduler config) of a flow model: a hub id, a diffusers folder
-    or one .safetensors checkpoint (``config``: a diffusers folder or hub id with its component
-    configs, which diffusers needs offline). The transformer's class is checked before any weight
-    is read, so a model of the other family is refused with the backbone to use."""
+    or one .safetensors checkpoint (``single_file``). The transformer's class is checked before any
+    weight is read, so a model of the other family is refused with the backbone to use."""
     file = Path(str(path)).expanduser()
     if file.is_file():
-        return _single_file(backbone, file, components, pipeline_cls, config)
+        return single_file(backbone, file, components, config)
     path = model_source(path, ["transformer"], backbone)
     check_transformer(backbone, _load(SD3Transformer2DModel.load_config, path, "transformer"), path)
     path = model_source(path, [*components, "scheduler"], backbone)
@@ -87,21 +86,38 @@ def check_transformer(backbone: str, config: dict, source) -> None:
                        f"{TRANSFORMERS[backbone]} of a {backbone} model; {fix}")
 
 
-def _single_file(backbone: str, file: Path, components: dict, pipeline_cls, config: str | None):
+def single_file(backbone: str, file: Path, components: dict, config: str | None):
+    """The transformer (and the VAE, where the file holds one) from one checkpoint, by diffusers'
+    ``from_single_file`` (the original layout converted, diffusers' own taken as it is); the text
+    encoders, tokenizers and scheduler from ``config``, a diffusers folder or hub id of the model:
+    published SD3.5 and FLUX files hold the transformer alone."""
+    from safetensors import safe_open
+
     if file.suffix != ".safetensors":
         raise HypersdError(f"{file} is not a .safetensors checkpoint; hypersd loads single files in safetensors "
                            f"only (convert a .ckpt once with a trusted tool)")
+    if config is None:
+        raise HypersdError(f"{file} is one checkpoint; pass a diffusers {backbone} folder or hub id as its config "
+                           f"(--model-config) for the text encoders, tokenizers and scheduler")
+    source = model_source(config, ["transformer"], backbone)
+    check_transformer(backbone, _load(SD3Transformer2DModel.load_config, source, "transformer"), source)
     try:
-        pipe = pipeline_cls.from_single_file(str(file), config=config)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise HypersdError(f"cannot load {file} as a single {backbone} checkpoint ({reason}); offline, pass a "
-                           f"diffusers {backbone} folder or cached hub id as its config (--model-config)") from None
-    check_transformer(backbone, dict(pipe.transformer.config), file)
-    missing = [name for name in components if getattr(pipe, name, None) is None]
-    if missing:
-        raise HypersdError(f"{file} loaded without {', '.join(missing)}; pass a config (--model-config) that has them")
-    return {name: getattr(pipe, name) for name in components}, dict(pipe.scheduler.config)
+        with safe_open(str(file), "pt") as f:
+            has_vae = any(k.startswith(("first_stage_model.", "vae.")) for k in f.keys())
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise HypersdError(f"{file} is not a readable safetensors checkpoint ({e})") from None
+    from_file = ["transformer", "vae"] if has_vae else ["transformer"]
+    rest = [name for name in components if name not in from_file]
+    source = model_source(source, [*rest, "scheduler"], backbone)
+    parts = {name: _load(components[name].from_pretrained, source, name) for name in rest}
+    for name in from_file:
+        try:
+            parts[name] = components[name].from_single_file(str(file), config=source, subfolder=name)
+        except Exception as e:  # diffusers' converters raise many kinds on a checkpoint of another model
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise HypersdError(f"cannot load the {name} of {file} as a {backbone} checkpoint ({reason}); pass a "
+                               f"{backbone} checkpoint, and its diffusers folder as --model-config") from None
+    return parts, dict(_load(FlowMatchEulerDiscreteScheduler.load_config, source, "scheduler"))
 
 
 def token_ids(tokenizer, prompts: list[str], length: int, device) -> torch.Tensor:
@@ -193,9 +209,8 @@ class SD3Teacher(FlowTeacher):
 
 def load_sd3(path: str, device="cpu", dtype=None, config: str | None = None,
              max_sequence_length: int = 256) -> SD3Teacher:
-    """An SD3 / SD3.5 teacher from a hub id, a local diffusers folder or one .safetensors file."""
-    from diffusers import StableDiffusion3Pipeline
-
-    parts, sched = load_flow_parts("sd3", path, SD3_COMPONENTS, StableDiffusion3Pipeline, config)
+    """An SD3 / SD3.5 teacher from a hub id, a local diffusers folder or one .safetensors file
+    (``config``: the model's diffusers folder or hub id, for the parts the file lacks)."""
+    parts, sched = load_flow_parts("sd3", path, SD3_COMPONENTS, config)
     place(parts, device, dtype)
     return SD3Teacher(**parts, scheduler_config=sched, max_sequence_length=max_sequence_length)
