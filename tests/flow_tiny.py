@@ -19,6 +19,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from sd_tiny import TEXT_DIM, _text_config, tiny_tokenizer
 from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -26,8 +27,6 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
-
-from sd_tiny import TEXT_DIM, _text_config, tiny_tokenizer
 
 T5_LENGTH = 12  # the T5 sequence (max_sequence_length); real SD3 uses 256, FLUX.1-dev 512
 T5_DIM = 80  # wider than the CLIP pair (2 x 32), so SD3's zero padding of the CLIP states shows

@@ -5,8 +5,8 @@ latents when the pipeline is given ``sigmas=schedule.pipeline_sigmas(k)``."""
 
 import pytest
 import torch
-from flow_tiny import LATENT_SIZE, T5_LENGTH, save_flow_tiny
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from flow_tiny import LATENT_SIZE, T5_LENGTH, save_flow_tiny
 
 from hypersd.core.noise import flux_shift
 from hypersd.errors import HypersdError
@@ -253,9 +253,8 @@ def test_the_boundaries_are_the_pipelines_own_k_step_sigmas(folders, kind, k):
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_a_single_checkpoint_gives_the_transformer_and_its_config_the_rest(folders, kind, tmp_path):
-    from safetensors.torch import save_file
-
     from flow_tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+    from safetensors.torch import save_file
 
     other = (tiny_sd3_pipeline if kind == "sd3" else tiny_flux_pipeline)(seed=1).transformer
     file = tmp_path / "model.safetensors"
