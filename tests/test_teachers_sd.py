@@ -186,7 +186,7 @@ def test_hub_id_offline():
 
 def test_unknown_backbone(tmp_path):
     with pytest.raises(HypersdError, match="unknown backbone"):
-        load_teacher("sd3", str(tmp_path))
+        load_teacher("sd4", str(tmp_path))
     from hypersd.teachers.sd import load_sd
 
     with pytest.raises(HypersdError, match="unknown Stable Diffusion backbone"):

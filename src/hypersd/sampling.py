@@ -39,8 +39,9 @@ def sample_tcd(model_fn: EpsFn, x, timesteps, schedule, *, eta: float = 0.0, gen
 
 
 def guided(teacher: Teacher, cond: Cond, w: float) -> EpsFn:
-    """ε_fn with classifier-free guidance ω = w; w = 1 is the conditional model alone."""
-    if w == 1.0:
+    """ε_fn with classifier-free guidance ω = w; w = 1 is the conditional model alone. A guidance-
+    distilled teacher (FLUX.1-dev) takes every ω, 1 included, as its guidance embedding (``eps_cfg``)."""
+    if w == 1.0 and not getattr(teacher, "guidance_embeds", False):
         return lambda x, t: teacher.eps(x, t, cond)
     uncond = teacher.empty_cond(len(cond))
     return lambda x, t: teacher.eps_cfg(x, t, cond, uncond, w)

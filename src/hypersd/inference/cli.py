@@ -19,8 +19,8 @@ def add_sampling_args(p, shared: tuple[str, ...] = ()) -> None:
     the flags among them that the parser already has."""
     p.add_argument("--lora", default=None, help="a LoRA .safetensors: hypersd's, a published Hyper-SD file, "
                                                 "kohya's or diffusers' (default: the model alone)")
-    p.add_argument("--backbone", choices=("sd15", "sdxl"), default=None,
-                   help="the model's backbone (default: read from its UNet config)")
+    p.add_argument("--backbone", choices=("sd15", "sdxl", "sd3", "flux"), default=None,
+                   help="the model's backbone (default: read from its UNet or transformer config)")
     p.add_argument("--model-config", default=None,
                    help="for a single-file --model: a diffusers folder or hub id with its component configs")
     if "--steps" not in shared:
@@ -34,6 +34,8 @@ def add_sampling_args(p, shared: tuple[str, ...] = ()) -> None:
                        help="CFG scale; 0 or 1: none (default: the LoRA's recipe; the model's own without a LoRA)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the LoRA's effect")
     p.add_argument("--negative-prompt", default=None, help="the unconditional prompt when guidance > 1")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's own)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's own)")
     p.add_argument("--seed", type=int, default=0, help="image j uses seed + j")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if there is one)")
@@ -50,7 +52,8 @@ def generator_from_args(a, steps: int | None, n_images: int = 1) -> Generator:
     return Generator(a.model, a.lora, backbone=a.backbone, steps=steps,
                      scheduler=a.scheduler, eta=a.eta, guidance=a.guidance, lora_scale=a.lora_scale,
                      negative_prompt=a.negative_prompt, device=a.device, dtype=a.dtype, config=a.model_config,
-                     compile=pick_compile(a.compile, resolve_device(a.device), n_images))
+                     compile=pick_compile(a.compile, resolve_device(a.device), n_images),
+                     width=a.width, height=a.height)
 
 
 def prompts_from_args(a) -> list[str]:
@@ -72,7 +75,7 @@ def cmd_generate(a) -> None:
 
 
 def add_generate_parser(sub) -> None:
-    g = sub.add_parser("generate", help="images from SD1.5/SDXL and a LoRA (hypersd's or a published Hyper-SD file)",
+    g = sub.add_parser("generate", help="images from SD1.5/SDXL/SD3/FLUX.1 and a LoRA (hypersd's or a published Hyper-SD file)",
                        description="Generates PNGs through diffusers' pipelines, on hypersd's segment boundaries; "
                                    "each PNG holds its prompt and settings in its metadata. A published Hyper-SD "
                                    "LoRA gets its published recipe (docs/GENERATE.md).")

@@ -9,7 +9,7 @@ from .models import load_model
 from .pipeline import attach_lora, build_pipeline, quiet
 from .plan import resolve
 from .recipes import Recipe, lora_recipe
-from .schedulers import make_scheduler, scheduler_call_args
+from .schedulers import flow_call_args, make_flow_scheduler, make_scheduler, scheduler_call_args
 
 
 class Generator:
@@ -18,21 +18,32 @@ class Generator:
     def __init__(self, model: str, lora: str | None = None, *, backbone: str | None = None, steps=None,
                  scheduler=None, eta=None, guidance=None, lora_scale: float = 1.0, negative_prompt=None,
                  device: str = "auto", dtype: str = "auto", config: str | None = None, compile: bool = False,
-                 compile_backend="inductor"):
+                 compile_backend="inductor", width: int | None = None, height: int | None = None):
         device = resolve_device(device)
         dtype = pick_dtype(dtype, device)
         recipe, meta = lora_recipe(lora) if lora else (Recipe(), None)
         import torch
 
-        self.teacher, backbone = load_model(model, backbone, device, getattr(torch, dtype), config)
+        size = None if width is None and height is None else (height or width, width or height)
+        self.teacher, backbone = load_model(model, backbone, device, getattr(torch, dtype), config, size)
         self.plan = resolve(recipe, model=model, backbone=backbone, lora=lora, T=self.teacher.T,
                             default_guidance=self.teacher.default_guidance, steps=steps, scheduler=scheduler,
                             eta=eta, guidance=guidance, lora_scale=lora_scale, negative_prompt=negative_prompt,
-                            dtype=dtype)
+                            dtype=dtype, spacing=self.teacher.schedule.spacing)
+        self.latent_shape = self._latent_shape(width, height)
+        self.plan.height, self.plan.width = (v * self.teacher.vae_scale_factor for v in self.latent_shape[1:])
         self.pipe = build_pipeline(self.teacher, backbone)
         if lora:
             attach_lora(self.pipe, lora, meta, lora_scale)
-        self.pipe.scheduler = make_scheduler(self.plan.scheduler, self.teacher.scheduler_config)
+        # a flow teacher's pipeline runs Euler on its sigmas; SD1.5/SDXL's DDIM or TCD on its timesteps
+        self.flow = self.teacher.schedule if self.teacher.prediction_type == "flow" else None
+        if self.flow is not None:
+            flow_call_args(self.plan, self.flow)  # refuses what the flow pipelines cannot sample, before any image
+            self.plan.scheduler = "euler"  # what runs (TCD at eta 0 and DDIM are Euler on a flow)
+            self.pipe.scheduler = make_flow_scheduler(self.teacher.scheduler_config, self.flow.shift)
+            compile = False  # CompiledInference swaps a UNet; a transformer pipeline stays eager
+        else:
+            self.pipe.scheduler = make_scheduler(self.plan.scheduler, self.teacher.scheduler_config)
         # the path images are made on: "eager", or "compiled" where the first batch of a size showed
         # that it gives eager's images faster (compiled code is specialised to the batch size)
         self._compiled, self._paths = None, {}
@@ -47,11 +58,23 @@ class Generator:
             self._compiled = CompiledInference(self.pipe, self.teacher.vae, compile_backend, mode)
         self.path = "eager" if self._compiled is None else "undecided"
 
+    def _latent_shape(self, width: int | None, height: int | None) -> tuple[int, int, int]:
+        """(C, H, W) of the latents for an image of ``width`` x ``height`` (default: the model's own)."""
+        c, h, w = self.teacher.latent_shape
+        f = self.teacher.vae_scale_factor
+        multiple = 2 * f  # a transformer's 2x2 patches; SD's UNet halves the latent at least once
+        size = [h * f if height is None else height, w * f if width is None else width]
+        for name, v in zip(("--height", "--width"), size):
+            if v < multiple or v % multiple:
+                raise HypersdError(f"{name} {v} is not a positive multiple of {multiple} pixels, as this model's "
+                                   f"latents need; pass e.g. {max(multiple, round(v / multiple) * multiple)}")
+        return c, size[0] // f, size[1] // f
+
     @property
     def path_note(self) -> str:
         """What each batch size runs on, and what was measured to choose it."""
         if self._compiled is None:
-            return "eager (not compiled)"
+            return "eager (not compiled)" if self.flow is None else "eager (transformer models are not compiled)"
         if len(self._paths) == 1:
             return next(iter(self._paths.values()))[1]
         return "; ".join(f"batch {n}: {note}" for n, (_, note) in sorted(self._paths.items())) or "undecided"
@@ -107,16 +130,39 @@ class Generator:
         # x_T drawn as hypersd's sampler draws it, in float32 whatever the dtype: torch 2.11 draws other
         # numbers in float16 on the CPU, and a seed must give one image on every device and dtype.
         # Each image's generator then drives its own re-noising (TCD), so a batch changes nothing.
-        noise, generators = zip(*(initial_noise(1, self.teacher.latent_shape, s) for s in seeds))
+        noise, generators = zip(*(initial_noise(1, self.latent_shape, s) for s in seeds))
         noise = torch.cat(noise).to(self.teacher.device, self.teacher.dtype)
         negative = [plan.negative_prompt] * len(prompts) if plan.negative_prompt else None
-        # TCD warns on timesteps off its 40-point grid: a one-step LoRA at t = 800, a 12-step recipe
-        with quiet("diffusers.schedulers.scheduling_tcd"):
-            latents = self.pipe(prompt=list(prompts), negative_prompt=negative, guidance_scale=plan.guidance,
-                                latents=noise, generator=list(generators), output_type="latent",
-                                **scheduler_call_args(plan)).images
-        used = [int(t) for t in self.pipe.scheduler.timesteps]
-        if used != plan.timesteps:  # DDIM chose its own spacing; never sample on other timesteps silently
-            raise HypersdError(f"the {plan.scheduler} scheduler ran timesteps {used}, not {plan.timesteps}")
+        if self.flow is not None:
+            latents = self._flow_latents(list(prompts), noise, negative, list(generators))
+        else:
+            # TCD warns on timesteps off its 40-point grid: a one-step LoRA at t = 800, a 12-step recipe
+            with quiet("diffusers.schedulers.scheduling_tcd"):
+                latents = self.pipe(prompt=list(prompts), negative_prompt=negative, guidance_scale=plan.guidance,
+                                    latents=noise, generator=list(generators), output_type="latent",
+                                    height=plan.height, width=plan.width, **scheduler_call_args(plan)).images
+            used = [int(t) for t in self.pipe.scheduler.timesteps]
+            if used != plan.timesteps:  # DDIM chose its own spacing; never sample on other timesteps silently
+                raise HypersdError(f"the {plan.scheduler} scheduler ran timesteps {used}, not {plan.timesteps}")
         with torch.no_grad():
             return self.teacher.decode(latents).float().cpu()
+
+    def _flow_latents(self, prompts, noise, negative, generators) -> "torch.Tensor":
+        """SD3's or FLUX's pipeline on the teacher's boundaries; FLUX's latents go in and come out
+        packed (2x2 patches as tokens), and are the teacher's unpacked ones here."""
+        import torch
+
+        from ..teachers.flux import pack, unpack
+
+        plan, flux = self.plan, self.plan.backbone == "flux"
+        kwargs = dict(prompt=prompts, guidance_scale=plan.guidance, latents=pack(noise) if flux else noise,
+                      generator=generators, output_type="latent", height=plan.height, width=plan.width,
+                      max_sequence_length=self.teacher.max_sequence_length, **flow_call_args(plan, self.flow))
+        if not flux:  # FLUX's negative prompt is "true CFG", which a guidance-distilled model does not use
+            kwargs["negative_prompt"] = negative
+        latents = self.pipe(**kwargs).images
+        want = self.flow.sigma(torch.tensor(plan.timesteps))
+        ran = self.pipe.scheduler.sigmas[:-1].cpu()
+        if ran.shape != want.shape or (ran - want).abs().max() > 1e-6:  # never sample on other sigmas silently
+            raise HypersdError(f"the flow scheduler ran sigmas {ran.tolist()}, not the teacher's {want.tolist()}")
+        return unpack(latents, *self.latent_shape[1:]) if flux else latents

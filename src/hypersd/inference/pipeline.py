@@ -27,6 +27,8 @@ def build_pipeline(teacher, backbone: str):
     """A diffusers pipeline over the teacher's own modules (nothing is copied or loaded again)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if backbone in ("sd3", "flux"):
+        return _flow_pipeline(teacher, backbone)
     common = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=teacher.unet,
                   scheduler=make_scheduler("ddim", teacher.scheduler_config))
     if backbone == "sdxl":
@@ -39,6 +41,21 @@ def build_pipeline(teacher, backbone: str):
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
+
+def _flow_pipeline(teacher, backbone: str):
+    """StableDiffusion3Pipeline or FluxPipeline; its scheduler is set per plan (``Generator``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher.scheduler_config)
+    common = dict(transformer=teacher.unet, scheduler=scheduler, vae=teacher.vae, text_encoder=teacher.text_encoder,
+                  tokenizer=teacher.tokenizer, text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2)
+    if backbone == "sd3":
+        pipe = StableDiffusion3Pipeline(**common, text_encoder_3=teacher.text_encoder_3,
+                                        tokenizer_3=teacher.tokenizer_3)
+    else:
+        pipe = FluxPipeline(**common)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def attach_lora(pipe, path: str | Path, hypersd_meta: dict | None, scale: float = 1.0) -> None:

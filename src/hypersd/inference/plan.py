@@ -29,11 +29,13 @@ class Plan:
     negative_prompt: str | None = None
     recipe: str = "model defaults"
     dtype: str = "float32"
+    width: int | None = None  # the image size; None: the model's own
+    height: int | None = None
 
 
 def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: int, default_guidance: float,
             steps=None, scheduler=None, eta=None, guidance=None, lora_scale: float = 1.0,
-            negative_prompt: str | None = None, dtype: str = "float32") -> Plan:
+            negative_prompt: str | None = None, dtype: str = "float32", spacing: str = "trailing") -> Plan:
     """The command line's choices over the LoRA's recipe over the model's defaults."""
     if recipe.backbone and recipe.backbone != backbone:
         raise HypersdError(f"{Path(lora).name} is an {recipe.backbone} LoRA but {model} is an {backbone} model; "
@@ -62,22 +64,24 @@ def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: i
     if one_step_t is not None and scheduler == "ddim":
         raise HypersdError(f"this LoRA's one step starts at t={one_step_t}, which diffusers' DDIM cannot start at; "
                            f"use --scheduler tcd (with --eta 0 it is the same sampler)")
-    timesteps = sampler_timesteps(steps, T, one_step_t, exact=recipe.on_boundaries)
+    timesteps = sampler_timesteps(steps, T, one_step_t, exact=recipe.on_boundaries, spacing=spacing)
     return Plan(model=str(model), backbone=backbone, lora=None if lora is None else str(lora), steps=steps,
                 scheduler=scheduler, eta=float(eta), guidance=float(guidance), timesteps=timesteps,
                 one_step_t=one_step_t, lora_scale=lora_scale, negative_prompt=negative_prompt, recipe=recipe.source,
                 dtype=dtype)
 
 
-def sampler_timesteps(k: int, T: int, one_step_t: int | None = None, exact: bool = True) -> list[int]:
+def sampler_timesteps(k: int, T: int, one_step_t: int | None = None, exact: bool = True,
+                      spacing: str = "trailing") -> list[int]:
     """hypersd's k-step timesteps (the segment boundaries, which exist where k divides T). Where
     they do not exist and ``exact`` is off (a published 12-step LoRA, a model alone), diffusers'
     DDIM trailing spacing, which the published recipes ran and which equals hypersd's wherever
-    both exist; with ``exact`` on, the refusal of ``inference_timesteps``."""
+    both exist; with ``exact`` on, the refusal of ``inference_timesteps``. ``spacing``: the
+    teacher schedule's (SD3's "inclusive" grid has boundaries of its own, always used)."""
     from ..schedule import inference_timesteps
 
-    if exact or T % k == 0 or one_step_t is not None:
-        return inference_timesteps(k, T, one_step_t)
+    if exact or T % k == 0 or one_step_t is not None or spacing != "trailing":
+        return inference_timesteps(k, T, one_step_t, spacing)
     from diffusers import DDIMScheduler
 
     ddim = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")

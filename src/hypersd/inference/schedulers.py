@@ -35,6 +35,28 @@ def scheduler_call_args(plan: Plan) -> dict:
     return {"num_inference_steps": plan.steps, "eta": 0.0}
 
 
+def make_flow_scheduler(config: dict, shift: float):
+    """diffusers' FlowMatchEulerDiscreteScheduler on the model's config with hypersd's static shift:
+    a FLUX model's dynamic shift is taken at the resolution it is distilled at, whatever the image
+    size, so the sigmas are the teacher's boundaries at every size (Euler is hypersd's γ = 0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift, use_dynamic_shifting=False)
+
+
+def flow_call_args(plan: Plan, schedule) -> dict:
+    """The pipeline arguments that put a flow scheduler on ``plan.timesteps``: the unshifted u of
+    each boundary, as ``FlowSchedule.pipeline_sigmas`` gives them (the scheduler applies the shift).
+
+    Euler only: the SD3 and FLUX pipelines step their scheduler without the seed's generator, so
+    FlowMatchLCMScheduler's re-noising (γ = 1) would not follow the seed, and 0 < γ < 1 has no
+    diffusers scheduler."""
+    if plan.eta > 0:
+        raise HypersdError(f"--eta {plan.eta:g}: SD3 and FLUX generate with the Euler sampler only (eta 0); "
+                           f"pass --eta 0")
+    return {"sigmas": [float(schedule.u[t + 1]) for t in plan.timesteps]}
+
+
 _TCD = None
 
 

@@ -1,4 +1,4 @@
-"""Teachers: one interface (``Teacher``) for the digits world, SD1.5 and SDXL."""
+"""Teachers: one interface (``Teacher``) for the digits world, SD1.5, SDXL, SD3/SD3.5 and FLUX.1."""
 
 from .base import Cond, Teacher
 from .load import BACKBONES, load_teacher

@@ -41,19 +41,7 @@ def load_sd(backbone: str, path: str, device="cpu", dtype=None) -> Teacher:
     if backbone not in COMPONENTS:
         choices = ", ".join(COMPONENTS)
         raise HypersdError(f"unknown Stable Diffusion backbone {backbone!r}; choose one of {choices}")
-    path = str(path)
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        path = str(folder)
-        for name in [*COMPONENTS[backbone], "scheduler"]:
-            if not (folder / name).is_dir():
-                raise HypersdError(
-                    f"{folder} has no {name!r} component (no {name}/ subfolder); pass a complete diffusers "
-                    f"{backbone} folder, as written by the pipeline's save_pretrained"
-                )
-    else:
-        check_hub_id(path, "model folder", "pass a diffusers folder or a hub id (owner/name)")
-
+    path = model_source(path, [*COMPONENTS[backbone], "scheduler"], backbone)
     parts = {name: _load(cls.from_pretrained, path, name) for name, cls in COMPONENTS[backbone].items()}
     sched = _load(DDPMScheduler.load_config, path, "scheduler")
     if (parts["unet"].config.addition_embed_type == "text_time") != (backbone == "sdxl"):
@@ -67,6 +55,22 @@ def load_sd(backbone: str, path: str, device="cpu", dtype=None) -> Teacher:
     except (OSError, ValueError):  # no model_index.json: keep the SDXL pipeline's default
         zeros = True
     return SDXLTeacher(**parts, scheduler_config=sched, force_zeros_for_empty_prompt=zeros)
+
+
+def model_source(path, components, backbone: str) -> str:
+    """``path`` as ``from_pretrained`` takes it: a local diffusers folder holding every one of
+    ``components`` (each a subfolder), or a hub id."""
+    path = str(path)
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return check_hub_id(path, "model folder", "pass a diffusers folder or a hub id (owner/name)")
+    for name in components:
+        if not (folder / name).is_dir():
+            raise HypersdError(
+                f"{folder} has no {name!r} component (no {name}/ subfolder); pass a complete diffusers "
+                f"{backbone} folder, as written by the pipeline's save_pretrained"
+            )
+    return str(folder)
 
 
 def replace_vae(teacher: "_StableDiffusion", source: str) -> None:
@@ -121,29 +125,13 @@ def _load(load, path: str, name: str):
         ) from e
 
 
-class _StableDiffusion(Teacher):
-    """What SD1.5 and SDXL share: the schedule, the latent shape and the VAE codec."""
-
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config):
-        self.unet, self.vae = unet, vae
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.scheduler_config = dict(scheduler_config)
-        # ε or v (SD2's 768 models): refused here, with the choices, if it is neither
-        self.alphas_cumprod = DDPMSchedule.from_scheduler_config(self.scheduler_config).alphas_cumprod
-        size = unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        self.latent_shape = (unet.config.in_channels, h, w)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+class LatentCodec:
+    """A teacher's VAE codec and its resolution; needs ``vae``, ``vae_scale_factor``, ``latent_shape``."""
 
     @property
     def resolution(self) -> tuple[int, int]:
-        """(height, width) of the images the UNet was trained on."""
+        """(height, width) of the images the network was trained on."""
         return self.latent_shape[1] * self.vae_scale_factor, self.latent_shape[2] * self.vae_scale_factor
-
-    def _tokens(self, tokenizer, prompts: list[str]) -> dict:
-        out = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in out.items()}
 
     # The data pipeline never needs gradients through the encoder; decode keeps them (reward losses).
     @torch.no_grad()
@@ -158,6 +146,26 @@ class _StableDiffusion(Teacher):
     @property
     def _shift(self) -> float:
         return self.vae.config.get("shift_factor") or 0.0
+
+
+class _StableDiffusion(LatentCodec, Teacher):
+    """What SD1.5 and SDXL share: the schedule, the latent shape and (``LatentCodec``) the VAE codec."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config):
+        self.unet, self.vae = unet, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        # ε or v (SD2's 768 models): refused here, with the choices, if it is neither
+        self.alphas_cumprod = DDPMSchedule.from_scheduler_config(self.scheduler_config).alphas_cumprod
+        size = unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        self.latent_shape = (unet.config.in_channels, h, w)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def _tokens(self, tokenizer, prompts: list[str]) -> dict:
+        out = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in out.items()}
 
 
 class SD15Teacher(_StableDiffusion):
