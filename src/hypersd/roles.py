@@ -6,6 +6,9 @@ their weights train, whether gradients may flow, and FP8 for the frozen teacher.
 the duration of its own call and puts back what it found, so a call site never depends on which
 adapter some earlier line left on. ``lora.adapter`` / ``fp8.teacher_pass`` stay the mechanism.
 
+A trainable role's update runs its backward inside ``running()``: autograd accumulates only into
+weights that require gradients when backward runs, and outside the pass the fake score's do not.
+
 Roles do not nest: inside one role's ``running()`` another role's call is refused (its switch
 would undo the outer one's on exit); the same role's calls inside it switch nothing.
 """
