@@ -8,9 +8,9 @@ depend on, so a stage runs the same under the trainer, a test or another loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,7 +34,7 @@ class StageContext:
     schedule: NoiseSchedule | None = None  # the teacher's, kept once (its tables are per object)
     # (n, generator=None) -> (latents, prompts, cond); the run's generator by default
     batch: Callable = _no_batches
-    lora_meta: Callable[..., dict] = lambda stage: {}  # noqa: E731 - the metadata of a stage's LoRA file
+    lora_meta: Callable[..., dict] = lambda stage: {}
     out: Path | None = None  # the run's output folder
     progress: bool = False
     seed: int = 0  # the recipe's
@@ -44,15 +44,15 @@ class StageContext:
     grad_clip: float | None = 1.0
 
     def __post_init__(self):
-        self.roles = self.roles or Roles(self.teacher)
-        self.schedule = self.schedule or self.teacher.schedule
+        self.roles = Roles(self.teacher) if self.roles is None else self.roles
+        self.schedule = self.teacher.schedule if self.schedule is None else self.schedule
 
     def stage_seed(self, stage, salt: int) -> int:
         """A seed of the stage's own, from the recipe's: the same stage draws the same on a resume."""
         return self.seed + salt * (1 + self.stages.index(stage))
 
     @classmethod
-    def of(cls, source) -> "StageContext":
+    def of(cls, source) -> StageContext:
         """A context from a StageContext, or from anything that makes one (``stage_context()``),
         or that holds the same names (a test's namespace: teacher, generator, uncond_row, rt and,
         where it has one, recipe)."""
@@ -63,5 +63,6 @@ class StageContext:
         recipe = getattr(source, "recipe", None)
         keys = ("seed", "stages", "lora_rank", "lora_alpha", "grad_clip")
         settings = {} if recipe is None else {k: getattr(recipe, k) for k in keys if hasattr(recipe, k)}
+        settings |= {k: getattr(source, k) for k in ("batch", "lora_meta", "out", "progress") if hasattr(source, k)}
         return cls(source.teacher, source.generator, source.uncond_row, getattr(source, "rt", None) or Runtime(),
                    **settings)

@@ -83,7 +83,7 @@ class RandomStreams:
     only kept by ``load_state_dict``: the trainer puts it back with ``resume_torch`` once a
     resumed stage is built (building draws from it)."""
 
-    def __init__(self, generator: torch.Generator, rt: "Runtime", seed: int):
+    def __init__(self, generator: torch.Generator, rt: Runtime, seed: int):
         self.generator, self.rt, self.seed = generator, rt, seed
         self.step = 0
         self.torch_state: torch.Tensor | None = None
@@ -127,7 +127,7 @@ class Runtime:
         self.guard = StepGuard()
 
     @classmethod
-    def create(cls, device: str = "auto", precision: str = "no") -> "Runtime":
+    def create(cls, device: str = "auto", precision: str = "no") -> Runtime:
         """One process, or this process of an ``accelerate launch`` (WORLD_SIZE set by the launcher)."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState

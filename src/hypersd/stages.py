@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from . import lora
 from .adversarial import Discriminator, DiscriminatorHeads, hinge_d_loss, hinge_g_loss
+from .context import StageContext
 from .dmd import denoising_loss, dmd_gradient, dmd_loss, generate, score_x0
 from .feedback import draw_stop, load_perception, load_terms, perceptual_loss, reward_loss, sample_until
-from .context import StageContext
 from .recipe import DMDStage, FeedbackStage, MergeStage, Stage, TSCDStage
 from .sampling import sample_tcd
 from .schedule import inference_timesteps
@@ -50,17 +50,10 @@ class StageRun:
         return {}
 
     def pieces(self) -> dict:
-        """What a checkpoint must hold of the stage besides the adapters (saved anyway), by name:
-        each has ``state_dict()`` / ``load_state_dict()``. Built by ``enter``."""
+        """What a checkpoint must hold of the stage besides the adapters (saved anyway), by name,
+        each with ``state_dict()`` / ``load_state_dict()``: the trainer registers them while the
+        stage runs (``checkpoint.StateRegistry``). Complete once ``enter`` ran."""
         return {}
-
-    def state_dict(self) -> dict:
-        return {name: piece.state_dict() for name, piece in self.pieces().items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        from .checkpoint import load_pieces
-
-        load_pieces(self.pieces(), state, f"stage {self.stage.name!r}")
 
     def finish(self, folder: Path) -> None:
         """Write the stage's LoRA: the student as it stands after the stage."""
@@ -256,7 +249,8 @@ class DMDRun(StageRun):
         self.pool = (noise, cond, torch.cat(out))
 
     def _sample(self, cond: Cond) -> torch.Tensor:
-        noise = torch.randn((len(cond), *self.teacher.latent_shape), generator=self.ctx.generator).to(self.teacher.device)
+        t = self.teacher
+        noise = torch.randn((len(cond), *t.latent_shape), generator=self.ctx.generator).to(t.device)
         with torch.no_grad():
             return generate(self.roles.student.fn(cond), noise, self.stage.generator_t, self.schedule)
 

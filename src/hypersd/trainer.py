@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from . import fp8, lora, speed
 from .cache import CachedData, describe_skips
-from .checkpoint import FORMAT, StateRegistry, list_checkpoints, load_latest, save_checkpoint, saved_pieces, split_states
+from .checkpoint import (FORMAT, StateRegistry, list_checkpoints, load_latest, save_checkpoint, saved_pieces,
+                         split_states)
 from .context import StageContext
 from .errors import HypersdError
 from .outputs import write_text
@@ -139,6 +140,7 @@ class Distiller:
         self.pieces.register("rng", self.rng)
         self.pieces.register("scalers", self.rt)
         self._context: StageContext | None = None
+        self._restored_from: Path | None = None  # the checkpoint a resume read
         with torch.no_grad():
             self.uncond_row = self.teacher.empty_cond(1)
         self.stats: dict = {"nan_skipped": 0, "stages": {}}

@@ -61,7 +61,7 @@ class ConsistencyStep:
 
     def __init__(self, teacher: Teacher, cfg: ConsistencyConfig, roles: Roles | None = None):
         self.teacher, self.cfg = teacher, cfg
-        self.roles = roles or Roles(teacher)
+        self.roles = Roles(teacher) if roles is None else roles
         self.schedule = teacher.schedule
         self.grid = self.schedule.solver_grid(cfg.solver_steps)
         self.segments = Segments(cfg.segments, self.grid)  # refuses boundaries off the grid
