@@ -1,5 +1,7 @@
 """Each network role runs the network it names, and leaves the UNet's adapters as it found them."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,8 +10,8 @@ from hypersd.roles import Roles
 from hypersd.teachers.digits import DigitsTeacher
 
 
-@pytest.fixture
-def roles():
+@pytest.fixture(scope="module")
+def _teacher():
     torch.manual_seed(0)
     t = DigitsTeacher.new(seed=0)
     t.unet.requires_grad_(False)
@@ -22,7 +24,12 @@ def roles():
                 p for n in (lora.EMA, lora.FAKE, lora.AVERAGE, lora.FEEDBACK) for p in lora.adapter_params(t.unet, n)]:
             p.add_(0.05 * torch.randn(p.shape))
     lora.activate(t.unet, lora.STUDENT, trainable=(lora.STUDENT,))
-    return Roles(t)
+    return t
+
+
+@pytest.fixture
+def roles(_teacher):
+    return Roles(copy.deepcopy(_teacher))  # each test perturbs and switches its own copy
 
 
 def _inputs(t, n=3):
