@@ -34,7 +34,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -48,6 +47,7 @@ from hypersd.errors import HypersdError  # noqa: E402
 from hypersd.recipe import DMDStage, TSCDStage  # noqa: E402
 from hypersd.schedule import SolverGrid  # noqa: E402
 from hypersd.solver import add_noise, cfg, ddim_jump  # noqa: E402
+from hypersd.context import StageContext  # noqa: E402
 from hypersd.stages import DMDRun, TSCDRun  # noqa: E402
 from hypersd.runtime import Runtime  # noqa: E402
 from hypersd.teachers.base import Cond, Teacher  # noqa: E402
@@ -90,21 +90,19 @@ class RandomData:
         return z, ["a prompt"] * n
 
 
-def distiller(teacher, stage, precision: str | None = None) -> SimpleNamespace:
-    """What a stage asks of the trainer (the ``d`` of stages.StageRun)."""
-    recipe = SimpleNamespace(lora_rank=RANK, lora_alpha=RANK, grad_clip=1.0, seed=0, stages=[stage])
+def distiller(teacher, stage, precision: str | None = None) -> StageContext:
+    """What a stage sees of the trainer (its StageContext)."""
     precision = precision or ("bf16" if teacher.device.type == "cuda" else "no")
-    return SimpleNamespace(teacher=teacher, recipe=recipe, data=RandomData(teacher), progress=False,
-                           rt=Runtime(teacher.device, precision),
-                           batch=lambda n, g=None: (*RandomData(teacher).batch(n, g or torch.Generator()),
-                                                    teacher.encode_prompt(["p"] * n)),
-                           generator=torch.Generator().manual_seed(0), uncond_row=teacher.encode_prompt([""]),
-                           )
+    return StageContext(teacher, torch.Generator().manual_seed(0), teacher.encode_prompt([""]),
+                        Runtime(teacher.device, precision),
+                        batch=lambda n, g=None: (*RandomData(teacher).batch(n, g or torch.Generator()),
+                                                 teacher.encode_prompt(["p"] * n)),
+                        seed=0, stages=[stage], lora_rank=RANK, lora_alpha=RANK, grad_clip=1.0)
 
 
 def hypersd_step(run, opt, z, prompts, cond):
     """One step of hypersd's trainer loop (trainer.train_step), without its files."""
-    train_step(run.d.rt, run, opt, z, prompts, cond, grad_clip=1.0)
+    train_step(run.ctx.rt, run, opt, z, prompts, cond, grad_clip=1.0)
 
 
 class ReferenceStep:

@@ -6,14 +6,22 @@ written under a temporary name, synced and renamed into place, so a kill at any 
 either the previous checkpoints or the new one, never a torn one; a full disk leaves the previous
 ones. A checkpoint damaged anyway (a truncated file) is set aside on resume and the one before it
 is used (``load_latest``).
+
+Everything stateful besides the adapters (the optimizers, the GradScalers, the random streams, a
+stage's discriminator heads) follows one protocol, ``state_dict()`` / ``load_state_dict()``, and is
+registered by name in a ``StateRegistry``: a checkpoint holds what the registry holds, and a resume
+refuses a checkpoint that lacks a registered piece. A piece whose state is a flat dict of tensors is
+a safetensors file of its name; any other state is an entry of ``optim.pt`` under its name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +31,80 @@ from .outputs import fsync_dir, fsync_tree, is_disk_full
 
 PREFIX = "step-"
 TMP, OLD, DAMAGED = ".tmp-", ".old-", "damaged-"
+FORMAT = 2  # state.json's "format"; 1 (none written): before the registry, when scalers could be absent
+ADAPTER = "lora-"  # the adapters' files: lora-<name>.safetensors (not registry pieces)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def is_tensor_state(state) -> bool:
+    """Whether a state is a flat, non-empty dict of tensors: a safetensors file holds it."""
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def split_states(states: dict[str, dict]) -> tuple[dict[str, dict], dict]:
+    """Pieces' states as a checkpoint stores them: (safetensors files by name, optim.pt's entries)."""
+    tensors = {n: st for n, st in states.items() if is_tensor_state(st)}
+    return tensors, {n: st for n, st in states.items() if n not in tensors}
+
+
+def load_pieces(pieces: dict[str, Stateful], saved: dict, source: str) -> None:
+    """Each piece's state from ``saved`` (a checkpoint's files and optim.pt entries by name); every
+    piece missing is named at once, before any is loaded."""
+    missing = sorted(set(pieces) - set(saved))
+    if missing:
+        raise HypersdError(
+            f"{source} holds no {', '.join(map(repr, missing))}, which this run needs to resume; it was written "
+            f"by a hypersd that did not save that, or a file of it was deleted. Resume it with the hypersd that "
+            f"wrote it, or start over with --force (or a new --out)")
+    for name, piece in pieces.items():
+        piece.load_state_dict(saved[name])
+
+
+class StateRegistry:
+    """Every stateful piece of a run, by name: what a checkpoint holds and what a resume restores.
+
+    A piece is registered where it is made (the trainer's random streams and scalers at the start,
+    a stage's optimizer and heads while the stage runs), so no checkpoint can forget one."""
+
+    def __init__(self):
+        self.pieces: dict[str, Stateful] = {}
+
+    def register(self, name: str, piece: Stateful) -> None:
+        if name in self.pieces or name.startswith(ADAPTER):
+            raise ValueError(f"checkpoint piece {name!r} is already taken")
+        self.pieces[name] = piece
+
+    def unregister(self, names) -> None:
+        for name in names:
+            del self.pieces[name]
+
+    @contextlib.contextmanager
+    def scope(self, pieces: dict[str, Stateful]):
+        """``pieces`` registered for the duration (a stage's, while it runs)."""
+        for name, piece in pieces.items():
+            self.register(name, piece)
+        try:
+            yield
+        finally:
+            self.unregister(pieces)
+
+    def state_dict(self) -> dict[str, dict]:
+        return {name: piece.state_dict() for name, piece in self.pieces.items()}
+
+    def load_state_dict(self, saved: dict, source: str = "the checkpoint", names=None) -> None:
+        """Restore the registered pieces (only ``names`` of them, where given) from ``saved``."""
+        pieces = self.pieces if names is None else {n: self.pieces[n] for n in names}
+        load_pieces(pieces, saved, source)
+
+
+def saved_pieces(tensors: dict, optim: dict) -> dict:
+    """A checkpoint's pieces by name, wherever each is stored."""
+    return {**optim, **{n: t for n, t in tensors.items() if not n.startswith(ADAPTER)}}
 
 
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
@@ -107,6 +189,8 @@ def _read(path: Path):
     state = json.loads((path / "state.json").read_text())
     tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
     optim = torch.load(path / "optim.pt", weights_only=True)
+    if state.get("format", 1) < 2:  # written before the registry: fp16 scalers were not always saved
+        optim.setdefault("scalers", {})
     missing = sorted({"rng", *(f"lora-{n}" for n in state["adapters"])} - tensors.keys())
     if missing:
         raise FileNotFoundError(f"no {', '.join(m + '.safetensors' for m in missing)}")

@@ -1,8 +1,9 @@
 """Human feedback learning (HYPERSD.md §2): reward hinge on the student's own samples, and a
 perceptual loss on real images it reconstructs.
 
-Both losses take the student as an ``eps_fn`` (whatever adapters are active on the UNet), so the
-same code trains a feedback LoRA on top of a frozen distilled one, or adds feedback to DMD.
+Both losses take the network they train as an ``eps_fn`` (a role's ``fn``: the feedback role, or
+DMD's student), so the same code trains a feedback LoRA on top of a frozen distilled one, or adds
+feedback to DMD.
 """
 
 from __future__ import annotations

@@ -59,6 +59,46 @@ class StepGuard:
                 f"again with --resume")
 
 
+RANK_SEED = 1_000_003  # process r of a data-parallel run draws from seed + r·RANK_SEED
+
+
+class RandomStreams:
+    """A run's random streams, as one checkpoint piece: each process's own data and noise
+    generator, and torch's global RNG (new LoRA and head weights, dropout).
+
+    ``state_dict`` is collective (every process hands in its generator's state). On a resume
+    with as many processes, each gets its own stream back; on another number, process 0 goes on
+    and the others start new streams, seeded by ``step`` (the step resumed at). torch's state is
+    only kept by ``load_state_dict``: the trainer puts it back with ``resume_torch`` once a
+    resumed stage is built (building draws from it)."""
+
+    def __init__(self, generator: torch.Generator, rt: Runtime, seed: int):
+        self.generator, self.rt, self.seed = generator, rt, seed
+        self.step = 0
+        self.torch_state: torch.Tensor | None = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        streams = self.rt.gather(self.generator.get_state())
+        state = {"generator": streams[0], "torch": torch.get_rng_state()}
+        if len(streams) > 1:
+            state |= {f"process-{r}": stream.clone() for r, stream in enumerate(streams)}
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        streams = [state[f"process-{r}"] for r in range(len(state)) if f"process-{r}" in state] or [state["generator"]]
+        rank = self.rt.rank
+        if len(streams) == self.rt.world:
+            self.generator.set_state(streams[rank])
+        else:
+            self.generator.set_state(streams[0])
+            if rank:
+                self.generator.manual_seed(self.seed + RANK_SEED * rank + self.step)
+        self.torch_state = state["torch"]
+
+    def resume_torch(self) -> None:
+        torch.set_rng_state(self.torch_state)
+
+
 LR_KEYS = {"student": "lr", "fake": "fake_lr", "discriminator": "d_lr"}  # the recipe key of each role's rate
 
 
@@ -76,7 +116,7 @@ class Runtime:
         self.guard = StepGuard()
 
     @classmethod
-    def create(cls, device: str = "auto", precision: str = "no") -> "Runtime":
+    def create(cls, device: str = "auto", precision: str = "no") -> Runtime:
         """One process, or this process of an ``accelerate launch`` (WORLD_SIZE set by the launcher)."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
@@ -163,6 +203,10 @@ class Runtime:
             scaler = self._scaler(role)
             if scaler is not None and state:
                 scaler.load_state_dict(state)
+
+    # the checkpoint protocol: a Runtime's state is its scalers'
+    state_dict = scaler_states
+    load_state_dict = load_scaler_states
 
     def average(self, params: list[torch.nn.Parameter]) -> None:
         """Gradients averaged over processes, in one flat all-reduce."""

@@ -2,7 +2,8 @@
 
 The trainer loop is the same for every kind: it asks the stage for its trainable parameters and
 its loss, steps one optimizer, and calls ``after_step`` (the EMA target, the discriminator, the
-fake score). The losses themselves live in ``tscd``, ``feedback`` and ``dmd``.
+fake score). The losses themselves live in ``tscd``, ``feedback`` and ``dmd``. A stage sees the
+run through its ``StageContext`` only, and runs each network through its role (``roles.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import fp8, lora
+from . import lora
 from .adversarial import Discriminator, DiscriminatorHeads, hinge_d_loss, hinge_g_loss
+from .context import StageContext
 from .dmd import denoising_loss, dmd_gradient, dmd_loss, generate, score_x0
 from .feedback import draw_stop, load_perception, load_terms, perceptual_loss, reward_loss, sample_until
 from .recipe import DMDStage, FeedbackStage, MergeStage, Stage, TSCDStage
@@ -29,12 +31,12 @@ def default_guidance_range(teacher) -> list[float]:
 
 
 class StageRun:
-    """One stage in progress. ``d`` is the Distiller: teacher, data, generator, recipe."""
+    """One stage in progress, in a ``StageContext`` (or anything ``StageContext.of`` takes)."""
 
-    def __init__(self, d, stage: Stage):
-        self.d, self.stage = d, stage
-        self.teacher, self.unet = d.teacher, d.teacher.unet
-        self.schedule = d.teacher.schedule  # every loss and sampler reads the network's output on it
+    def __init__(self, ctx, stage: Stage):
+        self.ctx, self.stage = StageContext.of(ctx), stage
+        self.teacher, self.unet, self.roles = self.ctx.teacher, self.ctx.teacher.unet, self.ctx.roles
+        self.schedule = self.ctx.schedule  # every loss and sampler reads the network's output on it
         self.params: list[torch.nn.Parameter] = []
 
     def enter(self, fresh: bool) -> None:
@@ -46,38 +48,34 @@ class StageRun:
     def after_step(self) -> dict:
         return {}
 
-    def state(self) -> tuple[dict, dict]:
-        """Extra tensors and optimizer states a checkpoint must hold (adapters are saved anyway)."""
-        return {}, {}
-
-    def load_state(self, tensors: dict, optim: dict) -> None:
-        pass
+    def pieces(self) -> dict:
+        """What a checkpoint must hold of the stage besides the adapters (saved anyway), by name,
+        each with ``state_dict()`` / ``load_state_dict()``: the trainer registers them while the
+        stage runs (``checkpoint.StateRegistry``). Complete once ``enter`` ran."""
+        return {}
 
     def finish(self, folder: Path) -> None:
         """Write the stage's LoRA: the student as it stands after the stage."""
-        lora.save_lora(folder / "lora.safetensors", self.unet, self.d.lora_meta(self.stage))
+        lora.save_lora(folder / "lora.safetensors", self.unet, self.ctx.lora_meta(self.stage))
 
     def _rank_alpha(self, rank: int | None) -> tuple[int, float]:
-        rank = rank or self.d.recipe.lora_rank
-        return rank, self.d.recipe.lora_alpha or rank
-
-    def _eps(self, cond: Cond):
-        return lambda x, t: self.teacher.eps(x, t, cond)
+        rank = rank or self.ctx.lora_rank
+        return rank, self.ctx.lora_alpha or rank
 
 
 class TSCDRun(StageRun):
     stage: TSCDStage
 
-    def __init__(self, d, stage: TSCDStage):
-        super().__init__(d, stage)
-        guidance = stage.guidance or default_guidance_range(d.teacher)
-        self.step = ConsistencyStep(d.teacher, ConsistencyConfig(
+    def __init__(self, ctx, stage: TSCDStage):
+        super().__init__(ctx, stage)
+        guidance = stage.guidance or default_guidance_range(self.teacher)
+        self.step = ConsistencyStep(self.teacher, ConsistencyConfig(
             segments=stage.segments, end=stage.end, boundary_prob=stage.boundary_prob, guidance=tuple(guidance),
             distance=stage.distance, huber_c=stage.huber_c, offset_noise=stage.offset_noise,
-            solver_steps=stage.solver_steps))
+            solver_steps=stage.solver_steps), self.roles)
         self.disc = self.d_opt = None
         if stage.adv_weight > 0:
-            heads = DiscriminatorHeads.for_unet(self.unet, stage.d_hidden).to(d.teacher.device)
+            heads = DiscriminatorHeads.for_unet(self.unet, stage.d_hidden).to(self.teacher.device)
             self.disc = Discriminator(self.unet, heads)
             self.d_opt = torch.optim.AdamW(heads.parameters(), lr=stage.d_lr, betas=(0.0, 0.99))
 
@@ -92,7 +90,7 @@ class TSCDRun(StageRun):
 
     def loss(self, z, prompts, cond):
         s = self.stage
-        pred, tgt, t_end = self.step(z, cond, cond.unconditional(self.d.uncond_row), self.d.generator)
+        pred, tgt, t_end = self.step(z, cond, cond.unconditional(self.ctx.uncond_row), self.ctx.generator)
         mse = self.step.loss(pred, tgt)
         loss, logs = s.mse_weight * mse, {"mse": mse}
         if self.disc is not None:
@@ -109,18 +107,11 @@ class TSCDRun(StageRun):
         pred, tgt, t_end, cond = self._for_d
         d_loss = hinge_d_loss(self.disc(tgt, t_end, cond), self.disc(pred, t_end, cond))
         self.d_opt.zero_grad(set_to_none=True)
-        self.d.rt.step(d_loss, self.d_opt, self.disc.heads.parameters(), role="discriminator")
+        self.ctx.rt.step(d_loss, self.d_opt, self.disc.heads.parameters(), role="discriminator")
         return {"d": d_loss}
 
-    def state(self):
-        if self.disc is None:
-            return {}, {}
-        return {"heads": self.disc.heads.state_dict()}, {"d_opt": self.d_opt.state_dict()}
-
-    def load_state(self, tensors, optim):
-        if self.disc is not None:
-            self.disc.heads.load_state_dict(tensors["heads"])
-            self.d_opt.load_state_dict(optim["d_opt"])
+    def pieces(self) -> dict:
+        return {} if self.disc is None else {"heads": self.disc.heads, "d_opt": self.d_opt}
 
 
 class FeedbackRun(StageRun):
@@ -128,10 +119,10 @@ class FeedbackRun(StageRun):
 
     stage: FeedbackStage
 
-    def __init__(self, d, stage: FeedbackStage):
-        super().__init__(d, stage)
-        self.terms = load_terms(stage.rewards, d.teacher.device)
-        self.features = load_perception(stage.perceptual_model).to(d.teacher.device) \
+    def __init__(self, ctx, stage: FeedbackStage):
+        super().__init__(ctx, stage)
+        self.terms = load_terms(stage.rewards, self.teacher.device)
+        self.features = load_perception(stage.perceptual_model).to(self.teacher.device) \
             if stage.perceptual_weight > 0 else None
 
     def enter(self, fresh: bool) -> None:
@@ -144,7 +135,7 @@ class FeedbackRun(StageRun):
         self.params = lora.adapter_params(self.unet, lora.FEEDBACK)
 
     def loss(self, z, prompts, cond):
-        s, g, eps_fn = self.stage, self.d.generator, self._eps(cond)
+        s, g, eps_fn = self.stage, self.ctx.generator, self.roles.feedback.fn(cond)
         loss, logs = z.new_zeros(()), {}
         if self.terms:
             noise = torch.randn(z.shape, generator=g).to(z.device)
@@ -161,7 +152,7 @@ class FeedbackRun(StageRun):
 
     def finish(self, folder: Path) -> None:
         """The feedback LoRA alone, and the two merged at ratio 1 (what the stage samples like)."""
-        meta = self.d.lora_meta(self.stage)
+        meta = self.ctx.lora_meta(self.stage)
         lora.save_lora(folder / "feedback.safetensors", self.unet, {**meta, "role": "feedback"}, lora.FEEDBACK)
         state, spec = current_lora(self.unet)
         lora.save_state(folder / "lora.safetensors", state, {**meta, **spec})
@@ -203,10 +194,10 @@ class DMDRun(StageRun):
 
     stage: DMDStage
 
-    def __init__(self, d, stage: DMDStage):
-        super().__init__(d, stage)
-        self.terms = load_terms(stage.rewards, d.teacher.device)
-        self.w_real = stage.guidance or d.teacher.default_guidance
+    def __init__(self, ctx, stage: DMDStage):
+        super().__init__(ctx, stage)
+        self.terms = load_terms(stage.rewards, self.teacher.device)
+        self.w_real = stage.guidance or self.teacher.default_guidance
 
     def enter(self, fresh: bool) -> None:
         s, unet = self.stage, self.unet
@@ -231,10 +222,10 @@ class DMDRun(StageRun):
         self.fake_opt = torch.optim.AdamW(self.fake_params, lr=s.fake_lr, weight_decay=0.0)
         self._make_pool()
         if fresh and s.fake_warmup:
-            for _ in tqdm(range(s.fake_warmup), desc=f"{s.name} fake-score warm-up", disable=not self.d.progress,
+            for _ in tqdm(range(s.fake_warmup), desc=f"{s.name} fake-score warm-up", disable=not self.ctx.progress,
                           leave=False):
-                _, _, cond = self.d.batch(s.batch)
-                with self.d.rt.autocast():  # the generator's pass too: SD's frozen weights are in fp16/bf16
+                _, _, cond = self.ctx.batch(s.batch)
+                with self.ctx.rt.autocast():  # the generator's pass too: SD's frozen weights are in fp16/bf16
                     self._fake_update(self._sample(cond), cond)
 
     @torch.no_grad()
@@ -243,53 +234,52 @@ class DMDRun(StageRun):
 
         Its own seed, so a resumed run rebuilds the same pool instead of storing it."""
         s, t = self.stage, self.teacher
-        g = torch.Generator().manual_seed(self.d.recipe.seed + 7919 * (1 + self.d.recipe.stages.index(s)))
-        _, _, cond = self.d.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
+        g = torch.Generator().manual_seed(self.ctx.stage_seed(s, 7919))
+        _, _, cond = self.ctx.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
         noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device)  # float32: the network call casts its own input
         uncond = t.empty_cond(1)
         timesteps = self.schedule.inference_timesteps(s.reg_steps)
-        out = []
-        with fp8.teacher_pass(self.unet):
+        out, teacher = [], self.roles.teacher
+        with teacher.running():  # one switch for the whole ODE
             for i in range(0, s.reg_pool, 256):
                 c = cond[i:i + 256]
-                eps = lambda x, tt, c=c: t.eps_cfg(x, tt, c, c.unconditional(uncond), t.default_guidance)  # noqa: E731
+                eps = teacher.fn(c, c.unconditional(uncond), t.default_guidance)
                 out.append(sample_tcd(eps, noise[i:i + 256], timesteps, self.schedule))
         self.pool = (noise, cond, torch.cat(out))
 
     def _sample(self, cond: Cond) -> torch.Tensor:
-        noise = torch.randn((len(cond), *self.teacher.latent_shape), generator=self.d.generator).to(self.teacher.device)
+        t = self.teacher
+        noise = torch.randn((len(cond), *t.latent_shape), generator=self.ctx.generator).to(t.device)
         with torch.no_grad():
-            return generate(self._eps(cond), noise, self.stage.generator_t, self.schedule)
+            return generate(self.roles.student.fn(cond), noise, self.stage.generator_t, self.schedule)
 
     def _fake_update(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        g = self.d.generator
+        g, fake = self.ctx.generator, self.roles.fake
         t = torch.randint(0, self.teacher.T, (len(x),), generator=g).to(x.device)
         noise = torch.randn(x.shape, generator=g).to(x.device)
-        with lora.adapter(self.unet, lora.FAKE):  # the fake adapter active and trainable
-            with self.d.rt.autocast():
-                loss = denoising_loss(self._eps(cond), x, noise, t, self.schedule)
+        with fake.running():  # the fake adapter active and trainable for the whole update
+            with self.ctx.rt.autocast():
+                loss = denoising_loss(fake.fn(cond), x, noise, t, self.schedule)
             self.fake_opt.zero_grad(set_to_none=True)
-            self.d.rt.step(loss, self.fake_opt, self.fake_params, self.d.recipe.grad_clip, role="fake")
+            self.ctx.rt.step(loss, self.fake_opt, self.fake_params, self.ctx.grad_clip, role="fake")
         return loss.detach()
 
     def loss(self, z, prompts, cond):
-        s, g, t_ = self.stage, self.d.generator, self.teacher
+        s, g, t_, roles = self.stage, self.ctx.generator, self.teacher, self.roles
         n = len(z)
         noise = torch.randn((n, *t_.latent_shape), generator=g).to(self.teacher.device)
         pool_noise, pool_cond, pool_out = self.pool
         idx = torch.randint(len(pool_noise), (s.reg_batch,), generator=g).to(pool_noise.device)
         both = Cond.cat([cond, pool_cond[idx]])
-        x_all = generate(self._eps(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.schedule)
+        x_all = generate(roles.student.fn(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.schedule)
         x, x_reg = x_all[:n], x_all[n:]
 
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
         noise_t = torch.randn(x.shape, generator=g).to(x.device)
-        uncond = cond.unconditional(self.d.uncond_row)
-        with fp8.teacher_pass(self.unet):
-            x0_real = score_x0(lambda xt, tt: t_.eps_cfg(xt, tt, cond, uncond, self.w_real), x.detach(), noise_t, t,
-                               self.schedule)
-        with lora.adapter(self.unet, lora.FAKE):
-            x0_fake = score_x0(self._eps(cond), x.detach(), noise_t, t, self.schedule)
+        uncond = cond.unconditional(self.ctx.uncond_row)
+        with roles.teacher.running():  # one switch around the whole score
+            x0_real = score_x0(roles.teacher.fn(cond, uncond, self.w_real), x.detach(), noise_t, t, self.schedule)
+        x0_fake = score_x0(roles.fake.fn(cond), x.detach(), noise_t, t, self.schedule)
         logs = {"dmd": dmd_loss(x, dmd_gradient(x.detach(), x0_real, x0_fake)),
                 "reg": (x_reg - pool_out[idx]).pow(2).mean()}
         loss = s.dmd_weight * logs["dmd"] + s.reg_weight * logs["reg"]
@@ -304,12 +294,11 @@ class DMDRun(StageRun):
 
     def _keep_loss(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """‖ε_stu − ε_anchor‖² on real latents noised to the other samplers' timesteps."""
-        g = self.d.generator
+        g = self.ctx.generator
         t = torch.tensor(self.keep_t)[torch.randint(len(self.keep_t), (len(z),), generator=g)].to(z.device)
         x_t = add_noise(z, torch.randn(z.shape, generator=g).to(z.device), t, self.schedule)
-        with torch.no_grad(), lora.adapter(self.unet, lora.EMA):
-            anchor = self.teacher.eps(x_t, t, cond)
-        return (self.teacher.eps(x_t, t, cond) - anchor).pow(2).mean()
+        anchor = self.roles.ema(x_t, t, cond)  # the anchor: the student as the stage found it
+        return (self.roles.student(x_t, t, cond) - anchor).pow(2).mean()
 
     def after_step(self) -> dict:
         # Every fake update reuses this step's samples with fresh noise and timesteps: a new
@@ -330,15 +319,13 @@ class DMDRun(StageRun):
             lora.activate(self.unet, lora.STUDENT, trainable=(lora.STUDENT,))
         super().finish(folder)
 
-    def state(self):
-        return {}, {"fake_opt": self.fake_opt.state_dict()}
-
-    def load_state(self, tensors, optim):
-        self.fake_opt.load_state_dict(optim["fake_opt"])
+    def pieces(self) -> dict:
+        # the regulariser's pool is not among them: its own seed rebuilds it on a resume
+        return {"fake_opt": self.fake_opt}
 
 
 RUNS = {"tscd": TSCDRun, "feedback": FeedbackRun, "merge": MergeRun, "dmd": DMDRun}
 
 
-def stage_run(d, stage: Stage) -> StageRun:
-    return RUNS[stage.kind](d, stage)
+def stage_run(ctx, stage: Stage) -> StageRun:
+    return RUNS[stage.kind](ctx, stage)

@@ -18,21 +18,20 @@ from tqdm.auto import tqdm
 
 from . import fp8, lora, speed
 from .backbones import get_backbone
-from .checkpoint import list_checkpoints, load_latest, save_checkpoint
+from .checkpoint import (FORMAT, StateRegistry, list_checkpoints, load_latest, save_checkpoint, saved_pieces,
+                         split_states)
+from .context import StageContext
 from .errors import HypersdError
 from .outputs import write_text
 from .recipe import Recipe, Stage, check_timesteps
 from .runlog import RunLog
-from .runtime import Runtime
+from .runtime import RANK_SEED, RandomStreams, Runtime
 from .stages import StageRun, current_lora, stage_run
 
 
 def _warn(msg: str) -> None:
     """On the console even with --quiet: the run goes on, but from further back than asked."""
     tqdm.write(f"hypersd: warning: {msg}", file=sys.stderr)
-
-
-RANK_SEED = 1_000_003  # process r of a data-parallel run draws from seed + r·RANK_SEED
 
 
 def train_step(rt: Runtime, run: StageRun, opt, z, prompts, cond, grad_clip: float) -> dict | None:
@@ -98,6 +97,12 @@ class Distiller:
         self.data = self.backbone.training_data(opened, self.teacher)
         # each process draws its own batches and noise; process 0 draws what a single process would
         self.generator = torch.Generator().manual_seed(recipe.seed + RANK_SEED * self.rt.rank)
+        self.rng = RandomStreams(self.generator, self.rt, recipe.seed)
+        self.pieces = StateRegistry()  # what a checkpoint holds besides the adapters; stages add theirs
+        self.pieces.register("rng", self.rng)
+        self.pieces.register("scalers", self.rt)
+        self._context: StageContext | None = None
+        self._restored_from: Path | None = None  # the checkpoint a resume read
         with torch.no_grad():
             self.uncond_row = self.teacher.empty_cond(1)
         self.stats: dict = {"nan_skipped": 0, "stages": {}}
@@ -124,25 +129,28 @@ class Distiller:
     def student(self) -> list[torch.nn.Parameter]:
         return lora.adapter_params(self.teacher.unet, lora.STUDENT)
 
+    def stage_context(self) -> StageContext:
+        """What the stages see of this run (one for the run: its roles and schedule are kept)."""
+        if self._context is None:
+            r = self.recipe
+            self._context = StageContext(
+                self.teacher, self.generator, self.uncond_row, self.rt, batch=self.batch, lora_meta=self.lora_meta,
+                out=self.out, progress=self.progress, seed=r.seed, stages=r.stages, lora_rank=r.lora_rank,
+                lora_alpha=r.lora_alpha, grad_clip=r.grad_clip)
+        return self._context
+
     # -- state -----------------------------------------------------------------------------
-    def _save(self, stage_idx: int, step: int, global_step: int, opt, run: StageRun | None) -> None:
-        streams = self.rt.gather(self.generator.get_state())  # each process's own data stream
+    def _save(self, stage_idx: int, step: int, global_step: int) -> None:
+        states = self.pieces.state_dict()  # on every process: the random streams gather each one's own
         if self.rt.is_main:  # the processes hold the same weights: one writes them
-            self._write_checkpoint(stage_idx, step, global_step, opt, run, streams)
+            self._write_checkpoint(stage_idx, step, global_step, states)
         self.rt.barrier()
 
-    def _write_checkpoint(self, stage_idx, step, global_step, opt, run: StageRun | None, streams: list) -> None:
+    def _write_checkpoint(self, stage_idx, step, global_step, states: dict) -> None:
         unet = self.teacher.unet
-        tensors = {f"lora-{n}": lora.get_state(unet, n) for n in unet.peft_config}
-        tensors["rng"] = {"generator": streams[0], "torch": torch.get_rng_state()}
-        if len(streams) > 1:
-            tensors["rng"] |= {f"process-{r}": stream.clone() for r, stream in enumerate(streams)}
-        optim = {"opt": opt.state_dict() if opt else None, "scalers": self.rt.scaler_states()}
-        if run is not None:
-            extra_tensors, extra_optim = run.state()
-            tensors |= extra_tensors
-            optim |= extra_optim
-        state = {"fingerprint": self.recipe.fingerprint(), "stage_idx": stage_idx, "step": step,
+        tensors, optim = split_states(states)
+        tensors |= {f"lora-{n}": lora.get_state(unet, n) for n in unet.peft_config}
+        state = {"format": FORMAT, "fingerprint": self.recipe.fingerprint(), "stage_idx": stage_idx, "step": step,
                  "global_step": global_step, "stats": self.stats, "bad_in_a_row": self.rt.guard.in_a_row,
                  "adapters": {n: lora.spec(unet, n) for n in unet.peft_config}, "active": lora.active(unet)}
         path = save_checkpoint(self.out / "checkpoints", global_step, tensors, optim, state, self.recipe.checkpoint_keep)
@@ -180,16 +188,10 @@ class Distiller:
         # predate the "active" record: the student with any feedback LoRA on it)
         lora.activate(unet, state.get("active") or [n for n in (lora.STUDENT, lora.FEEDBACK) if n in unet.peft_config],
                       trainable=(lora.STUDENT,))
-        rng = tensors["rng"]
-        streams = [rng[f"process-{r}"] for r in range(len(rng)) if f"process-{r}" in rng] or [rng["generator"]]
-        if len(streams) == self.rt.world:
-            self.generator.set_state(streams[self.rt.rank])
-        else:  # resumed on another number of processes: process 0 goes on, the others start new streams
-            self.generator.set_state(streams[0])
-            if self.rt.rank:
-                self.generator.manual_seed(self.recipe.seed + RANK_SEED * self.rt.rank + state["global_step"])
+        self.rng.step = state["global_step"]  # a process without a saved stream seeds a new one from it
+        self.pieces.load_state_dict(saved_pieces(tensors, optim), f"checkpoint {path}")  # the run's own pieces
+        self._restored_from = path
         self.stats = state["stats"]
-        self.rt.load_scaler_states(optim.get("scalers", {}))  # absent from checkpoints of older versions
         self.rt.guard.in_a_row = dict(state.get("bad_in_a_row", {}))
         if damaged:  # in stats.json too: a run that went back is worth knowing of afterwards
             self.stats.setdefault("damaged_checkpoints", []).extend(damaged)
@@ -220,26 +222,28 @@ class Distiller:
             if not resuming:  # a new stage: new optimizers, nothing bad in a row yet
                 self.rt.guard.in_a_row = {}
             self.rt.guard.at(stage.name, "0 (before its first step)", stats.setdefault("skipped", {}))
-            run = stage_run(self, stage)
+            run = stage_run(self.stage_context(), stage)
             run.enter(fresh=not resuming)
             if resuming:
-                torch.set_rng_state(restored[0]["rng"]["torch"])
+                self.rng.resume_torch()
             if self.recipe.channels_last:  # the stage's new adapters too
                 speed.channels_last(self.teacher.unet)
             opt = speed.optimizer(run.params, stage.lr, self.recipe.optimizer) if run.params else None
-            if resuming:
-                tensors, optim, _ = restored
-                opt.load_state_dict(optim["opt"])
-                run.load_state(tensors, optim)
-            else:
-                start = 0
-            done, global_step = self._run_stage(i, stage, run, start, global_step, opt, budget)
+            pieces = ({"opt": opt} if opt else {}) | run.pieces()
+            with self.pieces.scope(pieces):  # checkpointed while the stage runs
+                if resuming:
+                    tensors, optim, _ = restored
+                    self.pieces.load_state_dict(saved_pieces(tensors, optim), f"checkpoint {self._restored_from}",
+                                                names=pieces)
+                else:
+                    start = 0
+                done, global_step = self._run_stage(i, stage, run, start, global_step, opt, budget)
             if not done:
                 return False
             if budget is not None:
                 budget -= stage.steps - start
             self._finish_stage(stage, run)
-            self._save(i + 1, 0, global_step, None, None)
+            self._save(i + 1, 0, global_step)
         return True
 
     def _run_stage(self, i, stage, run: StageRun, start, global_step, opt, budget):
@@ -265,7 +269,7 @@ class Distiller:
             if step % 10 == 0:
                 bar.set_postfix({k: f"{float(torch.as_tensor(v).detach()):.3g}" for k, v in logs.items()})
             if global_step % self.recipe.checkpoint_every == 0 and step + 1 < stage.steps:
-                self._save(i, step + 1, global_step, opt, run)
+                self._save(i, step + 1, global_step)
         stats["seconds"] = round(stats.get("seconds", 0) + time.perf_counter() - t0, 1)
         self.log.write("stage_end", stage=stage.name, global_step=global_step, seconds=stats["seconds"])
         return True, global_step

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fp8, lora
+from .roles import Roles
 from .schedule import CLEAN, Segments
 from .teachers.base import Cond, Teacher
 
@@ -59,14 +59,15 @@ def draw_t_end(t_b: torch.Tensor, t_prev: torch.Tensor, end: str, generator=None
 class ConsistencyStep:
     """Produces (pred, tgt, t_end) for a batch; the trainer adds distance and adversarial terms."""
 
-    def __init__(self, teacher: Teacher, cfg: ConsistencyConfig):
+    def __init__(self, teacher: Teacher, cfg: ConsistencyConfig, roles: Roles | None = None):
         self.teacher, self.cfg = teacher, cfg
+        self.roles = Roles(teacher) if roles is None else roles
         self.schedule = teacher.schedule
         self.grid = self.schedule.solver_grid(cfg.solver_steps)
         self.segments = Segments(cfg.segments, self.grid)  # refuses boundaries off the grid
 
     def __call__(self, z: torch.Tensor, cond: Cond, uncond: Cond, generator=None):
-        teacher, cfg, sched = self.teacher, self.cfg, self.schedule
+        roles, cfg, sched = self.roles, self.cfg, self.schedule
         n, dev = z.shape[0], z.device
         t_n = self.grid.sample(n, generator)
         t_prev = self.grid.step_down(t_n)
@@ -79,17 +80,14 @@ class ConsistencyStep:
         w = torch.empty(n).uniform_(*cfg.guidance, generator=generator).to(dev)
 
         with torch.no_grad():
-            with fp8.teacher_pass(teacher.unet):  # the teacher: adapters off (FP8 where enabled)
-                eps_teacher = teacher.eps_cfg(x_t, t_n, cond, uncond, w)
-            x_hat = sched.jump(x_t, eps_teacher, t_n, t_prev)
-            with lora.adapter(teacher.unet, lora.EMA):  # the target: EMA adapter
-                eps_ema = teacher.eps(x_hat, t_prev.clamp(min=0), cond)
+            x_hat = sched.jump(x_t, roles.teacher.cfg(x_t, t_n, cond, uncond, w), t_n, t_prev)
+            eps_ema = roles.ema(x_hat, t_prev.clamp(min=0), cond)
             tgt = sched.jump(x_hat, eps_ema, t_prev, t_end)
             # Already at t_end (or at the clean end) there is nothing left to jump.
             done = ((t_prev == t_end) | (t_prev == CLEAN)).view(-1, *[1] * (z.dim() - 1))
             tgt = torch.where(done, x_hat, tgt)
 
-        pred = sched.jump(x_t, teacher.eps(x_t, t_n, cond), t_n, t_end)
+        pred = sched.jump(x_t, roles.student(x_t, t_n, cond), t_n, t_end)
         return pred, tgt, t_end
 
     def loss(self, pred, tgt) -> torch.Tensor:
