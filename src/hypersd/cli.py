@@ -26,8 +26,11 @@ def _floats(text: str) -> list[float]:
 DIGITS_EVAL_STEPS = [1, 2, 4, 8, 25, 40]
 
 
-def _add_teacher_args(p: argparse.ArgumentParser) -> None:
+def _add_teacher_args(p: argparse.ArgumentParser, backbone: bool = True) -> None:
     p.add_argument("--teacher", default=None, help="digits teacher .safetensors (default: the shipped one)")
+    if backbone:  # bench's methods are recipes, whose backbone their YAML names
+        p.add_argument("--backbone", choices=["digits", "digits-flow"], default="digits",
+                       help="digits: the DDPM UNet teacher; digits-flow: the rectified-flow transformer teacher")
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -35,15 +38,16 @@ def cmd_teacher_train(a) -> None:
     from .digits.train_teacher import train_teacher
     from .outputs import check_writable
 
+    a.out = a.out or ("runs/teacher-flow.safetensors" if a.family == "flow" else "runs/teacher.safetensors")
     check_writable(a.out, a.force)
-    train_teacher(a.out, steps=a.steps, minutes=a.minutes, batch=a.batch, lr=a.lr, seed=a.seed)
+    train_teacher(a.out, steps=a.steps, minutes=a.minutes, batch=a.batch, lr=a.lr, seed=a.seed, family=a.family)
     print(f"wrote {a.out}; pick its guidance with 'hypersd teacher guidance --teacher {a.out} --write'")
 
 
 def cmd_teacher_guidance(a) -> None:
     from .digits.guidance import pick_guidance
 
-    pick_guidance(a.teacher, a.scales, n=a.n, seeds=range(a.seeds), steps=a.steps, write=a.write)
+    pick_guidance(a.teacher, a.scales, n=a.n, seeds=range(a.seeds), steps=a.steps, write=a.write, backbone=a.backbone)
 
 
 def cmd_judges_train(a) -> None:
@@ -65,14 +69,14 @@ def cmd_sample(a) -> None:
     from .grid import save_grid
     from .outputs import atomic_path, check_writable
     from .sampling import sample_prompts
-    from .teachers.digits import DigitsTeacher
+    from .teachers import load_teacher
 
     if not a.out.endswith(".npz"):
         raise HypersdError(f"--out {a.out} must end in .npz (the grid is written beside it as .png)")
     out, png = check_writable(a.out, a.force), check_writable(a.out[:-4] + ".png", a.force)
     if a.n < 1:
         raise HypersdError("--n must be at least 1")
-    teacher = DigitsTeacher.load(a.teacher)
+    teacher = load_teacher(a.backbone, a.teacher)
     guidance, one_step_t, eta = a.guidance, None, a.eta
     if a.lora:
         from .evaluation import recorded_eta
@@ -99,7 +103,7 @@ def cmd_eval(a) -> None:
     from .evaluation import JUDGES, DigitsBench, teacher_baseline, write_report
     from .image_eval import cmd_image_eval, real_only_flags
     from .outputs import check_writable
-    from .teachers.digits import DigitsTeacher
+    from .teachers import load_teacher
 
     if a.images or a.model:
         return cmd_image_eval(a)
@@ -107,7 +111,7 @@ def cmd_eval(a) -> None:
         raise HypersdError(f"{real_only_flags(a)[0]} is for real images: add --images DIR or --model M")
     for name in ("baseline.json", "baseline.md"):
         check_writable(Path(a.out_dir) / name, a.force)
-    teacher = DigitsTeacher.load(a.teacher)
+    teacher = load_teacher(a.backbone, a.teacher)
     bench = DigitsBench(teacher, n=a.n, seeds=range(a.seeds), guidance=a.guidance)
     rows = teacher_baseline(bench, a.steps or DIGITS_EVAL_STEPS)
     meta = {"guidance": bench.guidance, "samples per seed": a.n, "seeds": a.seeds,
@@ -121,6 +125,7 @@ def cmd_distill(a) -> None:
     import shutil
 
     from .recipe import load_recipe
+    from .teachers.load import DIGITS_WORLDS
     from .trainer import Distiller, check_rewards, has_run
 
     recipe = load_recipe(a.config, a.set)
@@ -152,7 +157,7 @@ def cmd_distill(a) -> None:
     print(f"log: {out / 'log.jsonl'} (a JSON line per step); 'hypersd log summary {out}' tabulates it, "
           f"docs/LOGS.md plots it" + (f"; tensorboard --logdir {out / 'tensorboard'}"
                                       if "tensorboard" in (a.log_with or []) else ""))
-    if not a.no_eval and recipe.backbone != "digits":
+    if not a.no_eval and recipe.backbone not in DIGITS_WORLDS:
         print(f"no metrics: they are the digits world's; the samples are in {out}/samples-*step.png")
     elif not a.no_eval:
         from .evaluation import ETA_TUNE_SEED, JUDGES, DigitsBench, distill_rows, write_report
@@ -209,7 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The embedded digits teacher (one is shipped; these commands remake it).")
     tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
     tt = tsub.add_parser("train", help="train a digits teacher from scratch (about 30 min on 2 cores)")
-    tt.add_argument("--out", default="runs/teacher.safetensors")
+    tt.add_argument("--family", choices=["ddpm", "flow"], default="ddpm",
+                    help="ddpm: the epsilon UNet (the shipped teacher.safetensors); flow: the rectified-flow "
+                         "transformer (teacher-flow.safetensors)")
+    tt.add_argument("--out", default=None,
+                    help="default: runs/teacher.safetensors, or runs/teacher-flow.safetensors for --family flow")
     tt.add_argument("--steps", type=int, default=4000)
     tt.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
     tt.add_argument("--batch", type=int, default=128)
@@ -297,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "its best eta, with Hyper-SD's ablation (TSCD, + feedback, + DMD)",
                        description="Distils each method (resuming any finished or partial run in --out), then "
                                    "writes bench.json and bench.md with the held-out evaluator's metrics.")
-    _add_teacher_args(b)
+    _add_teacher_args(b, backbone=False)
     b.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    default=["lcm", "phased", "tscd", "hypersd"],
                    help="comma-separated: lcm, phased, tscd (TSCD alone), hypersd (the default recipe)")

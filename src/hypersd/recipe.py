@@ -291,7 +291,9 @@ def _validate_runtime(recipe: Recipe, source: str) -> None:
     for key in switches:
         if not isinstance(getattr(recipe, key), bool):  # YAML's "maybe" or 1 would read as on
             raise HypersdError(f"{source}: {key} must be true or false, got {getattr(recipe, key)!r}")
-    if recipe.mixed_precision == "fp16" and recipe.backbone == "digits":
+    from .teachers.load import DIGITS_WORLDS
+
+    if recipe.mixed_precision == "fp16" and recipe.backbone in DIGITS_WORLDS:
         raise HypersdError(f"{source}: the digits teacher trains in float32 or bf16; use mixed_precision: bf16 or no")
 
 

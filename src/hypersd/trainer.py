@@ -24,6 +24,7 @@ from .runlog import RunLog
 from .runtime import Runtime
 from .stages import StageRun, current_lora, stage_run
 from .teachers import load_teacher
+from .teachers.load import DIGITS_WORLDS
 
 
 SD_SAMPLES = 8  # images per sample grid of an sd15/sdxl run
@@ -116,7 +117,7 @@ class Distiller:
         self.log = RunLog(self.out, self.rt.is_main, log_with)  # a missing tracker package: refused now
         self.rt.guard.limit = recipe.max_bad_steps
         # digits: a float32 teacher at any precision (autocast lowers its matmuls); SD: the frozen weights in it
-        dtype = self.rt.dtype if recipe.backbone != "digits" else None
+        dtype = self.rt.dtype if recipe.backbone not in DIGITS_WORLDS else None
         self.teacher = teacher or load_teacher(recipe.backbone, recipe.teacher, device=self.rt.device, dtype=dtype)
         if recipe.vae:
             from .teachers.sd import replace_vae
@@ -353,7 +354,7 @@ class Distiller:
         from .grid import save_grid
         from .sampling import sample_prompts
 
-        if self.recipe.backbone == "digits":
+        if self.recipe.backbone in DIGITS_WORLDS:
             from .digits.data import balanced_labels, prompts_for
 
             prompts, layout = prompts_for(balanced_labels(n)), {}
@@ -365,7 +366,7 @@ class Distiller:
             x = sample_prompts(self.teacher, prompts, steps, guidance=1.0, eta=eta, seed=0, one_step_t=one_step_t)
         # SD: one image at a time; the VAE's attention over eight 1024-pixel images at once asked for
         # 8 GiB more than an 80 GB GPU had left after SDXL training
-        per_decode = len(x) if self.recipe.backbone == "digits" else 1
+        per_decode = len(x) if self.recipe.backbone in DIGITS_WORLDS else 1
         images = torch.cat([self.teacher.decode(v) for v in x.split(per_decode)])
         return save_grid(images, path, **layout)
 
@@ -381,7 +382,7 @@ class Distiller:
             return self.out / "lora.safetensors"
         state, spec = current_lora(self.teacher.unet)
         meta = {**self.lora_meta(last), **spec}
-        if self.recipe.backbone == "digits":  # the setting is measured by the digits world's judges
+        if self.recipe.backbone in DIGITS_WORLDS:  # the setting is measured by the digits world's judges
             meta["recommended_eta"] = self.recommended_etas(state, meta)
         path = lora.save_state(self.out / "lora.safetensors", state, meta)
         etas = {int(k): v for k, v in meta.get("recommended_eta", {}).items()}
@@ -389,7 +390,7 @@ class Distiller:
             grid = self.sample_grid(self.out / f"samples-{k}step.png", k, eta=etas.get(k, 0.0),
                                     one_step_t=self.one_step_t(last))
             self.log.write("samples", stage=last.name, steps=k, eta=etas.get(k, 0.0), path=str(grid))
-        if self.recipe.backbone == "digits":
+        if self.recipe.backbone in DIGITS_WORLDS:
             grid = self.compare_grid(self.out / "compare.png", etas, self.one_step_t(last))
             self.log.write("samples", stage=last.name, steps="compare", path=str(grid))
         write_text(self.out / "stats.json", json.dumps(self.stats, indent=1))

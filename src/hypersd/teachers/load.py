@@ -5,19 +5,27 @@ from __future__ import annotations
 from .base import Teacher
 from ..errors import HypersdError
 
-BACKBONES = ("digits", "sd15", "sdxl")
+BACKBONES = ("digits", "digits-flow", "sd15", "sdxl")
+# The embedded digits worlds: the same prompts, judges and pixel codec; "digits-flow" is the
+# rectified-flow transformer teacher beside the DDPM UNet.
+DIGITS_WORLDS = ("digits", "digits-flow")
 
 
 def load_teacher(backbone: str = "digits", path: str | None = None, device="cpu", dtype=None) -> Teacher:
     """Load a teacher by backbone name.
 
-    ``digits``: ``path`` is a teacher .safetensors (default: the one shipped in the package).
+    ``digits`` / ``digits-flow``: ``path`` is a teacher .safetensors (default: the one shipped in
+    the package: the DDPM UNet, or the flow transformer).
     ``sd15`` / ``sdxl``: ``path`` is a hub id or a local diffusers folder.
     """
     if backbone == "digits":
         from .digits import DigitsTeacher
 
         return DigitsTeacher.load(path, device=device)
+    if backbone == "digits-flow":
+        from .digits_flow import FlowDigitsTeacher
+
+        return FlowDigitsTeacher.load(path, device=device)
     if backbone in ("sd15", "sdxl"):
         from .sd import load_sd
 
