@@ -131,3 +131,25 @@ def test_every_stage_kind_runs_on_the_flow_teacher(tmp_path, flow_file):
     d = Distiller(_tiny_flow_recipe(flow_file, FULL_STAGES), tmp_path, progress=False)
     assert d.run()
     assert lora.read_lora(d.finish())[1]["one_step_t"] == 800
+
+
+def test_cli_trains_and_samples_the_flow_teacher(tmp_path, flow_file, capsys):
+    import numpy as np
+
+    from hypersd.cli import main
+
+    out = tmp_path / "t.safetensors"
+    assert main(["teacher", "train", "--family", "flow", "--steps", "2", "--batch", "4", "--out", str(out)]) == 0
+    assert FlowDigitsTeacher.load(out).info["steps"] == 2
+    npz = tmp_path / "s.npz"
+    assert main(["sample", "--backbone", "digits-flow", "--teacher", str(flow_file), "--steps", "2", "--n", "4",
+                 "--out", str(npz)]) == 0
+    assert np.load(npz)["images"].shape == (4, 1, 8, 8)
+    capsys.readouterr()
+    # the flow file under the DDPM backbone: one clear line naming the kinds
+    assert main(["sample", "--teacher", str(flow_file), "--steps", "2", "--n", "4", "--out", str(tmp_path / "u.npz")]) == 2
+    assert "digits-flow-teacher" in capsys.readouterr().err
+    # eval reads the file's kind: the flow teacher is judged as the flow world
+    assert main(["eval", "--teacher", str(flow_file), "--steps", "1", "--n", "10", "--seeds", "1",
+                 "--out-dir", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "baseline.json").is_file()

@@ -28,7 +28,7 @@ DIGITS_EVAL_STEPS = [1, 2, 4, 8, 25, 40]
 
 def _add_teacher_args(p: argparse.ArgumentParser, backbone: bool = True) -> None:
     p.add_argument("--teacher", default=None, help="digits teacher .safetensors (default: the shipped one)")
-    if backbone:  # bench's methods are recipes, whose backbone their YAML names
+    if backbone:  # bench's methods are recipes, whose backbone their YAML names; eval reads its file's kind
         p.add_argument("--backbone", choices=["digits", "digits-flow"], default="digits",
                        help="digits: the DDPM UNet teacher; digits-flow: the rectified-flow transformer teacher")
 
@@ -104,6 +104,7 @@ def cmd_eval(a) -> None:
     from .image_eval import cmd_image_eval, real_only_flags
     from .outputs import check_writable
     from .teachers import load_teacher
+    from .teachers.load import digits_world_of
 
     if a.images or a.model:
         return cmd_image_eval(a)
@@ -111,7 +112,7 @@ def cmd_eval(a) -> None:
         raise HypersdError(f"{real_only_flags(a)[0]} is for real images: add --images DIR or --model M")
     for name in ("baseline.json", "baseline.md"):
         check_writable(Path(a.out_dir) / name, a.force)
-    teacher = load_teacher(a.backbone, a.teacher)
+    teacher = load_teacher(digits_world_of(a.teacher), a.teacher)  # a flow teacher's file: the flow world
     bench = DigitsBench(teacher, n=a.n, seeds=range(a.seeds), guidance=a.guidance)
     rows = teacher_baseline(bench, a.steps or DIGITS_EVAL_STEPS)
     meta = {"guidance": bench.guidance, "samples per seed": a.n, "seeds": a.seeds,
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="the teacher baseline table: fd, acc, traj_mse, reward at 1..40 DDIM steps; "
                                     "with --images or --model: CLIP, aesthetic, ImageReward, HPSv2, PickScore, FID")
-    _add_teacher_args(e)
+    _add_teacher_args(e, backbone=False)  # --backbone here is the real-image mode's (sd15, sdxl)
     e.add_argument("--steps", type=_ints, default=None, help="digits: 1,2,4,8,25,40; --model: one step count")
     e.add_argument("--n", type=int, default=1000, help="samples per seed")
     e.add_argument("--seeds", type=int, default=3)

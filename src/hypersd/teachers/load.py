@@ -11,6 +11,21 @@ BACKBONES = ("digits", "digits-flow", "sd15", "sdxl")
 DIGITS_WORLDS = ("digits", "digits-flow")
 
 
+def digits_world_of(path: str | None) -> str:
+    """The digits backbone a teacher file is for, by the kind its metadata names ("digits" for no
+    file: the shipped DDPM teacher); a file of neither kind is left to the DDPM loader to refuse."""
+    if not path:
+        return "digits"
+    from pathlib import Path
+
+    from ..outputs import read_metadata
+
+    if not Path(path).is_file():
+        return "digits"
+    kind = read_metadata(path, "digits teacher").get("kind")
+    return "digits-flow" if kind == "digits-flow-teacher" else "digits"
+
+
 def load_teacher(backbone: str = "digits", path: str | None = None, device="cpu", dtype=None) -> Teacher:
     """Load a teacher by backbone name.
 
