@@ -153,3 +153,9 @@ def test_cli_trains_and_samples_the_flow_teacher(tmp_path, flow_file, capsys):
     assert main(["eval", "--teacher", str(flow_file), "--steps", "1", "--n", "10", "--seeds", "1",
                  "--out-dir", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "baseline.json").is_file()
+
+
+def test_the_adversarial_term_is_refused_on_the_transformer(tmp_path, flow_file):
+    recipe = _tiny_flow_recipe(flow_file, [{"name": "a", "segments": 1, "adv_weight": 0.1}])
+    with pytest.raises(HypersdError, match="adv_weight needs a UNet teacher"):
+        Distiller(recipe, tmp_path, progress=False).run()
