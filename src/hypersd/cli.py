@@ -41,7 +41,8 @@ def cmd_teacher_train(a) -> None:
     a.out = a.out or ("runs/teacher-flow.safetensors" if a.family == "flow" else "runs/teacher.safetensors")
     check_writable(a.out, a.force)
     train_teacher(a.out, steps=a.steps, minutes=a.minutes, batch=a.batch, lr=a.lr, seed=a.seed, family=a.family)
-    print(f"wrote {a.out}; pick its guidance with 'hypersd teacher guidance --teacher {a.out} --write'")
+    flag = " --backbone digits-flow" if a.family == "flow" else ""
+    print(f"wrote {a.out}; pick its guidance with 'hypersd teacher guidance{flag} --teacher {a.out} --write'")
 
 
 def cmd_teacher_guidance(a) -> None:
