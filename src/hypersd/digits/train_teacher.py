@@ -56,6 +56,8 @@ def train_teacher(
     its EMA every ``save_every`` steps and at the end. ``teacher``: start from this one instead."""
     torch.manual_seed(seed)
     teacher = teacher if teacher is not None else new_teacher(family, seed)
+    for part in (teacher.unet, teacher.text):  # a loaded teacher comes frozen, in eval mode
+        part.train().requires_grad_(True)
     x_all, y_all = data.load("train")
     prompts = data.prompts_for(range(10))
     params = list(teacher.unet.parameters()) + list(teacher.text.parameters())
