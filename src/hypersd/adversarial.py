@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import lora
+from .errors import HypersdError
 from .teachers.base import Cond
 
 
@@ -47,6 +48,9 @@ class DiscriminatorHeads(nn.Module):
 
     @classmethod
     def for_unet(cls, unet, hidden: int = 64) -> "DiscriminatorHeads":
+        if "block_out_channels" not in unet.config:  # a transformer teacher (digits-flow) has no down path
+            raise HypersdError(f"adv_weight needs a UNet teacher (its encoder is the discriminator's backbone); "
+                               f"this teacher is a {type(unet).__name__}: set adv_weight: 0")
         boc = list(unet.config.block_out_channels)
         return cls(boc + [boc[-1]], hidden)
 

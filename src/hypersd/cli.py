@@ -26,8 +26,11 @@ def _floats(text: str) -> list[float]:
 DIGITS_EVAL_STEPS = [1, 2, 4, 8, 25, 40]
 
 
-def _add_teacher_args(p: argparse.ArgumentParser) -> None:
+def _add_teacher_args(p: argparse.ArgumentParser, backbone: bool = True) -> None:
     p.add_argument("--teacher", default=None, help="digits teacher .safetensors (default: the shipped one)")
+    if backbone:  # bench's methods are recipes, whose backbone their YAML names; eval reads its file's kind
+        p.add_argument("--backbone", choices=["digits", "digits-flow"], default="digits",
+                       help="digits: the DDPM UNet teacher; digits-flow: the rectified-flow transformer teacher")
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -35,15 +38,17 @@ def cmd_teacher_train(a) -> None:
     from .digits.train_teacher import train_teacher
     from .outputs import check_writable
 
+    a.out = a.out or ("runs/teacher-flow.safetensors" if a.family == "flow" else "runs/teacher.safetensors")
     check_writable(a.out, a.force)
-    train_teacher(a.out, steps=a.steps, minutes=a.minutes, batch=a.batch, lr=a.lr, seed=a.seed)
-    print(f"wrote {a.out}; pick its guidance with 'hypersd teacher guidance --teacher {a.out} --write'")
+    train_teacher(a.out, steps=a.steps, minutes=a.minutes, batch=a.batch, lr=a.lr, seed=a.seed, family=a.family)
+    flag = " --backbone digits-flow" if a.family == "flow" else ""
+    print(f"wrote {a.out}; pick its guidance with 'hypersd teacher guidance{flag} --teacher {a.out} --write'")
 
 
 def cmd_teacher_guidance(a) -> None:
     from .digits.guidance import pick_guidance
 
-    pick_guidance(a.teacher, a.scales, n=a.n, seeds=range(a.seeds), steps=a.steps, write=a.write)
+    pick_guidance(a.teacher, a.scales, n=a.n, seeds=range(a.seeds), steps=a.steps, write=a.write, backbone=a.backbone)
 
 
 def cmd_judges_train(a) -> None:
@@ -65,14 +70,14 @@ def cmd_sample(a) -> None:
     from .grid import save_grid
     from .outputs import atomic_path, check_writable
     from .sampling import sample_prompts
-    from .teachers.digits import DigitsTeacher
+    from .teachers import load_teacher
 
     if not a.out.endswith(".npz"):
         raise HypersdError(f"--out {a.out} must end in .npz (the grid is written beside it as .png)")
     out, png = check_writable(a.out, a.force), check_writable(a.out[:-4] + ".png", a.force)
     if a.n < 1:
         raise HypersdError("--n must be at least 1")
-    teacher = DigitsTeacher.load(a.teacher)
+    teacher = load_teacher(a.backbone, a.teacher)
     guidance, one_step_t, eta = a.guidance, None, a.eta
     if a.lora:
         from .evaluation import recorded_eta
@@ -99,7 +104,8 @@ def cmd_eval(a) -> None:
     from .evaluation import JUDGES, DigitsBench, teacher_baseline, write_report
     from .image_eval import cmd_image_eval, real_only_flags
     from .outputs import check_writable
-    from .teachers.digits import DigitsTeacher
+    from .teachers import load_teacher
+    from .teachers.load import digits_world_of
 
     if a.images or a.model:
         return cmd_image_eval(a)
@@ -107,7 +113,7 @@ def cmd_eval(a) -> None:
         raise HypersdError(f"{real_only_flags(a)[0]} is for real images: add --images DIR or --model M")
     for name in ("baseline.json", "baseline.md"):
         check_writable(Path(a.out_dir) / name, a.force)
-    teacher = DigitsTeacher.load(a.teacher)
+    teacher = load_teacher(digits_world_of(a.teacher), a.teacher)  # a flow teacher's file: the flow world
     bench = DigitsBench(teacher, n=a.n, seeds=range(a.seeds), guidance=a.guidance)
     rows = teacher_baseline(bench, a.steps or DIGITS_EVAL_STEPS)
     meta = {"guidance": bench.guidance, "samples per seed": a.n, "seeds": a.seeds,
@@ -195,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The embedded digits teacher (one is shipped; these commands remake it).")
     tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
     tt = tsub.add_parser("train", help="train a digits teacher from scratch (about 30 min on 2 cores)")
-    tt.add_argument("--out", default="runs/teacher.safetensors")
+    tt.add_argument("--family", choices=["ddpm", "flow"], default="ddpm",
+                    help="ddpm: the epsilon UNet (the shipped teacher.safetensors); flow: the rectified-flow "
+                         "transformer (teacher-flow.safetensors)")
+    tt.add_argument("--out", default=None,
+                    help="default: runs/teacher.safetensors, or runs/teacher-flow.safetensors for --family flow")
     tt.add_argument("--steps", type=int, default=4000)
     tt.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
     tt.add_argument("--batch", type=int, default=128)
@@ -238,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="the teacher baseline table: fd, acc, traj_mse, reward at 1..40 DDIM steps; "
                                     "with --images or --model: CLIP, aesthetic, ImageReward, HPSv2, PickScore, FID")
-    _add_teacher_args(e)
+    _add_teacher_args(e, backbone=False)  # --backbone here is the real-image mode's (sd15, sdxl)
     e.add_argument("--steps", type=_ints, default=None, help="digits: 1,2,4,8,25,40; --model: one step count")
     e.add_argument("--n", type=int, default=1000, help="samples per seed")
     e.add_argument("--seeds", type=int, default=3)
@@ -283,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "its best eta, with Hyper-SD's ablation (TSCD, + feedback, + DMD)",
                        description="Distils each method (resuming any finished or partial run in --out), then "
                                    "writes bench.json and bench.md with the held-out evaluator's metrics.")
-    _add_teacher_args(b)
+    _add_teacher_args(b, backbone=False)
     b.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    default=["lcm", "phased", "tscd", "hypersd"],
                    help="comma-separated: lcm, phased, tscd (TSCD alone), hypersd (the default recipe)")

@@ -1,14 +1,13 @@
 """Backbones by name: the registry a recipe's ``backbone:`` is looked up in.
 
 A new model family registers its ``Backbone`` here (or from its own module with ``register``).
-A flow-matching digits world, say, is ``DigitsBackbone`` with another ``name`` and ``load_teacher``.
 """
 
 from __future__ import annotations
 
 from ..errors import HypersdError
 from .base import Backbone
-from .digits import DigitsBackbone
+from .digits import DigitsBackbone, FlowDigitsBackbone
 from .sd import SDBackbone
 
 BACKBONES: dict[str, Backbone] = {}
@@ -28,7 +27,7 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[name]
 
 
-for _b in (DigitsBackbone(), SDBackbone("sd15"), SDBackbone("sdxl")):
+for _b in (DigitsBackbone(), FlowDigitsBackbone(), SDBackbone("sd15"), SDBackbone("sdxl")):
     register(_b)
 
-__all__ = ["BACKBONES", "Backbone", "DigitsBackbone", "SDBackbone", "get_backbone", "register"]
+__all__ = ["BACKBONES", "Backbone", "DigitsBackbone", "FlowDigitsBackbone", "SDBackbone", "get_backbone", "register"]

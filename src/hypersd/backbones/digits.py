@@ -1,17 +1,7 @@
 """The digits world: an 8x8 pixel teacher trained on the bundled digits, judged by the digits judges.
 
-A flow-matching digits teacher is this backbone with another teacher loader (same data, judges
-and grids)::
-
-    class FlowDigitsBackbone(DigitsBackbone):
-        name = "digits-flow"
-
-        def load_teacher(self, recipe, device, dtype):
-            from ..teachers.digits_flow import FlowDigitsTeacher
-
-            return FlowDigitsTeacher.load(recipe.teacher, device=device)
-
-registered in ``hypersd.backbones`` beside the others.
+``digits`` is the DDPM UNet teacher; ``digits-flow`` the rectified-flow transformer teacher, the
+same world otherwise (data, prompts, judges, grids).
 """
 
 from __future__ import annotations
@@ -131,3 +121,17 @@ def compare_grid(d, path, etas: dict[int, float], one_step_t: int | None, n: int
             x = sample_prompts(t, prompts, k, guidance=1.0, eta=etas.get(k, 0.0), seed=0, one_step_t=one_step_t)
             blocks.append((f"LoRA\n{k} step{'s' * (k > 1)}\neta {etas.get(k, 0.0):g}", t.decode(x)))
     return save_rows(blocks, path)
+
+
+class FlowDigitsBackbone(DigitsBackbone):
+    """The digits world on the rectified-flow transformer teacher (``teacher-flow.safetensors``)."""
+
+    name = "digits-flow"
+
+    def named_schedule(self):
+        return None  # the file's metadata holds the schedule: checked once the teacher loads
+
+    def load_teacher(self, recipe, device, dtype):
+        from ..teachers.digits_flow import FlowDigitsTeacher
+
+        return FlowDigitsTeacher.load(recipe.teacher, device=device)

@@ -9,11 +9,12 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from ..evaluation import DigitsBench
-from ..teachers.digits import DEFAULT_PATH, DigitsTeacher
+from ..teachers import load_teacher
 
 
-def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=False, acc_slack=0.005):
-    teacher = DigitsTeacher.load(teacher_path)
+def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=False, acc_slack=0.005,
+                  backbone: str = "digits"):
+    teacher = load_teacher(backbone, teacher_path)
     results = {}
     for w in scales:
         bench = DigitsBench(teacher, n=n, seeds=seeds, guidance=w)
@@ -33,6 +34,6 @@ def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=
         teacher.default_guidance = pick
         teacher.info = {**teacher.info, "guidance_scan": {f"{w:g}": {k: v["mean"] for k, v in s.items() if k != "traj_mse"}
                                                           for w, s in results.items()}, "guidance_steps": steps}
-        teacher.save(teacher_path or DEFAULT_PATH)
+        teacher.save(teacher_path or teacher.DEFAULT_PATH)
         print("stored it as the teacher's default guidance")
     return pick, results

@@ -1,4 +1,10 @@
-"""Training the digits teacher: plain ε-prediction denoising with prompt dropout for CFG."""
+"""Training a digits teacher: plain denoising on the teacher's own schedule, with prompt dropout for CFG.
+
+One loop for both families: x_t = schedule.add_noise(x0, ε, t) and the loss is the MSE between the
+network's output and schedule.target(x0, ε, t): ε for the DDPM UNet, v = ε − x0 for the flow
+transformer (the rectified-flow loss). t is drawn uniformly on the schedule's integer grid
+{0..T-1} in both: for the flow teacher (shift 1, trailing) that is σ uniform on {0.001, ..., 1},
+the grid every sampler and stage later evaluates the network on."""
 
 from __future__ import annotations
 
@@ -10,8 +16,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..teachers.digits import DigitsTeacher
+from ..errors import HypersdError
+from ..teachers.digits import DigitsTeacher, DigitsWorldTeacher
 from . import data
+
+FAMILIES = ("ddpm", "flow")
+
+
+def teacher_class(family: str = "ddpm") -> type[DigitsWorldTeacher]:
+    if family == "ddpm":
+        return DigitsTeacher
+    if family == "flow":
+        from ..teachers.digits_flow import FlowDigitsTeacher
+
+        return FlowDigitsTeacher
+    raise HypersdError(f"unknown teacher family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def new_teacher(family: str = "ddpm", seed: int = 0) -> DigitsWorldTeacher:
+    """A fresh, untrained digits teacher of ``family``."""
+    return teacher_class(family).new(seed)
 
 
 def train_teacher(
@@ -24,21 +48,29 @@ def train_teacher(
     prompt_dropout: float = 0.1,
     seed: int = 0,
     progress: bool = True,
-) -> DigitsTeacher:
-    """Train a fresh teacher for ``steps`` steps (or until ``minutes`` pass) and save its EMA."""
+    family: str = "ddpm",
+    save_every: int = 1000,
+    teacher: DigitsWorldTeacher | None = None,
+) -> DigitsWorldTeacher:
+    """Train a fresh teacher of ``family`` for ``steps`` steps (or until ``minutes`` pass) and save
+    its EMA every ``save_every`` steps and at the end. ``teacher``: start from this one instead."""
     torch.manual_seed(seed)
-    teacher = DigitsTeacher.new(seed)
+    teacher = teacher if teacher is not None else new_teacher(family, seed)
+    for part in (teacher.unet, teacher.text):  # a loaded teacher comes frozen, in eval mode
+        part.train().requires_grad_(True)
     x_all, y_all = data.load("train")
     prompts = data.prompts_for(range(10))
     params = list(teacher.unet.parameters()) + list(teacher.text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = copy.deepcopy(teacher)  # the shipped weights: an EMA of the trained ones
     ema_params = list(ema.unet.parameters()) + list(ema.text.parameters())
-    sched = teacher.schedule
+    schedule = teacher.schedule
     deadline = time.monotonic() + 60 * minutes if minutes else None
     bar = tqdm(range(steps), desc="teacher", disable=not progress)
     for step in bar:
-        lr_now = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        # the cosine runs over whichever budget ends first, so a run cut by ``minutes`` still anneals
+        done = step / steps if deadline is None else max(step / steps, 1 - (deadline - time.monotonic()) / (60 * minutes))
+        lr_now = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
         for g in opt.param_groups:
             g["lr"] = lr_now
         idx = torch.randint(0, len(x_all), (batch,))
@@ -49,9 +81,8 @@ def train_teacher(
         cond = teacher.encode_prompt(texts)
         t = torch.randint(0, teacher.T, (batch,))
         noise = torch.randn_like(x0)
-        # the target by the teacher's parameterisation (ε for the shipped config: the noise itself)
-        loss = torch.nn.functional.mse_loss(teacher.eps(sched.add_noise(x0, noise, t), t, cond),
-                                            sched.target(x0, noise, t))
+        pred = teacher.eps(schedule.add_noise(x0, noise, t), t, cond)
+        loss = torch.nn.functional.mse_loss(pred, schedule.target(x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -61,7 +92,7 @@ def train_teacher(
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 1000 == 999:
+        if step % save_every == save_every - 1:
             _save(ema, out, step + 1, batch)
         if deadline and time.monotonic() > deadline:
             break
@@ -69,6 +100,6 @@ def train_teacher(
     return ema
 
 
-def _save(ema: DigitsTeacher, out, steps: int, batch: int) -> None:
-    ema.info = {"steps": steps, "batch": batch}
+def _save(ema: DigitsWorldTeacher, out, steps: int, batch: int) -> None:
+    ema.info = {"steps": steps, "batch": batch, "t_sampling": "uniform on {0..T-1}"}
     ema.save(out)

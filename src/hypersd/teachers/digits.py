@@ -43,42 +43,61 @@ SCHEDULER_CONFIG = {
 }
 
 
-class DigitsTeacher(Teacher):
+class DigitsWorldTeacher(Teacher):
+    """What every digits-world teacher shares: one safetensors file (configs in its metadata), the
+    word-level ``DigitTextEncoder`` and the identity pixel codec. Subclasses name the network
+    (``NET_KEY``: its metadata key and weight prefix) and how its schedule is built."""
+
     latent_shape = (1, 8, 8)
+    KIND: str
+    LABEL: str
+    NET_KEY: str
+    NET_CONFIG: dict
+    SCHEDULE_CONFIG: dict
+    DEFAULT_PATH: Path
 
     def __init__(self, unet, text, scheduler_config: dict, default_guidance: float = 1.0, info=None):
-        self.unet, self.text = unet, text
+        self.unet, self.text = unet, text  # ``unet``: the attribute every stage puts its LoRA on
         self.scheduler_config = dict(scheduler_config)
-        self.alphas_cumprod = DDPMSchedule.from_scheduler_config(self.scheduler_config).alphas_cumprod
+        self._init_schedule()
         self.default_guidance = float(default_guidance)
         self.info = dict(info or {})
         self.fingerprint: str | None = None  # digest of the file it was loaded from
 
-    @classmethod
-    def new(cls, seed: int = 0) -> "DigitsTeacher":
-        torch.manual_seed(seed)
-        return cls(UNet2DConditionModel(**UNET_CONFIG), DigitTextEncoder(), SCHEDULER_CONFIG)
+    def _init_schedule(self) -> None:
+        raise NotImplementedError
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device="cpu") -> "DigitsTeacher":
-        path = Path(path) if path else DEFAULT_PATH
+    def build_network(cls, config: dict) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def new(cls, seed: int = 0):
+        torch.manual_seed(seed)
+        return cls(cls.build_network(cls.NET_CONFIG), DigitTextEncoder(), cls.SCHEDULE_CONFIG)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device="cpu"):
+        path = Path(path) if path else cls.DEFAULT_PATH
         if not path.is_file():
             hint = (
-                "the package's shipped teacher is missing: reinstall hypersd, or train one with "
-                "'hypersd teacher train'" if path == DEFAULT_PATH else "pass an existing teacher file"
+                f"the package's shipped {cls.LABEL} is missing: reinstall hypersd, or train one with "
+                f"'hypersd teacher train'" if path == cls.DEFAULT_PATH else "pass an existing teacher file"
             )
-            raise HypersdError(f"digits teacher file {path} not found; {hint}")
+            raise HypersdError(f"{cls.LABEL} file {path} not found; {hint}")
         from ..outputs import read_metadata
 
-        meta = read_metadata(path, "digits teacher")
-        if not meta or meta.get("kind") != "digits-teacher":
-            raise HypersdError(f"{path} is not a hypersd digits teacher file (no teacher metadata)")
-        unet = UNet2DConditionModel(**meta["unet"])
+        meta = read_metadata(path, cls.LABEL)
+        if not meta or meta.get("kind") != cls.KIND:
+            found = f"a {meta['kind']!r} file" if meta and meta.get("kind") else "no teacher metadata"
+            raise HypersdError(f"{path} is not a hypersd {cls.LABEL} file ({found}; expected kind "
+                               f"{cls.KIND!r}): pass a file 'hypersd teacher train' wrote for this backbone")
+        net = cls.build_network(meta[cls.NET_KEY])
         text = DigitTextEncoder(**meta["text"])
         state = load_file(str(path))
-        _load_part(unet, state, "unet.", path)
+        _load_part(net, state, f"{cls.NET_KEY}.", path)
         _load_part(text, state, "text.", path)
-        t = cls(unet.eval().requires_grad_(False), text.eval().requires_grad_(False),
+        t = cls(net.eval().requires_grad_(False), text.eval().requires_grad_(False),
                 meta["scheduler"], meta.get("default_guidance", 1.0), meta.get("info"))
         t.unet.to(device)
         t.text.to(device)
@@ -88,11 +107,11 @@ class DigitsTeacher(Teacher):
     def save(self, path: str | Path) -> None:
         from ..outputs import atomic_path
 
-        state = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
+        state = {f"{self.NET_KEY}.{k}": v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
         state |= {f"text.{k}": v.detach().cpu().contiguous() for k, v in self.text.state_dict().items()}
         meta = {
-            "kind": "digits-teacher",
-            "unet": {k: v for k, v in dict(self.unet.config).items() if k in UNET_CONFIG},
+            "kind": self.KIND,
+            self.NET_KEY: {k: v for k, v in dict(self.unet.config).items() if k in self.NET_CONFIG},
             "text": self.text.config,
             "scheduler": self.scheduler_config,
             "default_guidance": self.default_guidance,
@@ -112,6 +131,21 @@ class DigitsTeacher(Teacher):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1, 1)
+
+
+class DigitsTeacher(DigitsWorldTeacher):
+    """The ε-prediction UNet on SD1.5's DDPM schedule."""
+
+    KIND, LABEL, NET_KEY = "digits-teacher", "digits teacher", "unet"
+    NET_CONFIG, SCHEDULE_CONFIG, DEFAULT_PATH = UNET_CONFIG, SCHEDULER_CONFIG, DEFAULT_PATH
+
+    def _init_schedule(self) -> None:
+        # refuses a prediction type hypersd cannot read (epsilon and v_prediction it can)
+        self.alphas_cumprod = DDPMSchedule.from_scheduler_config(self.scheduler_config).alphas_cumprod
+
+    @classmethod
+    def build_network(cls, config: dict) -> torch.nn.Module:
+        return UNet2DConditionModel(**config)
 
 
 def _file_digest(path) -> str:

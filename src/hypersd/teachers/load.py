@@ -5,14 +5,33 @@ from __future__ import annotations
 from .base import Teacher
 from ..errors import HypersdError
 
-BACKBONES = ("digits", "sd15", "sdxl", "sd3", "flux")
+BACKBONES = ("digits", "digits-flow", "sd15", "sdxl", "sd3", "flux")
+# The embedded digits worlds: the same prompts, judges and pixel codec; "digits-flow" is the
+# rectified-flow transformer teacher beside the DDPM UNet.
+DIGITS_WORLDS = ("digits", "digits-flow")
+
+
+def digits_world_of(path: str | None) -> str:
+    """The digits backbone a teacher file is for, by the kind its metadata names ("digits" for no
+    file: the shipped DDPM teacher); a file of neither kind is left to the DDPM loader to refuse."""
+    if not path:
+        return "digits"
+    from pathlib import Path
+
+    from ..outputs import read_metadata
+
+    if not Path(path).is_file():
+        return "digits"
+    kind = read_metadata(path, "digits teacher").get("kind")
+    return "digits-flow" if kind == "digits-flow-teacher" else "digits"
 
 
 def load_teacher(backbone: str = "digits", path: str | None = None, device="cpu", dtype=None,
                  **options) -> Teacher:
     """Load a teacher by backbone name.
 
-    ``digits``: ``path`` is a teacher .safetensors (default: the one shipped in the package).
+    ``digits`` / ``digits-flow``: ``path`` is a teacher .safetensors (default: the one shipped in
+    the package: the DDPM UNet, or the flow transformer).
     ``sd15`` / ``sdxl``: ``path`` is a hub id or a local diffusers folder.
     ``sd3`` / ``flux``: ``path`` is a hub id, a local diffusers folder or one .safetensors file;
     ``options`` go to ``teachers.sd3.load_sd3`` / ``teachers.flux.load_flux`` (config,
@@ -24,6 +43,10 @@ def load_teacher(backbone: str = "digits", path: str | None = None, device="cpu"
         from .digits import DigitsTeacher
 
         return DigitsTeacher.load(path, device=device)
+    if backbone == "digits-flow":
+        from .digits_flow import FlowDigitsTeacher
+
+        return FlowDigitsTeacher.load(path, device=device)
     if backbone in ("sd15", "sdxl"):
         from .sd import load_sd
 
