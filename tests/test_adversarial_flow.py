@@ -132,3 +132,10 @@ def test_generator_loss_reaches_the_student_lora_not_the_transformer(teacher):
     assert sum(p.grad.abs().sum() for p in student) > 0
     ids = {id(p) for p in student}
     assert all(p.grad is None for p in t.unet.parameters() if id(p) not in ids)
+
+
+def test_a_network_without_a_backbone_is_refused_naming_the_fix():
+    from hypersd.errors import HypersdError
+
+    with pytest.raises(HypersdError, match="no discriminator backbone for a Linear teacher.*adv_weight: 0"):
+        DiscriminatorHeads.for_network(torch.nn.Linear(2, 2))
