@@ -18,7 +18,11 @@ real = the EMA target, both at t_end.
 from __future__ import annotations
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from torch import nn
 
 from . import lora
