@@ -24,9 +24,9 @@ def test_encoder_features_are_the_unets_own_down_path():
         t.eps(x, ts, cond)
         for h in hooks:
             h.remove()
-        feats = encoder_features(t.unet, x, ts, cond)
+        feats = encoder_features(t.unet, t.network_inputs(x, ts, cond))
     assert len(feats) == len(seen) == 4
     for a, b in zip(feats, seen):
         assert torch.allclose(a, b, atol=1e-5)
-    logits = DiscriminatorHeads.for_unet(t.unet)(feats)
+    logits = DiscriminatorHeads.for_network(t.unet)(feats)
     assert logits.shape == (3,)

@@ -1,10 +1,12 @@
 """The digits world's rectified-flow teacher: its file, its network call, its training, a distill on it."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from hypersd import lora
+from hypersd import lora, runlog
 from hypersd.core.noise import FlowSchedule
 from hypersd.digits.train_teacher import train_teacher
 from hypersd.errors import HypersdError
@@ -155,7 +157,12 @@ def test_cli_trains_and_samples_the_flow_teacher(tmp_path, flow_file, capsys):
     assert (tmp_path / "eval" / "baseline.json").is_file()
 
 
-def test_the_adversarial_term_is_refused_on_the_transformer(tmp_path, flow_file):
-    recipe = _tiny_flow_recipe(flow_file, [{"name": "a", "segments": 1, "adv_weight": 0.1}])
-    with pytest.raises(HypersdError, match="adv_weight needs a UNet teacher"):
-        Distiller(recipe, tmp_path, progress=False).run()
+def test_a_tscd_stage_with_the_adversarial_term_runs_on_the_transformer(tmp_path, flow_file):
+    recipe = _tiny_flow_recipe(flow_file, [{"name": "a", "segments": 1, "adv_weight": 0.1, "d_hidden": 16}])
+    d = Distiller(recipe, tmp_path, progress=False)
+    assert d.run()
+    state, meta = lora.read_lora(d.finish())
+    assert meta["backbone"] == "digits-flow" and any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
+    done = [r for r in runlog.steps(runlog.read(tmp_path)) if not r["skipped"]]
+    assert len(done) == 2  # each step: the generator's adversarial term and a discriminator step
+    assert all(math.isfinite(r["losses"]["g"]) and math.isfinite(r["losses"]["d"]) for r in done)

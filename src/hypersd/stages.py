@@ -75,8 +75,8 @@ class TSCDRun(StageRun):
             solver_steps=stage.solver_steps), self.roles)
         self.disc = self.d_opt = None
         if stage.adv_weight > 0:
-            heads = DiscriminatorHeads.for_unet(self.unet, stage.d_hidden).to(self.teacher.device)
-            self.disc = Discriminator(self.unet, heads)
+            heads = DiscriminatorHeads.for_network(self.unet, stage.d_hidden).to(self.teacher.device)
+            self.disc = Discriminator(self.teacher, heads)
             self.d_opt = torch.optim.AdamW(heads.parameters(), lr=stage.d_lr, betas=(0.0, 0.99))
 
     def enter(self, fresh: bool) -> None:

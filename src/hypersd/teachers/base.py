@@ -107,10 +107,15 @@ class Teacher:
 
         The one place where dtypes change: inputs go in as the network's dtype, the output comes out
         in float32, so every jump, noise addition, guidance mix and loss around it is float32."""
+        return self.unet(**self.network_inputs(x, t, cond)).sample.float()
+
+    def network_inputs(self, x: torch.Tensor, t, cond: Cond) -> dict:
+        """The network's keyword inputs for (x, t, cond), as ``eps`` calls it: the one place that
+        builds them, so that the discriminator's backbone reads exactly what the network reads."""
         t = self.schedule.model_timestep(torch.as_tensor(t, device=x.device)).expand(x.shape[0])
         cond = self.network_cond(cond)
         kwargs = {"added_cond_kwargs": cond.added} if cond.added else {}
-        return self.unet(x.to(self.dtype), t, encoder_hidden_states=cond.hidden, **kwargs).sample.float()
+        return {"sample": x.to(self.dtype), "timestep": t, "encoder_hidden_states": cond.hidden, **kwargs}
 
     def network_cond(self, cond: Cond) -> Cond:
         """The conditioning as the network takes it: embeddings in its dtype; SDXL's size/crop

@@ -80,9 +80,10 @@ class FlowDigitsTeacher(DigitsWorldTeacher):
 
         The transformer is called with ``model_timestep(t)`` = 1000·σ_t, not t. Dtypes as
         Teacher.eps: inputs in the network's dtype, the output in float32."""
+        return self.unet(**self.network_inputs(x, t, cond)).sample.float()
+
+    def network_inputs(self, x: torch.Tensor, t, cond: Cond) -> dict:
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         hidden = self.network_cond(cond).hidden
-        timestep = self._schedule.model_timestep(t).to(x.device)
-        out = self.unet(x.to(self.dtype), encoder_hidden_states=hidden, pooled_projections=hidden.mean(1),
-                        timestep=timestep)
-        return out.sample.float()
+        return {"hidden_states": x.to(self.dtype), "encoder_hidden_states": hidden,
+                "pooled_projections": hidden.mean(1), "timestep": self._schedule.model_timestep(t).to(x.device)}

@@ -117,16 +117,22 @@ class FluxTeacher(FlowTeacher):
         return self._call(x, t, cond, w)
 
     def _call(self, x, t, cond: Cond, guidance) -> torch.Tensor:
+        out = self.unet(**self.network_inputs(x, t, cond, guidance))
+        return unpack(out.sample, *x.shape[2:]).float()
+
+    def network_inputs(self, x: torch.Tensor, t, cond: Cond, guidance=None) -> dict:
+        """The transformer's keyword inputs on packed tokens; dev's guidance embedding is
+        ``guidance``, or the recorded ``self.guidance`` when None."""
         n, _, h, w = x.shape
         cond = self.network_cond(cond)
         g = None
         if self.guidance_embeds:
-            g = torch.as_tensor(guidance, dtype=torch.float32, device=x.device).reshape(-1).expand(n)
-        out = self.unet(hidden_states=pack(x.to(self.dtype)), timestep=self.model_timestep(t, x), guidance=g,
-                        pooled_projections=cond.added["pooled_projections"], encoder_hidden_states=cond.hidden,
-                        txt_ids=torch.zeros(cond.hidden.shape[1], 3, device=x.device, dtype=self.dtype),
-                        img_ids=image_ids(h, w, x.device, self.dtype))
-        return unpack(out.sample, h, w).float()
+            g = self.guidance if guidance is None else guidance
+            g = torch.as_tensor(g, dtype=torch.float32, device=x.device).reshape(-1).expand(n)
+        return {"hidden_states": pack(x.to(self.dtype)), "timestep": self.model_timestep(t, x), "guidance": g,
+                "pooled_projections": cond.added["pooled_projections"], "encoder_hidden_states": cond.hidden,
+                "txt_ids": torch.zeros(cond.hidden.shape[1], 3, device=x.device, dtype=self.dtype),
+                "img_ids": image_ids(h, w, x.device, self.dtype)}
 
 
 def load_flux(path: str, device="cpu", dtype=None, config: str | None = None,

@@ -210,10 +210,12 @@ class SD3Teacher(FlowTeacher):
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The velocity v = ε − x0 of whatever ``unet`` is now (named ``eps`` as the interface is),
         the transformer called at 1000·σ_t; inputs in its dtype, the output in float32."""
+        return self.unet(**self.network_inputs(x, t, cond)).sample.float()
+
+    def network_inputs(self, x: torch.Tensor, t, cond: Cond) -> dict:
         cond = self.network_cond(cond)
-        out = self.unet(hidden_states=x.to(self.dtype), timestep=self.model_timestep(t, x),
-                        encoder_hidden_states=cond.hidden, pooled_projections=cond.added["pooled_projections"])
-        return out.sample.float()
+        return {"hidden_states": x.to(self.dtype), "timestep": self.model_timestep(t, x),
+                "encoder_hidden_states": cond.hidden, "pooled_projections": cond.added["pooled_projections"]}
 
 
 def load_sd3(path: str, device="cpu", dtype=None, config: str | None = None,
