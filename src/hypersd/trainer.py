@@ -92,7 +92,8 @@ class Distiller:
         if recipe.init_lora:
             lora.load_lora(unet, recipe.init_lora, lora.STUDENT)
         elif lora.STUDENT not in getattr(unet, "peft_config", {}):
-            lora.add_lora(unet, lora.lora_config(recipe.lora_rank, recipe.lora_alpha, recipe.lora_targets), lora.STUDENT)
+            targets = lora.preset_for(unet, recipe.lora_targets)  # default "all" on a transformer: its preset
+            lora.add_lora(unet, lora.lora_config(recipe.lora_rank, recipe.lora_alpha, targets), lora.STUDENT)
         lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
         self._speed_up(unet)
         self.data = self.backbone.training_data(opened, self.teacher)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..errors import HypersdError
 from .base import Backbone
 from .digits import DigitsBackbone
+from .flow import FlowBackbone, FluxBackbone
 from .sd import SDBackbone
 
 BACKBONES: dict[str, Backbone] = {}
@@ -28,7 +29,8 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[name]
 
 
-for _b in (DigitsBackbone(), SDBackbone("sd15"), SDBackbone("sdxl")):
+for _b in (DigitsBackbone(), SDBackbone("sd15"), SDBackbone("sdxl"), FlowBackbone("sd3"), FluxBackbone("flux")):
     register(_b)
 
-__all__ = ["BACKBONES", "Backbone", "DigitsBackbone", "SDBackbone", "get_backbone", "register"]
+__all__ = ["BACKBONES", "Backbone", "DigitsBackbone", "FlowBackbone", "FluxBackbone", "SDBackbone", "get_backbone",
+           "register"]

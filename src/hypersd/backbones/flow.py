@@ -1,0 +1,56 @@
+"""SD3 / SD3.5 and FLUX.1: rectified-flow transformer teachers trained from a latent cache.
+
+They are the SD backbones' data pipeline (``hypersd cache --backbone sd3|flux``: 16-channel latents,
+the prompts' sequence and pooled vector) with another teacher loader. Their schedule is the loaded
+model's (the shift of its scheduler config; FLUX's that of the training resolution's token count),
+so ``named_schedule`` is None and the trainer checks the recipe's grids on the teacher it loaded.
+"""
+
+from __future__ import annotations
+
+from .sd import SDBackbone
+
+
+class FlowBackbone(SDBackbone):
+    # a transformer's activations overflow float16 (FLUX's pipelines run in bf16)
+    mixed_precisions = ("no", "bf16")
+
+    def named_schedule(self):
+        return None
+
+    def load_teacher(self, recipe, device, dtype):
+        from ..errors import HypersdError
+        from ..teachers import load_teacher
+
+        if not recipe.teacher:
+            raise HypersdError(f"backbone {self.name!r} needs a model: pass a hub id, a local diffusers folder or a "
+                               f".safetensors checkpoint")
+        return load_teacher(self.name, recipe.teacher, device=device, dtype=dtype, **self.teacher_options(recipe))
+
+    def teacher_options(self, recipe) -> dict:
+        """The T5 length the cache was encoded with: its sequences are the teacher's only at it."""
+        from ..cache import read_manifest
+
+        length = read_manifest(recipe.data).get("t5_length")
+        return {"max_sequence_length": length} if length else {}
+
+
+class FluxBackbone(FlowBackbone):
+    def teacher_options(self, recipe) -> dict:
+        # the shift is that of the training images' token count: the cache's resolution
+        resolution = recipe.resolution or read_cache_resolution(recipe.data)
+        return {**super().teacher_options(recipe), "resolution": resolution}
+
+    def annotate_lora(self, distiller, state: dict, meta: dict) -> None:
+        """dev: the guidance embedding the student was trained with is the one to sample it with
+        (not the trainer's 1.0, which means "no CFG" to a UNet); the resolution its shift belongs to."""
+        teacher = distiller.teacher
+        if teacher.guidance_embeds:
+            meta["guidance"] = teacher.guidance
+        meta["resolution"] = list(teacher.resolution)
+
+
+def read_cache_resolution(folder) -> int:
+    from ..cache import read_manifest
+
+    return read_manifest(folder)["resolution"]
