@@ -313,7 +313,8 @@ class Distiller:
 
         prompts = self.backbone.grid_prompts(self.data, n or self.backbone.grid_samples)
         with lora.fused(self.teacher.unet):
-            x = sample_prompts(self.teacher, prompts, steps, guidance=1.0, eta=eta, seed=0, one_step_t=one_step_t)
+            x = sample_prompts(self.teacher, prompts, steps, guidance=self.backbone.student_guidance(self.teacher),
+                               eta=eta, seed=0, one_step_t=one_step_t)
         return self.backbone.save_grid(self.teacher, x, prompts, path)
 
     def finish(self) -> Path:

@@ -68,6 +68,10 @@ class Backbone:
         with torch.no_grad():
             return z, prompts, teacher.encode_prompt(prompts)
 
+    def student_guidance(self, teacher) -> float:
+        """The guidance the student is sampled with: 1.0 (no CFG) where it was distilled from CFG."""
+        return 1.0
+
     def grid_prompts(self, data, n: int) -> list[str]:
         """The prompts of a sample grid of ``n`` images."""
         raise NotImplementedError

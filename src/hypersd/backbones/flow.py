@@ -41,12 +41,16 @@ class FluxBackbone(FlowBackbone):
         resolution = recipe.resolution or read_cache_resolution(recipe.data)
         return {**super().teacher_options(recipe), "resolution": resolution}
 
+    def student_guidance(self, teacher) -> float:
+        """dev: the guidance embedding the student is trained with (its calls go through ``eps``,
+        which embeds ``teacher.guidance``); 1.0 would be another embedding, not "no CFG"."""
+        return teacher.guidance if teacher.guidance_embeds else 1.0
+
     def annotate_lora(self, distiller, state: dict, meta: dict) -> None:
-        """dev: the guidance embedding the student was trained with is the one to sample it with
-        (not the trainer's 1.0, which means "no CFG" to a UNet); the resolution its shift belongs to."""
+        """What 'hypersd generate' samples the LoRA with: the student's guidance embedding, and the
+        resolution its shift belongs to."""
         teacher = distiller.teacher
-        if teacher.guidance_embeds:
-            meta["guidance"] = teacher.guidance
+        meta["guidance"] = self.student_guidance(teacher)
         meta["resolution"] = list(teacher.resolution)
 
 
