@@ -113,7 +113,7 @@ def test_distill_every_stage_kind_and_the_pipeline_loads_the_lora(kind, setup, c
     assert main(["distill", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "stats.json").read_text())["data"] == {"items": 4, "skipped": {"unreadable_shard": 2}}
     state, meta = lora.read_lora(out / "lora.safetensors")
-    assert meta["backbone"] == kind and meta["rank"] == 8  # TSCD's 4 + the merged feedback's 4
+    assert meta["backbone"] == kind and meta["rank"] == 8 and meta["max_sequence_length"] == T5_LENGTH  # TSCD's 4 + the merged feedback's 4
     assert meta["targets"] == sorted(lora.TARGET_PRESETS["transformer"])  # the default "all" became the preset
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # it learned
     if kind == "flux":  # what generate samples it with: the embedding it was trained with, at its resolution
@@ -134,6 +134,20 @@ def test_distill_every_stage_kind_and_the_pipeline_loads_the_lora(kind, setup, c
         theirs = _pipeline_latents(kind, model, exported, prompts, noise, k, s, meta["guidance"])
     assert (ours - base).abs().max() > 1e-3  # the LoRA changes the samples: the check below can fail
     assert (ours - theirs).abs().max() < 1e-4
+
+    # hypersd generate with the LoRA alone: its guidance, T5 length and (FLUX) resolution from its metadata
+    from hypersd.inference.generator import Generator
+
+    gen = Generator(model, lora=str(out / "lora.safetensors"), steps=k, device="cpu")
+    assert gen.plan.guidance == meta["guidance"] and gen.teacher.max_sequence_length == T5_LENGTH
+    assert gen.teacher.resolution == (SIDE, SIDE)
+    images = gen.images(prompts, [3, 3])
+    lora.load_lora(t.unet, out / "lora.safetensors")
+    with torch.no_grad():
+        one, _ = initial_noise(1, t.latent_shape, 3)
+        x = sample_tcd(guided(t, t.encode_prompt(prompts[:1]), meta["guidance"]), one, s.inference_timesteps(k), s)
+        ref = t.decode(x)
+    assert (images[:1] - ref).abs().max() < 1e-3
 
 
 def test_flow_backbones_check_grids_on_the_loaded_teacher(setup, tmp_path):

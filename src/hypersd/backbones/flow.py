@@ -27,6 +27,10 @@ class FlowBackbone(SDBackbone):
                                f".safetensors checkpoint")
         return load_teacher(self.name, recipe.teacher, device=device, dtype=dtype, **self.teacher_options(recipe))
 
+    def annotate_lora(self, distiller, state: dict, meta: dict) -> None:
+        """The T5 length the LoRA was trained with: 'hypersd generate' encodes prompts at it."""
+        meta["max_sequence_length"] = distiller.teacher.max_sequence_length
+
     def teacher_options(self, recipe) -> dict:
         """The T5 length the cache was encoded with: its sequences are the teacher's only at it."""
         from ..cache import read_manifest
@@ -49,6 +53,7 @@ class FluxBackbone(FlowBackbone):
     def annotate_lora(self, distiller, state: dict, meta: dict) -> None:
         """What 'hypersd generate' samples the LoRA with: the student's guidance embedding, and the
         resolution its shift belongs to."""
+        super().annotate_lora(distiller, state, meta)
         teacher = distiller.teacher
         meta["guidance"] = self.student_guidance(teacher)
         meta["resolution"] = list(teacher.resolution)

@@ -29,6 +29,8 @@ class Generator:
             size = tuple(meta["resolution"])
             height, width = size
         self.teacher, backbone = load_model(model, backbone, device, getattr(torch, dtype), config, size)
+        if meta and meta.get("max_sequence_length") and hasattr(self.teacher, "max_sequence_length"):
+            self.teacher.max_sequence_length = int(meta["max_sequence_length"])  # the T5 length it was trained at
         self.plan = resolve(recipe, model=model, backbone=backbone, lora=lora, T=self.teacher.T,
                             default_guidance=self.teacher.default_guidance, steps=steps, scheduler=scheduler,
                             eta=eta, guidance=guidance, lora_scale=lora_scale, negative_prompt=negative_prompt,
