@@ -170,3 +170,32 @@ def test_packaged_flow_recipes():
         assert [s.kind for s in r.stages] == ["tscd"] * 4 + ["feedback", "merge", "dmd"]
         assert [s.segments for s in r.stages if s.kind == "tscd"] == [8, 4, 2, 1]
     assert load_recipe("sd3").stages[-1].generator_t == 840
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cache_without_t5_encodes_it_each_step(kind, setup, tmp_path, monkeypatch):
+    from hypersd.trainer import Distiller
+
+    model, full = setup[kind]
+    t = teacher_of(kind, model)
+    images = str(tmp_path / "images")
+    write_folder(tmp_path / "images", n_good=3)
+    m = build_cache(kind, model, images, tmp_path / "c", resolution=SIDE, max_sequence_length=T5_LENGTH, t5=False,
+                    teacher=t, progress=False)
+    assert m["bytes_per_item"] < read_manifest(full)["bytes_per_item"]  # T5's states are not stored
+    with safe_open(str(tmp_path / "c" / m["shards"][0]["file"]), "pt") as f:
+        stored = set(f.keys())
+    assert stored == ({"latents", "hidden", "pooled_projections"} if kind == "sd3" else {"latents", "pooled_projections"})
+    cached = CachedData(tmp_path / "c", kind).attach(t)
+    _, prompts, cond = cached.batch_cond(2, torch.Generator().manual_seed(0))
+    want = t.encode_prompt(prompts)
+    assert cond.hidden.shape == want.hidden.shape and (cond.hidden - want.hidden).abs().max() < 1e-2
+    assert torch.equal(cond.hidden[:, -T5_LENGTH:], t.encode_t5(prompts))  # encoded now, not rounded to float16
+    calls = []
+    monkeypatch.setattr(t, "encode_t5", lambda p, f=t.encode_t5: calls.append(len(p)) or f(p))
+    r = {"backbone": kind, "teacher": model, "data": str(tmp_path / "c"), "resolution": SIDE, "lora_rank": 4,
+         "eval_steps": [1], "grid_every_stage": False,
+         "stage_defaults": {"batch": 2, "steps": 2, **({"solver_steps": 43} if kind == "sd3" else {})},
+         "stages": [{"name": "t", "segments": 2}]}
+    d = Distiller(from_dict(r), tmp_path / "run", progress=False, teacher=t)
+    assert d.run() and calls.count(2) >= 2  # each training batch's T5 states

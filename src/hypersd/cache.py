@@ -42,7 +42,7 @@ EMBEDDINGS = ("hidden", "text_embeds", "pooled_projections")  # what _read hands
 BACKBONES = ("sd15", "sdxl", "sd3", "flux")
 # What a resumed run must share with the one it continues.
 SETTINGS = ("backbone", "model", "vae", "data", "resolution", "crop", "seed", "dtype", "shard_size",
-            "image_column", "caption_column", "max_sequence_length")
+            "image_column", "caption_column", "max_sequence_length", "no_t5_cache")
 
 
 def shard_name(i: int) -> str:
@@ -58,11 +58,12 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
                 batch: int = 8, shard_size: int = 1000, crop: str = "center", seed: int = 0, vae: str | None = None,
                 dtype: str = "float16", image_column: str | None = None, caption_column: str | None = None,
                 device: str | None = None, force: bool = False, teacher=None, progress: bool = True,
-                max_sequence_length: int | None = None) -> dict:
+                max_sequence_length: int | None = None, t5: bool = True) -> dict:
     """Write (or continue) the cache of ``data`` for ``model``; returns its manifest.
 
     ``max_sequence_length``: SD3's and FLUX's T5 tokens (default the model's: 256, FLUX.1-dev 512);
-    the manifest records the teacher's, and training loads its teacher with it."""
+    the manifest records the teacher's, and training loads its teacher with it. ``t5`` False
+    (``--no-t5-cache``): their T5 states are not stored but encoded at each training step."""
     from tqdm.auto import tqdm
 
     if backbone not in BACKBONES:
@@ -74,12 +75,14 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
         raise HypersdError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if max_sequence_length is not None and backbone not in ("sd3", "flux"):
         raise HypersdError(f"--max-sequence-length is T5's length, for sd3 and flux; {backbone} has no T5")
+    if not t5 and backbone not in ("sd3", "flux"):
+        raise HypersdError(f"--no-t5-cache is for sd3 and flux; {backbone} has no T5")
     out = Path(out)
     source = open_source(data, image_column, caption_column)
     settings = {"backbone": backbone, "model": str(model), "vae": vae, "data": str(Path(data).expanduser().resolve()),
                 "resolution": resolution, "crop": crop, "seed": seed, "dtype": dtype, "shard_size": shard_size,
                 "image_column": image_column, "caption_column": caption_column,
-                "max_sequence_length": max_sequence_length}
+                "max_sequence_length": max_sequence_length, "no_t5_cache": None if t5 else True}
     manifest = _start(out, settings, force)  # refuses what it must before a model is loaded
     if teacher is None:
         from .teachers import load_teacher
@@ -150,13 +153,14 @@ def _fresh(out: Path, settings: dict, teacher) -> dict:
     probe = teacher.encode_prompt([PROBE_PROMPT])
     m = {"kind": "hypersd-cache", "version": 1, **settings, "resolution": resolution,
          "latent_shape": [teacher.latent_shape[0], resolution // factor, resolution // factor],
-         "hidden_shape": list(probe.hidden.shape[1:]),
          "pooled_dim": int(probe.added["text_embeds"].shape[-1]) if "text_embeds" in probe.added else None,
          "added": sorted(probe.added),
          "t5_length": getattr(teacher, "max_sequence_length", None),  # what a trainer loads its teacher with
-         "bytes_per_item": _bytes_per_item(teacher.latent_shape[0], resolution // factor, probe,
-                                           DTYPES[settings["dtype"]]),
          "written": 0, "consumed": 0, "skipped": {}, "shards": [], "complete": False}
+    stored = _stored(probe, DTYPES[settings["dtype"]], m)
+    m["hidden_shape"] = list(stored["hidden"].shape[1:]) if "hidden" in stored else None  # None: FLUX without T5
+    m["bytes_per_item"] = _bytes_per_item(teacher.latent_shape[0], resolution // factor, stored,
+                                          DTYPES[settings["dtype"]])
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / PROBE) as tmp:
         save_file(_tensors(probe, torch.float32), str(tmp))
@@ -164,11 +168,10 @@ def _fresh(out: Path, settings: dict, teacher) -> dict:
     return m
 
 
-def _bytes_per_item(channels: int, side: int, probe: Cond, dtype: torch.dtype) -> int:
-    """What one cached item takes in a shard: its latents and its prompt's tensors (SD3's and FLUX's
-    are mostly T5's sequence)."""
+def _bytes_per_item(channels: int, side: int, t: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """What one cached item takes in a shard: its latents and its prompt's stored tensors ``t``
+    (SD3's and FLUX's are mostly T5's sequence)."""
     size = torch.empty(0, dtype=dtype).element_size()
-    t = _tensors(probe, dtype)
     return channels * side * side * size + sum(v[0].numel() * v.element_size() for v in t.values())
 
 
@@ -180,6 +183,18 @@ def _tensors(cond: Cond, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     if "pooled_projections" in cond.added:  # SD3's and FLUX's pooled CLIP vector
         t["pooled_projections"] = cond.added["pooled_projections"].to(dtype)
     return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+
+
+def _stored(cond: Cond, dtype: torch.dtype, manifest: dict) -> dict[str, torch.Tensor]:
+    """What a shard holds of ``cond``: all of it, or (``no_t5_cache``) all but T5's states, the end
+    of the sequence (SD3 keeps its CLIP tokens; FLUX's sequence is T5's alone: no ``hidden``)."""
+    t = _tensors(cond, dtype)
+    if manifest.get("no_t5_cache"):
+        clip = t["hidden"][:, : t["hidden"].shape[1] - manifest["t5_length"]]
+        t.pop("hidden")
+        if clip.shape[1]:
+            t["hidden"] = clip.contiguous()
+    return t
 
 
 def _added_names(manifest: dict) -> tuple[str, ...]:
@@ -222,7 +237,7 @@ class _Writer:
                                    crop=[p.crop_top_left for p in prepared])
         else:
             cond = t.encode_prompt(captions)
-        for name, v in {"latents": latents.to(self.dtype).cpu(), **_tensors(cond, self.dtype)}.items():
+        for name, v in {"latents": latents.to(self.dtype).cpu(), **_stored(cond, self.dtype, m)}.items():
             self.rows.setdefault(name, []).append(v)
         self.captions += captions
         self.keys += [it.key for it in items]
@@ -295,7 +310,7 @@ class CachedData:
         """Index a shard's rows, or skip and count them all: a shard is one write, so its rows are
         all usable or none is."""
         m = self.manifest
-        want = {"latents": m["latent_shape"], "hidden": m["hidden_shape"]}
+        want = {"latents": m["latent_shape"], **({"hidden": m["hidden_shape"]} if m["hidden_shape"] else {})}
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("hypersd", "{}"))
@@ -341,10 +356,16 @@ class CachedData:
     def batch_cond(self, n: int, generator: torch.Generator):
         """(latents, prompts, cond): the draw of ``batch`` with its conditioning from the cache."""
         idx = torch.randint(0, len(self.index), (n,), generator=generator).tolist()
-        added_names = _added_names(self.manifest)
-        t = self._read(idx, ("latents", "hidden", *added_names))
-        added = {k: t[k] for k in added_names}
-        return t["latents"], [self.captions[i] for i in idx], Cond(t["hidden"], added)
+        m, added_names = self.manifest, _added_names(self.manifest)
+        t = self._read(idx, ("latents", *(("hidden",) if m["hidden_shape"] else ()), *added_names))
+        prompts = [self.captions[i] for i in idx]
+        hidden = t.get("hidden")
+        if m.get("no_t5_cache"):  # T5's states, encoded now, end the sequence
+            if self.teacher is None:
+                raise HypersdError(f"cache {self.folder} holds no T5 states; attach the teacher to encode them")
+            t5 = self.teacher.encode_t5(prompts)
+            hidden = t5 if hidden is None else torch.cat([hidden, t5], dim=1)
+        return t["latents"], prompts, Cond(hidden, {k: t[k] for k in added_names})
 
     def _read(self, idx: list[int], names) -> dict[str, torch.Tensor]:
         by_shard: dict[int, list[tuple[int, int]]] = {}

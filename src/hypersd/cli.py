@@ -179,7 +179,7 @@ def cmd_cache(a) -> None:
     m = build_cache(a.backbone, a.model, a.data, a.out, resolution=a.resolution, batch=a.batch,
                     shard_size=a.shard_size, crop=a.crop, seed=a.seed, vae=a.vae, dtype=a.dtype,
                     image_column=a.image_column, caption_column=a.caption_column, device=a.device, force=a.force,
-                    progress=not a.quiet, max_sequence_length=a.max_sequence_length)
+                    progress=not a.quiet, max_sequence_length=a.max_sequence_length, t5=not a.no_t5_cache)
     print(f"wrote {m['written']} items at {m['resolution']}px in {len(m['shards'])} shards to {a.out}; "
           f"skipped {sum(m['skipped'].values())} ({describe_skips(m['skipped'])}); "
           f"{m.get('bytes_per_item', 0) / 2**20:.2f} MiB an item")
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
     c.add_argument("--max-sequence-length", type=int, default=None,
                    help="sd3, flux: T5's tokens per prompt (default the model's: 256, FLUX.1-dev 512); training uses it")
+    c.add_argument("--no-t5-cache", action="store_true",
+                   help="sd3, flux: store no T5 states (most of an item); training encodes them each step")
     c.add_argument("--image-column", default=None, help="datasets folder: the image column (default: found)")
     c.add_argument("--caption-column", default=None, help="datasets folder: the caption column (default: found)")
     c.add_argument("--device", default=None, help="default: cuda when available, else cpu")
