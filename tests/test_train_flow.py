@@ -173,15 +173,17 @@ def test_packaged_flow_recipes():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_cache_without_t5_encodes_it_each_step(kind, setup, tmp_path, monkeypatch):
+def test_a_cache_without_t5_encodes_it_each_step(kind, setup, tmp_path, monkeypatch, capsys):
     from hypersd.trainer import Distiller
 
     model, full = setup[kind]
     t = teacher_of(kind, model)
-    images = str(tmp_path / "images")
     write_folder(tmp_path / "images", n_good=3)
-    m = build_cache(kind, model, images, tmp_path / "c", resolution=SIDE, max_sequence_length=T5_LENGTH, t5=False,
-                    teacher=t, progress=False)
+    assert main(["cache", "--backbone", kind, "--model", model, "--data", str(tmp_path / "images"), "--out",
+                 str(tmp_path / "c"), "--resolution", str(SIDE), "--max-sequence-length", str(T5_LENGTH),
+                 "--no-t5-cache", "--device", "cpu", "--quiet"]) == 0
+    assert "wrote 3 items at 16px in 1 shards" in capsys.readouterr().out
+    m = read_manifest(tmp_path / "c")
     assert m["bytes_per_item"] < read_manifest(full)["bytes_per_item"]  # T5's states are not stored
     with safe_open(str(tmp_path / "c" / m["shards"][0]["file"]), "pt") as f:
         stored = set(f.keys())
