@@ -161,6 +161,11 @@ def test_flow_backbones_check_grids_on_the_loaded_teacher(setup, tmp_path):
          "stages": [{"name": "t", "segments": 2, "steps": 1}]}  # solver_steps 40: not on SD3's 841-point grid
     with pytest.raises(HypersdError, match="solver_steps 40"):
         Distiller(from_dict(r), tmp_path, progress=False)
+    model, cache = setup["flux"]
+    r = {**r, "backbone": "flux", "teacher": model, "data": str(cache),
+         "stages": [{"name": "t", "segments": 2, "steps": 1}, {"name": "d", "kind": "dmd", "guidance": 5.0}]}
+    with pytest.raises(HypersdError, match="guidance 5 would become the student's guidance embedding"):
+        Distiller(from_dict(r), tmp_path, progress=False)
 
 
 def test_packaged_flow_recipes():

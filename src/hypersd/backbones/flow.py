@@ -45,6 +45,21 @@ class FluxBackbone(FlowBackbone):
         resolution = recipe.resolution or read_cache_resolution(recipe.data)
         return {**super().teacher_options(recipe), "resolution": resolution}
 
+    def adapt_teacher(self, recipe, teacher) -> None:
+        """Refuse a DMD guidance other than dev's embedding: the teacher's one guided pass records
+        its ω as ``teacher.guidance``, which the student's calls embed too, so the student would be
+        trained on one embedding in TSCD and another from DMD on."""
+        from ..errors import HypersdError
+
+        super().adapt_teacher(recipe, teacher)
+        if not teacher.guidance_embeds:
+            return
+        for s in recipe.stages:
+            if s.kind == "dmd" and s.guidance is not None and s.guidance != teacher.guidance:
+                raise HypersdError(f"stage {s.name!r}: guidance {s.guidance:g} would become the student's guidance "
+                                   f"embedding mid-run (FLUX.1-dev's teacher and student share it, "
+                                   f"{teacher.guidance:g}); leave guidance unset")
+
     def student_guidance(self, teacher) -> float:
         """dev: the guidance embedding the student is trained with (its calls go through ``eps``,
         which embeds ``teacher.guidance``); 1.0 would be another embedding, not "no CFG"."""
