@@ -116,10 +116,11 @@ def test_distill_every_stage_kind_and_the_pipeline_loads_the_lora(kind, setup, c
     assert meta["backbone"] == kind and meta["rank"] == 8 and meta["max_sequence_length"] == T5_LENGTH  # TSCD's 4 + the merged feedback's 4
     assert meta["targets"] == sorted(lora.TARGET_PRESETS["transformer"])  # the default "all" became the preset
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # it learned
-    if kind == "flux":  # what generate samples it with: the embedding it was trained with, at its resolution
-        assert meta["guidance"] == 3.5 and meta["resolution"] == [SIDE, SIDE]
-    else:
-        assert meta["guidance"] == 1.0 and "resolution" not in meta
+    for m in (meta, lora.read_lora(out / "stages" / "t1" / "lora.safetensors")[1]):  # each stage's file too
+        if kind == "flux":  # what generate samples it with: the embedding it was trained with, at its resolution
+            assert m["guidance"] == 3.5 and m["resolution"] == [SIDE, SIDE]
+        else:
+            assert m["guidance"] == 1.0 and "resolution" not in m
     assert all((out / f"samples-{k}step.png").stat().st_size > 0 for k in (1, 2))
 
     exported = write(tmp_path / "diffusers.safetensors", state, meta, "diffusers")

@@ -291,7 +291,8 @@ class Distiller:
 
     def lora_meta(self, stage: Stage) -> dict:
         meta = {"kind": "hypersd-lora", "stage": stage.name, "stage_kind": stage.kind, "guidance": 1.0,
-                "backbone": self.recipe.backbone, "recipe": self.recipe.fingerprint()}
+                "backbone": self.recipe.backbone, "recipe": self.recipe.fingerprint(),
+                **self.backbone.lora_fields(self.teacher)}  # FLUX: its guidance embedding, resolution
         if hasattr(stage, "segments"):
             meta["segments"] = stage.segments
         one_step_t = self.one_step_t(stage)

@@ -80,6 +80,10 @@ class Backbone:
         """Decode the grid's samples and write the image to ``path``."""
         raise NotImplementedError
 
+    def lora_fields(self, teacher) -> dict:
+        """What every LoRA file of a run records for 'hypersd generate' to sample it as it was trained."""
+        return {}
+
     def annotate_lora(self, distiller, state: dict, meta: dict) -> None:
         """Add what this backbone measures about the final LoRA to its metadata (``meta``)."""
 

@@ -27,9 +27,9 @@ class FlowBackbone(SDBackbone):
                                f".safetensors checkpoint")
         return load_teacher(self.name, recipe.teacher, device=device, dtype=dtype, **self.teacher_options(recipe))
 
-    def annotate_lora(self, distiller, state: dict, meta: dict) -> None:
+    def lora_fields(self, teacher) -> dict:
         """The T5 length the LoRA was trained with: 'hypersd generate' encodes prompts at it."""
-        meta["max_sequence_length"] = distiller.teacher.max_sequence_length
+        return {"max_sequence_length": teacher.max_sequence_length}
 
     def teacher_options(self, recipe) -> dict:
         """The T5 length the cache was encoded with: its sequences are the teacher's only at it."""
@@ -65,13 +65,10 @@ class FluxBackbone(FlowBackbone):
         which embeds ``teacher.guidance``); 1.0 would be another embedding, not "no CFG"."""
         return teacher.guidance if teacher.guidance_embeds else 1.0
 
-    def annotate_lora(self, distiller, state: dict, meta: dict) -> None:
-        """What 'hypersd generate' samples the LoRA with: the student's guidance embedding, and the
-        resolution its shift belongs to."""
-        super().annotate_lora(distiller, state, meta)
-        teacher = distiller.teacher
-        meta["guidance"] = self.student_guidance(teacher)
-        meta["resolution"] = list(teacher.resolution)
+    def lora_fields(self, teacher) -> dict:
+        """Also the student's guidance embedding, and the resolution its shift belongs to."""
+        return {**super().lora_fields(teacher), "guidance": self.student_guidance(teacher),
+                "resolution": list(teacher.resolution)}
 
 
 def read_cache_resolution(folder) -> int:
