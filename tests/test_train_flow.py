@@ -169,6 +169,14 @@ def test_flow_backbones_check_grids_on_the_loaded_teacher(setup, tmp_path):
         Distiller(from_dict(r), tmp_path, progress=False)
 
 
+def test_flow_recipes_refuse_the_unets_adversarial_term_at_load():
+    from hypersd.errors import HypersdError
+
+    for kind in KINDS:
+        with pytest.raises(HypersdError, match=f"stage 't2': adv_weight needs a UNet teacher.*{kind}'s is a trans"):
+            from_dict({"backbone": kind, "stages": [{"name": "t2", "segments": 2, "adv_weight": 0.05}]})
+
+
 def test_packaged_flow_recipes():
     for name in KINDS:
         r = load_recipe(name)

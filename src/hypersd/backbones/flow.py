@@ -18,6 +18,15 @@ class FlowBackbone(SDBackbone):
     def named_schedule(self):
         return None
 
+    def check_recipe(self, recipe, source: str) -> None:
+        from ..errors import HypersdError
+
+        super().check_recipe(recipe, source)
+        adversarial = [s.name for s in recipe.stages if getattr(s, "adv_weight", 0)]
+        if adversarial:  # refused now, not when the stage starts after hours of the ones before it
+            raise HypersdError(f"{source}: stage {adversarial[0]!r}: adv_weight needs a UNet teacher (its encoder "
+                               f"is the discriminator's backbone); {self.name}'s is a transformer: set adv_weight: 0")
+
     def load_teacher(self, recipe, device, dtype):
         from ..errors import HypersdError
         from ..teachers import load_teacher
