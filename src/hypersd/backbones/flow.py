@@ -8,19 +8,18 @@ so ``named_schedule`` is None and the trainer checks the recipe's grids on the t
 
 from __future__ import annotations
 
+from ..errors import HypersdError
 from .sd import SDBackbone
 
 
 class FlowBackbone(SDBackbone):
-    # a transformer's activations overflow float16 (FLUX's pipelines run in bf16)
+    # no float16: FLUX's activations overflow it (its pipelines run in bf16); SD3 has not been tried at it
     mixed_precisions = ("no", "bf16")
 
     def named_schedule(self):
         return None
 
     def check_recipe(self, recipe, source: str) -> None:
-        from ..errors import HypersdError
-
         super().check_recipe(recipe, source)
         adversarial = [s.name for s in recipe.stages if getattr(s, "adv_weight", 0)]
         if adversarial:  # refused now, not when the stage starts after hours of the ones before it
@@ -28,7 +27,6 @@ class FlowBackbone(SDBackbone):
                                f"is the discriminator's backbone); {self.name}'s is a transformer: set adv_weight: 0")
 
     def load_teacher(self, recipe, device, dtype):
-        from ..errors import HypersdError
         from ..teachers import load_teacher
 
         if not recipe.teacher:
@@ -42,24 +40,20 @@ class FlowBackbone(SDBackbone):
 
     def teacher_options(self, recipe) -> dict:
         """The T5 length the cache was encoded with: its sequences are the teacher's only at it."""
-        from ..cache import read_manifest
-
-        length = read_manifest(recipe.data).get("t5_length")
+        length = _manifest(recipe).get("t5_length")
         return {"max_sequence_length": length} if length else {}
 
 
 class FluxBackbone(FlowBackbone):
     def teacher_options(self, recipe) -> dict:
         # the shift is that of the training images' token count: the cache's resolution
-        resolution = recipe.resolution or read_cache_resolution(recipe.data)
+        resolution = recipe.resolution or _manifest(recipe)["resolution"]
         return {**super().teacher_options(recipe), "resolution": resolution}
 
     def adapt_teacher(self, recipe, teacher) -> None:
         """Refuse a DMD guidance other than dev's embedding: the teacher's one guided pass records
         its ω as ``teacher.guidance``, which the student's calls embed too, so the student would be
         trained on one embedding in TSCD and another from DMD on."""
-        from ..errors import HypersdError
-
         super().adapt_teacher(recipe, teacher)
         if not teacher.guidance_embeds:
             return
@@ -80,7 +74,8 @@ class FluxBackbone(FlowBackbone):
                 "resolution": list(teacher.resolution)}
 
 
-def read_cache_resolution(folder) -> int:
+def _manifest(recipe) -> dict:
+    """The manifest of the recipe's cache (``open_data`` has read and checked it already)."""
     from ..cache import read_manifest
 
-    return read_manifest(folder)["resolution"]
+    return read_manifest(recipe.data)
