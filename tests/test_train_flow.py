@@ -202,6 +202,8 @@ def test_a_cache_without_t5_encodes_it_each_step(kind, setup, tmp_path, monkeypa
     with safe_open(str(tmp_path / "c" / m["shards"][0]["file"]), "pt") as f:
         stored = set(f.keys())
     assert stored == ({"latents", "hidden", "pooled_projections"} if kind == "sd3" else {"latents", "pooled_projections"})
+    if kind == "sd3":  # the CLIP tokens alone, as wide as the two CLIPs (2 x 32), not T5's 80
+        assert m["hidden_shape"] == [MAX_LENGTH, 64]
     cached = CachedData(tmp_path / "c", kind).attach(t)
     _, prompts, cond = cached.batch_cond(2, torch.Generator().manual_seed(0))
     want = t.encode_prompt(prompts)

@@ -156,6 +156,8 @@ def _fresh(out: Path, settings: dict, teacher) -> dict:
          "pooled_dim": int(probe.added["text_embeds"].shape[-1]) if "text_embeds" in probe.added else None,
          "added": sorted(probe.added),
          "t5_length": getattr(teacher, "max_sequence_length", None),  # what a trainer loads its teacher with
+         # without T5, SD3's CLIP tokens are stored this wide: the rest of their row is zeros
+         "clip_width": getattr(teacher, "clip_width", None) if settings["no_t5_cache"] else None,
          "written": 0, "consumed": 0, "skipped": {}, "shards": [], "complete": False}
     stored = _stored(probe, DTYPES[settings["dtype"]], m)
     m["hidden_shape"] = list(stored["hidden"].shape[1:]) if "hidden" in stored else None  # None: FLUX without T5
@@ -187,10 +189,11 @@ def _tensors(cond: Cond, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def _stored(cond: Cond, dtype: torch.dtype, manifest: dict) -> dict[str, torch.Tensor]:
     """What a shard holds of ``cond``: all of it, or (``no_t5_cache``) all but T5's states, the end
-    of the sequence (SD3 keeps its CLIP tokens; FLUX's sequence is T5's alone: no ``hidden``)."""
+    of the sequence (SD3 keeps its CLIP tokens, without the zeros that pad them to T5's width;
+    FLUX's sequence is T5's alone: no ``hidden``)."""
     t = _tensors(cond, dtype)
     if manifest.get("no_t5_cache"):
-        clip = t["hidden"][:, : t["hidden"].shape[1] - manifest["t5_length"]]
+        clip = t["hidden"][:, : t["hidden"].shape[1] - manifest["t5_length"], : manifest.get("clip_width")]
         t.pop("hidden")
         if clip.shape[1]:
             t["hidden"] = clip.contiguous()
@@ -364,6 +367,8 @@ class CachedData:
             if self.teacher is None:
                 raise HypersdError(f"cache {self.folder} holds no T5 states; attach the teacher to encode them")
             t5 = self.teacher.encode_t5(prompts)
+            if hidden is not None:  # SD3's CLIP tokens, padded back to T5's width with the zeros they had
+                hidden = torch.nn.functional.pad(hidden, (0, t5.shape[-1] - hidden.shape[-1]))
             hidden = t5 if hidden is None else torch.cat([hidden, t5], dim=1)
         return t["latents"], prompts, Cond(hidden, {k: t[k] for k in added_names})
 

@@ -207,6 +207,11 @@ class SD3Teacher(FlowTeacher):
         return Cond(torch.cat([clip, t5], dim=-2).to(self.dtype),
                     {"pooled_projections": torch.cat(pooled, dim=-1).to(self.dtype)})
 
+    @property
+    def clip_width(self) -> int:
+        """The CLIP states' width in ``encode_prompt``'s sequence; the columns after it, up to T5's, are zeros."""
+        return self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+
     @torch.no_grad()
     def encode_t5(self, prompts: list[str]) -> torch.Tensor:
         """T5's token states [B, max_sequence_length, D]: the end of ``encode_prompt``'s sequence."""
