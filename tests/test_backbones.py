@@ -13,10 +13,10 @@ from hypersd.recipe import from_dict
 
 
 def test_an_unknown_backbone_is_refused_with_the_known_ones():
-    with pytest.raises(HypersdError, match=r"unknown backbone 'sd4'; choose one of digits, digits-flow, sd15, sdxl"):
-        get_backbone("sd4")
-    with pytest.raises(HypersdError, match=r"unknown backbone 'sd4'; choose one of digits, digits-flow, sd15, sdxl"):
-        from_dict({"backbone": "sd4", "stages": [{"name": "t", "segments": 2}]})  # at load, before any model
+    with pytest.raises(HypersdError, match=r"unknown backbone 'sd9'; choose one of digits, digits-flow, sd15, sdxl, sd3, flux"):
+        get_backbone("sd9")
+    with pytest.raises(HypersdError, match=r"unknown backbone 'sd9'; choose one of digits, digits-flow, sd15, sdxl, sd3, flux"):
+        from_dict({"backbone": "sd9", "stages": [{"name": "t", "segments": 2}]})  # at load, before any model
 
 
 def test_a_backbone_refuses_the_precisions_its_teacher_cannot_train_at():

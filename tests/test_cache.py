@@ -169,7 +169,7 @@ def test_wrong_sized_and_damaged_shards_are_skipped_and_counted(models, teachers
 
 
 def test_cache_refusals_are_one_line(models, teachers, data, tmp_path):
-    with pytest.raises(HypersdError, match="serves the sd15 and sdxl backbones"):
+    with pytest.raises(HypersdError, match="serves the sd15, sdxl, sd3, flux backbones"):
         build_cache("digits", "m", str(data[0]), tmp_path / "c")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")

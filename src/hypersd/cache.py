@@ -4,8 +4,10 @@
 and writes, in its output folder:
 
 - ``shard-NNNNN.safetensors``: ``latents`` [n, C, h, w] and ``hidden`` [n, L, D], for SDXL also
-  ``text_embeds`` [n, P] (pooled) and ``time_ids`` [n, 6] (original size, crop, target size);
-  the rows' captions and keys in its metadata;
+  ``text_embeds`` [n, P] (pooled) and ``time_ids`` [n, 6] (original size, crop, target size), for
+  SD3 and FLUX (16-channel latents after the VAE's shift and scale) ``pooled_projections`` [n, P]
+  (SD3's ``hidden``: both CLIPs' states, then T5's; FLUX's: T5's); the rows' captions and keys in
+  its metadata;
 - ``probe.safetensors``: the encoding of one fixed prompt, which a reader compares with its own
   teacher's, so a cache made with another text encoder is refused instead of trained on;
 - ``manifest.json``: backbone, model, resolution, shapes, the shards in order, the items written
@@ -36,10 +38,11 @@ from .teachers.base import Cond
 MANIFEST, PROBE = "manifest.json", "probe.safetensors"
 PROBE_PROMPT = "a photograph of an astronaut riding a horse"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-EMBEDDINGS = ("hidden", "text_embeds")  # what _read hands over in the network's dtype
+EMBEDDINGS = ("hidden", "text_embeds", "pooled_projections")  # what _read hands over in the network's dtype
+BACKBONES = ("sd15", "sdxl", "sd3", "flux")
 # What a resumed run must share with the one it continues.
 SETTINGS = ("backbone", "model", "vae", "data", "resolution", "crop", "seed", "dtype", "shard_size",
-            "image_column", "caption_column")
+            "image_column", "caption_column", "max_sequence_length", "no_t5_cache")
 
 
 def shard_name(i: int) -> str:
@@ -54,27 +57,41 @@ def describe_skips(skipped: dict) -> str:
 def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolution: int | None = None,
                 batch: int = 8, shard_size: int = 1000, crop: str = "center", seed: int = 0, vae: str | None = None,
                 dtype: str = "float16", image_column: str | None = None, caption_column: str | None = None,
-                device: str | None = None, force: bool = False, teacher=None, progress: bool = True) -> dict:
-    """Write (or continue) the cache of ``data`` for ``model``; returns its manifest."""
+                device: str | None = None, force: bool = False, teacher=None, progress: bool = True,
+                max_sequence_length: int | None = None, t5: bool = True) -> dict:
+    """Write (or continue) the cache of ``data`` for ``model``; returns its manifest.
+
+    ``max_sequence_length``: SD3's and FLUX's T5 tokens (default the model's: 256, FLUX.1-dev 512);
+    the manifest records the teacher's, and training loads its teacher with it. ``t5`` False
+    (``--no-t5-cache``): their T5 states are not stored but encoded at each training step."""
     from tqdm.auto import tqdm
 
-    if backbone not in ("sd15", "sdxl"):
-        raise HypersdError(f"hypersd cache serves the sd15 and sdxl backbones, not {backbone!r}; digits trains "
-                           f"on its own split")
+    if backbone not in BACKBONES:
+        raise HypersdError(f"hypersd cache serves the {', '.join(BACKBONES)} backbones, not {backbone!r}; digits "
+                           f"trains on its own split")
     if batch < 1 or shard_size < 1:
         raise HypersdError("--batch and --shard-size must be at least 1")
     if dtype not in DTYPES:
         raise HypersdError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if max_sequence_length is not None and backbone not in ("sd3", "flux"):
+        raise HypersdError(f"--max-sequence-length is T5's length, for sd3 and flux; {backbone} has no T5")
+    if not t5 and backbone not in ("sd3", "flux"):
+        raise HypersdError(f"--no-t5-cache is for sd3 and flux; {backbone} has no T5")
     out = Path(out)
     source = open_source(data, image_column, caption_column)
     settings = {"backbone": backbone, "model": str(model), "vae": vae, "data": str(Path(data).expanduser().resolve()),
                 "resolution": resolution, "crop": crop, "seed": seed, "dtype": dtype, "shard_size": shard_size,
-                "image_column": image_column, "caption_column": caption_column}
+                "image_column": image_column, "caption_column": caption_column,
+                "max_sequence_length": max_sequence_length, "no_t5_cache": None if t5 else True}
     manifest = _start(out, settings, force)  # refuses what it must before a model is loaded
     if teacher is None:
         from .teachers import load_teacher
 
-        teacher = load_teacher(backbone, model, device=resolve_device(device))
+        # FLUX's shift depends on the image size: the teacher is the one a recipe at this resolution trains
+        options = {"resolution": resolution} if backbone == "flux" and resolution else {}
+        if max_sequence_length is not None:
+            options["max_sequence_length"] = max_sequence_length
+        teacher = load_teacher(backbone, model, device=resolve_device(device), **options)
     if vae:
         from .teachers.sd import replace_vae
 
@@ -136,9 +153,16 @@ def _fresh(out: Path, settings: dict, teacher) -> dict:
     probe = teacher.encode_prompt([PROBE_PROMPT])
     m = {"kind": "hypersd-cache", "version": 1, **settings, "resolution": resolution,
          "latent_shape": [teacher.latent_shape[0], resolution // factor, resolution // factor],
-         "hidden_shape": list(probe.hidden.shape[1:]),
          "pooled_dim": int(probe.added["text_embeds"].shape[-1]) if "text_embeds" in probe.added else None,
+         "added": sorted(probe.added),
+         "t5_length": getattr(teacher, "max_sequence_length", None),  # what a trainer loads its teacher with
+         # without T5, SD3's CLIP tokens are stored this wide: the rest of their row is zeros
+         "clip_width": getattr(teacher, "clip_width", None) if settings["no_t5_cache"] else None,
          "written": 0, "consumed": 0, "skipped": {}, "shards": [], "complete": False}
+    stored = _stored(probe, DTYPES[settings["dtype"]], m)
+    m["hidden_shape"] = list(stored["hidden"].shape[1:]) if "hidden" in stored else None  # None: FLUX without T5
+    m["bytes_per_item"] = _bytes_per_item(teacher.latent_shape[0], resolution // factor, stored,
+                                          DTYPES[settings["dtype"]])
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / PROBE) as tmp:
         save_file(_tensors(probe, torch.float32), str(tmp))
@@ -146,12 +170,42 @@ def _fresh(out: Path, settings: dict, teacher) -> dict:
     return m
 
 
+def _bytes_per_item(channels: int, side: int, t: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """What one cached item takes in a shard: its latents and its prompt's stored tensors ``t``
+    (SD3's and FLUX's are mostly T5's sequence)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return channels * side * side * size + sum(v[0].numel() * v.element_size() for v in t.values())
+
+
 def _tensors(cond: Cond, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     t = {"hidden": cond.hidden.to(dtype)}
     if "text_embeds" in cond.added:
         t["text_embeds"] = cond.added["text_embeds"].to(dtype)
         t["time_ids"] = cond.added["time_ids"].float()  # sizes up to thousands: float16 would round them
+    if "pooled_projections" in cond.added:  # SD3's and FLUX's pooled CLIP vector
+        t["pooled_projections"] = cond.added["pooled_projections"].to(dtype)
     return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+
+
+def _stored(cond: Cond, dtype: torch.dtype, manifest: dict) -> dict[str, torch.Tensor]:
+    """What a shard holds of ``cond``: all of it, or (``no_t5_cache``) all but T5's states, the end
+    of the sequence (SD3 keeps its CLIP tokens, without the zeros that pad them to T5's width;
+    FLUX's sequence is T5's alone: no ``hidden``)."""
+    t = _tensors(cond, dtype)
+    if manifest.get("no_t5_cache"):
+        clip = t["hidden"][:, : t["hidden"].shape[1] - manifest["t5_length"], : manifest.get("clip_width")]
+        t.pop("hidden")
+        if clip.shape[1]:
+            t["hidden"] = clip.contiguous()
+    return t
+
+
+def _added_names(manifest: dict) -> tuple[str, ...]:
+    """The conditioning besides ``hidden`` that a cache's shards hold (caches made before SD3 and FLUX
+    name none: SDXL's is known by its pooled size)."""
+    if "added" in manifest:
+        return tuple(manifest["added"])
+    return ("text_embeds", "time_ids") if manifest["pooled_dim"] else ()
 
 
 class _Writer:
@@ -181,12 +235,12 @@ class _Writer:
             self.wrong_size += len(items)
             return 0
         captions = [it.caption for it in items]
-        if m["pooled_dim"]:  # SDXL: each image's own size and crop in its time ids
+        if "time_ids" in _added_names(m):  # SDXL: each image's own size and crop in its time ids
             cond = t.encode_prompt(captions, size=[p.original_size for p in prepared],
                                    crop=[p.crop_top_left for p in prepared])
         else:
             cond = t.encode_prompt(captions)
-        for name, v in {"latents": latents.to(self.dtype).cpu(), **_tensors(cond, self.dtype)}.items():
+        for name, v in {"latents": latents.to(self.dtype).cpu(), **_stored(cond, self.dtype, m)}.items():
             self.rows.setdefault(name, []).append(v)
         self.captions += captions
         self.keys += [it.key for it in items]
@@ -259,7 +313,7 @@ class CachedData:
         """Index a shard's rows, or skip and count them all: a shard is one write, so its rows are
         all usable or none is."""
         m = self.manifest
-        want = {"latents": m["latent_shape"], "hidden": m["hidden_shape"]}
+        want = {"latents": m["latent_shape"], **({"hidden": m["hidden_shape"]} if m["hidden_shape"] else {})}
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("hypersd", "{}"))
@@ -291,7 +345,7 @@ class CachedData:
         if probe.keys() != stored.keys() or any(probe[k].shape != stored[k].shape for k in probe):
             raise HypersdError(f"cache {self.folder} holds prompt embeddings of another shape than this teacher's "
                                f"({m['model']}); cache the data with the recipe's teacher")
-        for k in ("hidden", "text_embeds"):
+        for k in EMBEDDINGS:
             if k in probe and not _close(probe[k], stored[k]):
                 raise HypersdError(f"cache {self.folder} was encoded by another text encoder ({m['model']}) than the "
                                    f"teacher's; cache the data with the recipe's teacher as --model")
@@ -305,10 +359,18 @@ class CachedData:
     def batch_cond(self, n: int, generator: torch.Generator):
         """(latents, prompts, cond): the draw of ``batch`` with its conditioning from the cache."""
         idx = torch.randint(0, len(self.index), (n,), generator=generator).tolist()
-        names = ("latents", "hidden") + (("text_embeds", "time_ids") if self.manifest["pooled_dim"] else ())
-        t = self._read(idx, names)
-        added = {k: t[k] for k in ("text_embeds", "time_ids") if k in t}
-        return t["latents"], [self.captions[i] for i in idx], Cond(t["hidden"], added)
+        m, added_names = self.manifest, _added_names(self.manifest)
+        t = self._read(idx, ("latents", *(("hidden",) if m["hidden_shape"] else ()), *added_names))
+        prompts = [self.captions[i] for i in idx]
+        hidden = t.get("hidden")
+        if m.get("no_t5_cache"):  # T5's states, encoded now, end the sequence
+            if self.teacher is None:
+                raise HypersdError(f"cache {self.folder} holds no T5 states; attach the teacher to encode them")
+            t5 = self.teacher.encode_t5(prompts)
+            if hidden is not None:  # SD3's CLIP tokens, padded back to T5's width with the zeros they had
+                hidden = torch.nn.functional.pad(hidden, (0, t5.shape[-1] - hidden.shape[-1]))
+            hidden = t5 if hidden is None else torch.cat([hidden, t5], dim=1)
+        return t["latents"], prompts, Cond(hidden, {k: t[k] for k in added_names})
 
     def _read(self, idx: list[int], names) -> dict[str, torch.Tensor]:
         by_shard: dict[int, list[tuple[int, int]]] = {}

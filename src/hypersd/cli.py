@@ -185,9 +185,10 @@ def cmd_cache(a) -> None:
     m = build_cache(a.backbone, a.model, a.data, a.out, resolution=a.resolution, batch=a.batch,
                     shard_size=a.shard_size, crop=a.crop, seed=a.seed, vae=a.vae, dtype=a.dtype,
                     image_column=a.image_column, caption_column=a.caption_column, device=a.device, force=a.force,
-                    progress=not a.quiet)
+                    progress=not a.quiet, max_sequence_length=a.max_sequence_length, t5=not a.no_t5_cache)
     print(f"wrote {m['written']} items at {m['resolution']}px in {len(m['shards'])} shards to {a.out}; "
-          f"skipped {sum(m['skipped'].values())} ({describe_skips(m['skipped'])})")
+          f"skipped {sum(m['skipped'].values())} ({describe_skips(m['skipped'])}); "
+          f"{m.get('bytes_per_item', 0) / 2**20:.2f} MiB an item")
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -306,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods trained at once, each as a one-thread process (1: in this process)")
     b.set_defaults(fn=cmd_bench)
 
-    c = sub.add_parser("cache", help="precompute VAE latents and prompt embeddings of image-caption data (sd15, sdxl)",
+    c = sub.add_parser("cache", help="precompute VAE latents and prompt embeddings of image-caption data (sd15, sdxl, sd3, flux)",
                        description="Encodes an image-caption folder (image + .txt), webdataset .tar shards or a "
                                    "datasets folder once, into safetensors shards that 'hypersd distill' reads "
                                    "(recipe key data:). Bad items are skipped and counted; a stopped run continues "
                                    "when run again with the same arguments. See docs/DATA.md.")
-    c.add_argument("--backbone", required=True, choices=["sd15", "sdxl"])
+    c.add_argument("--backbone", required=True, choices=["sd15", "sdxl", "sd3", "flux"])
     c.add_argument("--model", required=True, help="the teacher: a diffusers folder or hub id (the recipe's teacher)")
     c.add_argument("--data", required=True, help="image folder, .tar shard or folder of them, or datasets folder")
     c.add_argument("--out", required=True, help="cache folder")
@@ -323,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-size", type=int, default=1000, help="items per shard")
     c.add_argument("--vae", default=None, help="a VAE in place of the model's own (folder or hub id)")
     c.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
+    c.add_argument("--max-sequence-length", type=int, default=None,
+                   help="sd3, flux: T5's tokens per prompt (default the model's: 256, FLUX.1-dev 512); training uses it")
+    c.add_argument("--no-t5-cache", action="store_true",
+                   help="sd3, flux: store no T5 states (most of an item); training encodes them each step")
     c.add_argument("--image-column", default=None, help="datasets folder: the image column (default: found)")
     c.add_argument("--caption-column", default=None, help="datasets folder: the caption column (default: found)")
     c.add_argument("--device", default=None, help="default: cuda when available, else cpu")

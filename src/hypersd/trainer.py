@@ -91,7 +91,8 @@ class Distiller:
         if recipe.init_lora:
             lora.load_lora(unet, recipe.init_lora, lora.STUDENT)
         elif lora.STUDENT not in getattr(unet, "peft_config", {}):
-            lora.add_lora(unet, lora.lora_config(recipe.lora_rank, recipe.lora_alpha, recipe.lora_targets), lora.STUDENT)
+            targets = lora.preset_for(unet, recipe.lora_targets)  # default "all" on a transformer: its preset
+            lora.add_lora(unet, lora.lora_config(recipe.lora_rank, recipe.lora_alpha, targets), lora.STUDENT)
         lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
         self._speed_up(unet)
         self.data = self.backbone.training_data(opened, self.teacher)
@@ -294,7 +295,8 @@ class Distiller:
 
     def lora_meta(self, stage: Stage) -> dict:
         meta = {"kind": "hypersd-lora", "stage": stage.name, "stage_kind": stage.kind, "guidance": 1.0,
-                "backbone": self.recipe.backbone, "recipe": self.recipe.fingerprint()}
+                "backbone": self.recipe.backbone, "recipe": self.recipe.fingerprint(),
+                **self.backbone.lora_fields(self.teacher)}  # FLUX: its guidance embedding, resolution
         if hasattr(stage, "segments"):
             meta["segments"] = stage.segments
         one_step_t = self.one_step_t(stage)
@@ -316,7 +318,8 @@ class Distiller:
 
         prompts = self.backbone.grid_prompts(self.data, n or self.backbone.grid_samples)
         with lora.fused(self.teacher.unet):
-            x = sample_prompts(self.teacher, prompts, steps, guidance=1.0, eta=eta, seed=0, one_step_t=one_step_t)
+            x = sample_prompts(self.teacher, prompts, steps, guidance=self.backbone.student_guidance(self.teacher),
+                               eta=eta, seed=0, one_step_t=one_step_t)
         return self.backbone.save_grid(self.teacher, x, prompts, path)
 
     def finish(self) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..errors import HypersdError
 from .base import Backbone
 from .digits import DigitsBackbone, FlowDigitsBackbone
+from .flow import FlowBackbone, FluxBackbone
 from .sd import SDBackbone
 
 BACKBONES: dict[str, Backbone] = {}
@@ -27,7 +28,9 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[name]
 
 
-for _b in (DigitsBackbone(), FlowDigitsBackbone(), SDBackbone("sd15"), SDBackbone("sdxl")):
+for _b in (DigitsBackbone(), FlowDigitsBackbone(), SDBackbone("sd15"), SDBackbone("sdxl"), FlowBackbone("sd3"),
+           FluxBackbone("flux")):
     register(_b)
 
-__all__ = ["BACKBONES", "Backbone", "DigitsBackbone", "FlowDigitsBackbone", "SDBackbone", "get_backbone", "register"]
+__all__ = ["BACKBONES", "Backbone", "DigitsBackbone", "FlowBackbone", "FlowDigitsBackbone", "FluxBackbone", "SDBackbone",
+           "get_backbone", "register"]

@@ -68,6 +68,10 @@ class Backbone:
         with torch.no_grad():
             return z, prompts, teacher.encode_prompt(prompts)
 
+    def student_guidance(self, teacher) -> float:
+        """The guidance the student is sampled with: 1.0 (no CFG) where it was distilled from CFG."""
+        return 1.0
+
     def grid_prompts(self, data, n: int) -> list[str]:
         """The prompts of a sample grid of ``n`` images."""
         raise NotImplementedError
@@ -75,6 +79,10 @@ class Backbone:
     def save_grid(self, teacher, latents: torch.Tensor, prompts: list[str], path) -> Path:
         """Decode the grid's samples and write the image to ``path``."""
         raise NotImplementedError
+
+    def lora_fields(self, teacher) -> dict:
+        """What every LoRA file of a run records for 'hypersd generate' to sample it as it was trained."""
+        return {}
 
     def annotate_lora(self, distiller, state: dict, meta: dict) -> None:
         """Add what this backbone measures about the final LoRA to its metadata (``meta``)."""

@@ -25,7 +25,12 @@ class Generator:
         import torch
 
         size = None if width is None and height is None else (height or width, width or height)
+        if size is None and meta and meta.get("resolution"):  # a FLUX LoRA: the size (and shift) it was trained at
+            size = tuple(meta["resolution"])
+            height, width = size
         self.teacher, backbone = load_model(model, backbone, device, getattr(torch, dtype), config, size)
+        if meta and meta.get("max_sequence_length") and hasattr(self.teacher, "max_sequence_length"):
+            self.teacher.max_sequence_length = int(meta["max_sequence_length"])  # the T5 length it was trained at
         self.plan = resolve(recipe, model=model, backbone=backbone, lora=lora, T=self.teacher.T,
                             default_guidance=self.teacher.default_guidance, steps=steps, scheduler=scheduler,
                             eta=eta, guidance=guidance, lora_scale=lora_scale, negative_prompt=negative_prompt,

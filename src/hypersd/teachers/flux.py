@@ -96,8 +96,13 @@ class FluxTeacher(FlowTeacher):
     def encode_prompt(self, prompts: list[str]) -> Cond:
         """As ``FluxPipeline.encode_prompt``: T5's token states, and CLIP's pooled output."""
         clip = self.text_encoder(token_ids(self.tokenizer, prompts, self.tokenizer.model_max_length, self.device))
-        t5 = self.text_encoder_2(token_ids(self.tokenizer_2, prompts, self.max_sequence_length, self.device))[0]
+        t5 = self.encode_t5(prompts)
         return Cond(t5.to(self.dtype), {"pooled_projections": clip.pooler_output.to(self.dtype)})
+
+    @torch.no_grad()
+    def encode_t5(self, prompts: list[str]) -> torch.Tensor:
+        """T5's token states [B, max_sequence_length, D]: ``encode_prompt``'s whole sequence."""
+        return self.text_encoder_2(token_ids(self.tokenizer_2, prompts, self.max_sequence_length, self.device))[0]
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The velocity v = ε − x0 of whatever ``unet`` is now (named ``eps`` as the interface is), on

@@ -198,7 +198,7 @@ class SD3Teacher(FlowTeacher):
             out = encoder(token_ids(tokenizer, prompts, length, self.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out.text_embeds)
-        t5 = self.text_encoder_3(token_ids(self.tokenizer_3, prompts, self.max_sequence_length, self.device))[0]
+        t5 = self.encode_t5(prompts)
         clip = torch.cat(hidden, dim=-1)
         if clip.shape[-1] > t5.shape[-1]:
             raise HypersdError(f"the CLIP states ({clip.shape[-1]} wide) are wider than T5's ({t5.shape[-1]}); "
@@ -206,6 +206,16 @@ class SD3Teacher(FlowTeacher):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return Cond(torch.cat([clip, t5], dim=-2).to(self.dtype),
                     {"pooled_projections": torch.cat(pooled, dim=-1).to(self.dtype)})
+
+    @property
+    def clip_width(self) -> int:
+        """The CLIP states' width in ``encode_prompt``'s sequence; the columns after it, up to T5's, are zeros."""
+        return self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+
+    @torch.no_grad()
+    def encode_t5(self, prompts: list[str]) -> torch.Tensor:
+        """T5's token states [B, max_sequence_length, D]: the end of ``encode_prompt``'s sequence."""
+        return self.text_encoder_3(token_ids(self.tokenizer_3, prompts, self.max_sequence_length, self.device))[0]
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The velocity v = ε − x0 of whatever ``unet`` is now (named ``eps`` as the interface is),
