@@ -162,9 +162,9 @@ class _Net(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.ones(()))
         self.seen = []
 
-    def forward(self, x, t, encoder_hidden_states=None):
-        self.seen.append(t)
-        return SimpleNamespace(sample=x * self.w * t.reshape(-1, 1, 1, 1))
+    def forward(self, sample, timestep, encoder_hidden_states=None):
+        self.seen.append(timestep)
+        return SimpleNamespace(sample=sample * self.w * timestep.reshape(-1, 1, 1, 1))
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
