@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import timed  # noqa: E402
 
-from hypersd import archs, speed  # noqa: E402
-from hypersd.schedule import inference_timesteps  # noqa: E402
+from hypersd.core.schedule import inference_timesteps  # noqa: E402
+from hypersd.nets import archs, speed  # noqa: E402
 
 TINY_UNET = dict(block_out_channels=(32, 64), attention_head_dim=(2, 4), layers_per_block=1, sample_size=16,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

@@ -3,7 +3,7 @@
 For the teacher (DDIM) or each LoRA given, at each step count and eta, samples the bench's
 prompts (0..9 in turn) from one seed's noise and prints:
 
-  fd, acc, traj_mse   the project's judge (hypersd.evaluation.DigitsBench: CNN features, the
+  fd, acc, traj_mse   the project's judge (hypersd.eval.digits.DigitsBench: CNN features, the
                       held-out evaluator), and the teacher's 40-step DDIM from the same noise
   pfd                 Fréchet distance of the raw 64 pixels to the 360 real test digits
   bg                  mean brightness (0..1) of the background pixels: those dark in at least 95%
@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 from hypersd import lora
+from hypersd.core.sampling import guided, initial_noise, sample_prompts
+from hypersd.core.schedule import alpha_bar, inference_timesteps
 from hypersd.digits import data
-from hypersd.evaluation import REFERENCE_STEPS, DigitsBench
-from hypersd.frechet import frechet_distance
-from hypersd.grid import save_grid
-from hypersd.sampling import guided, initial_noise, sample_prompts
-from hypersd.schedule import alpha_bar, inference_timesteps
+from hypersd.eval.digits import REFERENCE_STEPS, DigitsBench
+from hypersd.eval.frechet import frechet_distance
+from hypersd.eval.grid import save_grid
 from hypersd.teachers.digits import DigitsTeacher
 
 BACKGROUND_SHARE = 0.95  # a pixel dark in at least this share of real test digits is background

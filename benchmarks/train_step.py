@@ -42,16 +42,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import timed  # noqa: E402
 
-from hypersd import archs, fp8, lora, speed  # noqa: E402
+from hypersd import lora  # noqa: E402
+from hypersd.core.schedule import SolverGrid  # noqa: E402
+from hypersd.core.solver import add_noise, cfg, ddim_jump  # noqa: E402
 from hypersd.errors import HypersdError  # noqa: E402
-from hypersd.recipe import DMDStage, TSCDStage  # noqa: E402
-from hypersd.schedule import SolverGrid  # noqa: E402
-from hypersd.solver import add_noise, cfg, ddim_jump  # noqa: E402
-from hypersd.context import StageContext  # noqa: E402
-from hypersd.stages import DMDRun, TSCDRun  # noqa: E402
-from hypersd.runtime import Runtime  # noqa: E402
+from hypersd.nets import archs, fp8, speed
 from hypersd.teachers.base import Cond, Teacher  # noqa: E402
-from hypersd.trainer import train_step  # noqa: E402
+from hypersd.train.context import StageContext  # noqa: E402
+from hypersd.train.recipe import DMDStage, TSCDStage  # noqa: E402
+from hypersd.train.runtime import Runtime  # noqa: E402
+from hypersd.train.stages import DMDRun, TSCDRun  # noqa: E402
+from hypersd.train.trainer import train_step  # noqa: E402
 
 RANK = 64
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut"]

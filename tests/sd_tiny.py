@@ -20,7 +20,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 MAX_LENGTH = 16  # tokens per prompt; real CLIP has 77
 LATENT_SIZE = 8  # latent side; the VAE below halves, so images are 16x16

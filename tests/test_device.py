@@ -6,7 +6,7 @@ import torch
 from hypersd.cli import main
 from hypersd.device import resolve_device
 from hypersd.errors import HypersdError
-from hypersd.runtime import Runtime
+from hypersd.train.runtime import Runtime
 
 
 @pytest.fixture

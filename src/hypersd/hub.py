@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import HypersdError
+from hypersd.errors import HypersdError
 
 # owner/name: one slash, each part word characters, dots and dashes, not starting with a dot or a dash
 HUB_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")

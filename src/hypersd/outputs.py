@@ -7,7 +7,7 @@ import errno
 import os
 from pathlib import Path
 
-from .errors import HypersdError
+from hypersd.errors import HypersdError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

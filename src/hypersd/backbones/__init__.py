@@ -5,11 +5,11 @@ A new model family registers its ``Backbone`` here (or from its own module with 
 
 from __future__ import annotations
 
-from ..errors import HypersdError
-from .base import Backbone
-from .digits import DigitsBackbone, FlowDigitsBackbone
-from .flow import FlowBackbone, FluxBackbone
-from .sd import SDBackbone
+from hypersd.backbones.base import Backbone
+from hypersd.backbones.digits import DigitsBackbone, FlowDigitsBackbone
+from hypersd.backbones.flow import FlowBackbone, FluxBackbone
+from hypersd.backbones.sd import SDBackbone
+from hypersd.errors import HypersdError
 
 BACKBONES: dict[str, Backbone] = {}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
 
 
 class Backbone:
@@ -27,8 +27,9 @@ class Backbone:
         """The teacher's noise schedule where the backbone alone fixes it (the DDPM backbones: T = 1000,
         trailing), so a recipe's grids are checked as it loads; None where only the loaded teacher
         knows it (a flow model's shift): the trainer checks them then."""
-        from ..core.noise import DDPMSchedule
         from diffusers import DDPMScheduler
+
+        from hypersd.core.noise import DDPMSchedule
 
         return DDPMSchedule(DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.float())
 

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
-from .. import lora
-from ..errors import HypersdError
-from .base import Backbone
+from hypersd import lora
+from hypersd.backbones.base import Backbone
+from hypersd.errors import HypersdError
 
 
 class DigitsData:
     """Training batches from the digits train split: (latents, prompts)."""
 
     def __init__(self, teacher):
-        from ..digits import data
+        from hypersd.digits import data
 
         self.x, self.y = data.load("train")
         self.teacher, self.prompts_for = teacher, data.prompts_for
@@ -48,7 +48,7 @@ class DigitsBackbone(Backbone):
         return None  # a float32 teacher at any precision: autocast lowers its matmuls
 
     def load_teacher(self, recipe, device, dtype):
-        from ..teachers.digits import DigitsTeacher
+        from hypersd.teachers.digits import DigitsTeacher
 
         return DigitsTeacher.load(recipe.teacher, device=device)
 
@@ -56,12 +56,12 @@ class DigitsBackbone(Backbone):
         return DigitsData(teacher)
 
     def grid_prompts(self, data, n: int) -> list[str]:
-        from ..digits.data import balanced_labels, prompts_for
+        from hypersd.digits.data import balanced_labels, prompts_for
 
         return prompts_for(balanced_labels(n))
 
     def save_grid(self, teacher, latents, prompts, path) -> Path:
-        from ..grid import save_grid
+        from hypersd.eval.grid import save_grid
 
         return save_grid(teacher.decode(latents), path)
 
@@ -72,7 +72,7 @@ class DigitsBackbone(Backbone):
         return [("compare", compare_grid(distiller, distiller.out / "compare.png", etas, one_step_t))]
 
     def evaluate(self, distiller, final: Path) -> str:
-        from ..evaluation import distill_report
+        from hypersd.eval.digits import distill_report
 
         return distill_report(distiller.teacher, final, distiller.out, distiller.recipe.eval)
 
@@ -81,7 +81,7 @@ def recommended_etas(d, state: dict, meta: dict) -> dict[str, float]:
     """{step count: eta} for the final LoRA, of the recipe's eval etas, by the judges on a seed
     no table reports (evaluation.recommend_etas). A finished run's file that already holds it
     for these very weights is not measured again."""
-    from ..evaluation import ETA_TUNE_N, DigitsBench, recommend_etas
+    from hypersd.eval.digits import ETA_TUNE_N, DigitsBench, recommend_etas
 
     ev = d.recipe.eval
     old = d.out / "lora.safetensors"
@@ -108,10 +108,10 @@ def recommended_etas(d, state: dict, meta: dict) -> dict[str, float]:
 def compare_grid(d, path, etas: dict[int, float], one_step_t: int | None, n: int = 20):
     """The teacher's 40 steps, then the LoRA at each eval step count, from the same noise and
     prompts: what the distillation bought, at a glance."""
-    from .. import evaluation
-    from ..digits.data import balanced_labels, prompts_for
-    from ..grid import save_rows
-    from ..sampling import sample_prompts
+    from hypersd.core.sampling import sample_prompts
+    from hypersd.digits.data import balanced_labels, prompts_for
+    from hypersd.eval import digits as evaluation
+    from hypersd.eval.grid import save_rows
 
     prompts, t, ref = prompts_for(balanced_labels(n)), d.teacher, evaluation.REFERENCE_STEPS
     with lora.adapters_disabled(t.unet):
@@ -132,6 +132,6 @@ class FlowDigitsBackbone(DigitsBackbone):
         return None  # the file's metadata holds the schedule: checked once the teacher loads
 
     def load_teacher(self, recipe, device, dtype):
-        from ..teachers.digits_flow import FlowDigitsTeacher
+        from hypersd.teachers.digits_flow import FlowDigitsTeacher
 
         return FlowDigitsTeacher.load(recipe.teacher, device=device)

@@ -8,8 +8,8 @@ so ``named_schedule`` is None and the trainer checks the recipe's grids on the t
 
 from __future__ import annotations
 
-from ..errors import HypersdError
-from .sd import SDBackbone
+from hypersd.backbones.sd import SDBackbone
+from hypersd.errors import HypersdError
 
 
 class FlowBackbone(SDBackbone):
@@ -20,7 +20,7 @@ class FlowBackbone(SDBackbone):
         return None
 
     def load_teacher(self, recipe, device, dtype):
-        from ..teachers import load_teacher
+        from hypersd.teachers import load_teacher
 
         if not recipe.teacher:
             raise HypersdError(f"backbone {self.name!r} needs a model: pass a hub id, a local diffusers folder or a "
@@ -69,6 +69,6 @@ class FluxBackbone(FlowBackbone):
 
 def _manifest(recipe) -> dict:
     """The manifest of the recipe's cache (``open_data`` has read and checked it already)."""
-    from ..cache import read_manifest
+    from hypersd.data.cache import read_manifest
 
     return read_manifest(recipe.data)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import HypersdError
-from ..outputs import write_text
-from .base import Backbone
+from hypersd.backbones.base import Backbone
+from hypersd.errors import HypersdError
+from hypersd.outputs import write_text
 
 
 class SDBackbone(Backbone):
@@ -16,7 +16,7 @@ class SDBackbone(Backbone):
         self.name = name
 
     def open_data(self, recipe):
-        from ..cache import CachedData
+        from hypersd.data.cache import CachedData
 
         if not recipe.data:
             raise HypersdError(f"distilling backbone {recipe.backbone!r} needs its data pipeline: set data: to a "
@@ -30,7 +30,7 @@ class SDBackbone(Backbone):
         return cached
 
     def load_teacher(self, recipe, device, dtype):
-        from ..teachers.sd import load_sd
+        from hypersd.teachers.sd import load_sd
 
         if not recipe.teacher:
             raise HypersdError(f"backbone {self.name!r} needs a model: pass a hub id or a local diffusers folder")
@@ -38,7 +38,7 @@ class SDBackbone(Backbone):
 
     def adapt_teacher(self, recipe, teacher) -> None:
         if recipe.vae:
-            from ..teachers.sd import replace_vae
+            from hypersd.teachers.sd import replace_vae
 
             replace_vae(teacher, recipe.vae)
 
@@ -46,7 +46,7 @@ class SDBackbone(Backbone):
         return opened.attach(teacher)
 
     def data_report(self, recipe, data):
-        from ..cache import describe_skips
+        from hypersd.data.cache import describe_skips
 
         message = f"cache {recipe.data}: {len(data)} items; skipped {describe_skips(data.skipped)}"
         return {"items": len(data), "skipped": dict(data.skipped)}, message if data.skipped else None
@@ -61,7 +61,7 @@ class SDBackbone(Backbone):
     def save_grid(self, teacher, latents, prompts, path) -> Path:
         import torch
 
-        from ..grid import save_grid
+        from hypersd.eval.grid import save_grid
 
         write_text(Path(path).with_suffix(".txt"), "\n".join(prompts) + "\n")  # beside the images, in grid order
         # one image at a time; the VAE's attention over eight 1024-pixel images at once asked for

@@ -1,7 +1,7 @@
 """The noise schedule, defined once: x_t = α_t·x0 + σ_t·ε, and how a network's output reads on it.
 
 Every loss and sampler takes a ``NoiseSchedule`` (HYPERSD.md §5). Timesteps are the family's own
-integer units, so the solver grid and the segments (``hypersd.schedule``) serve both families:
+integer units, so the solver grid and the segments (``hypersd.core.schedule``) serve both families:
 
 - DDPM (SD1.5, SDXL, SD2): t ∈ {0..T-1} indexes the ᾱ table; α = √ᾱ_t, σ = √(1−ᾱ_t). The
   network predicts ε or v = α·ε − σ·x0.
@@ -10,7 +10,7 @@ integer units, so the solver grid and the segments (``hypersd.schedule``) serve 
   diffusers' stock FlowMatchEulerDiscreteScheduler are grid points (see ``FlowSchedule``).
 
 ``CLEAN`` (−1) is α = 1, σ = 0 in both. Every coefficient is float32 (bf16 jumps are off by ~0.025
-RMS near t = 999; see ``hypersd.solver``), whatever the input's dtype; only the network runs low.
+RMS near t = 999; see ``hypersd.core.solver``), whatever the input's dtype; only the network runs low.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from ..errors import HypersdError
-from ..schedule import CLEAN, SolverGrid, alpha_bar, inference_timesteps
+from hypersd.core.schedule import CLEAN, SolverGrid, alpha_bar, inference_timesteps
+from hypersd.errors import HypersdError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -39,7 +39,7 @@ class NoiseSchedule:
     """x_t = α_t·x0 + σ_t·ε, with the network's parameterisation; t in the family's integer units."""
 
     T: int
-    spacing: str  # how k-step boundaries and the solver grid lie on {0..T-1}: see hypersd.schedule
+    spacing: str  # how k-step boundaries and the solver grid lie on {0..T-1}: see hypersd.core.schedule
     prediction_type: str
 
     # -- the schedule --------------------------------------------------------------------

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from ..evaluation import DigitsBench
-from ..teachers import load_teacher
+from hypersd.eval.digits import DigitsBench
+from hypersd.teachers import load_teacher
 
 
 def pick_guidance(teacher_path, scales, n=1000, seeds=range(3), steps=25, write=False, acc_slack=0.005,

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import HypersdError
-from . import ASSETS, data
+from hypersd.digits import ASSETS, data
+from hypersd.errors import HypersdError
 
 
 class RewardMLP(nn.Module):
@@ -83,7 +83,7 @@ def train_judge(name: str, epochs: int = 60, seed: int = 0, progress: bool = Tru
 
 
 def save_judge(model: nn.Module, name: str, path: str | Path, test_acc: float) -> None:
-    from ..outputs import atomic_path
+    from hypersd.outputs import atomic_path
 
     meta = {"kind": f"digits-{name}", "test_acc": test_acc}
     with atomic_path(path) as tmp:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import HypersdError
-from .data import NAMES
+from hypersd.digits.data import NAMES
+from hypersd.errors import HypersdError
 
 VOCAB = ["<pad>", "a", "handwritten", "digit", *NAMES]
 MAX_WORDS = 6

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import HypersdError
-from ..teachers.digits import DigitsTeacher, DigitsWorldTeacher
-from . import data
+from hypersd.digits import data
+from hypersd.errors import HypersdError
+from hypersd.teachers.digits import DigitsTeacher, DigitsWorldTeacher
 
 FAMILIES = ("ddpm", "flow")
 
@@ -27,7 +27,7 @@ def teacher_class(family: str = "ddpm") -> type[DigitsWorldTeacher]:
     if family == "ddpm":
         return DigitsTeacher
     if family == "flow":
-        from ..teachers.digits_flow import FlowDigitsTeacher
+        from hypersd.teachers.digits_flow import FlowDigitsTeacher
 
         return FlowDigitsTeacher
     raise HypersdError(f"unknown teacher family {family!r}; choose one of {', '.join(FAMILIES)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
 
 DTYPES = ("float32", "float16", "bfloat16")
 COMPILE = ("auto", "on", "off")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from ..device import resolve_device
-from ..errors import HypersdError
-from .choices import pick_dtype, pick_path
-from .models import load_model
-from .pipeline import attach_lora, build_pipeline, quiet
-from .plan import resolve
-from .recipes import Recipe, lora_recipe
-from .schedulers import flow_call_args, make_flow_scheduler, make_scheduler, scheduler_call_args
+from hypersd.device import resolve_device
+from hypersd.errors import HypersdError
+from hypersd.inference.choices import pick_dtype, pick_path
+from hypersd.inference.models import load_model
+from hypersd.inference.pipeline import attach_lora, build_pipeline, quiet
+from hypersd.inference.plan import resolve
+from hypersd.inference.recipes import Recipe, lora_recipe
+from hypersd.inference.schedulers import (
+    flow_call_args,
+    make_flow_scheduler,
+    make_scheduler,
+    scheduler_call_args,
+)
 
 
 class Generator:
@@ -53,7 +58,7 @@ class Generator:
         # that it gives eager's images faster (compiled code is specialised to the batch size)
         self._compiled, self._paths = None, {}
         if compile:
-            from ..speed import CompiledInference, channels_last
+            from hypersd.nets.speed import CompiledInference, channels_last
 
             on_gpu = str(device).startswith("cuda")
             if on_gpu:
@@ -129,7 +134,7 @@ class Generator:
 
         if len(prompts) != len(seeds):
             raise HypersdError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        from ..sampling import initial_noise
+        from hypersd.core.sampling import initial_noise
 
         plan = self.plan
         # x_T drawn as hypersd's sampler draws it, in float32 whatever the dtype: torch 2.11 draws other
@@ -157,7 +162,7 @@ class Generator:
         packed (2x2 patches as tokens), and are the teacher's unpacked ones here."""
         import torch
 
-        from ..teachers.flux import pack, unpack
+        from hypersd.teachers.flux import pack, unpack
 
         plan, flux = self.plan, self.plan.backbone == "flux"
         kwargs = dict(prompt=prompts, guidance_scale=plan.guidance, latents=pack(noise) if flux else noise,

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
 
 if TYPE_CHECKING:
-    from .generator import Generator
+    from hypersd.inference.generator import Generator
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -43,7 +43,7 @@ def plan_jobs(prompts: list[str], out_dir: str | Path, per_prompt: int = 1, seed
 
     Every file is checked before anything is generated: an existing one without ``force`` stops
     the run before it spends any time."""
-    from ..outputs import check_writable
+    from hypersd.outputs import check_writable
 
     if per_prompt < 1:
         raise HypersdError(f"--per-prompt must be at least 1, got {per_prompt}")
@@ -65,7 +65,7 @@ def save_png(image: "torch.Tensor", path: str | Path, prompt: str, settings: dic
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from ..outputs import atomic_path
+    from hypersd.outputs import atomic_path
 
     pixels = image.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     info = PngInfo()

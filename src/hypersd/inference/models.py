@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import HypersdError
-from ..hub import check_hub_id
-
-
+from hypersd.errors import HypersdError
+from hypersd.hub import check_hub_id
 
 FLOW_BACKBONES = ("sd3", "flux")  # transformer teachers (teachers.sd3, teachers.flux)
 
@@ -46,7 +44,7 @@ def detect_backbone(model: str) -> str:
 
 
 def _transformer_backbone(cfg: dict, source) -> str:
-    from ..teachers.sd3 import TRANSFORMERS
+    from hypersd.teachers.sd3 import TRANSFORMERS
 
     for backbone, cls in TRANSFORMERS.items():
         if cfg.get("_class_name") == cls:
@@ -83,13 +81,13 @@ def load_model(model: str, backbone: str | None = None, device="cpu", dtype=None
     """A hypersd teacher (``teachers.sd``, ``teachers.sd3``, ``teachers.flux``) from a hub id, a
     diffusers folder or one .safetensors file. ``size``: (height, width) of the images to make, which
     sets a FLUX teacher's shift (that of its token count, as FluxPipeline's); default its 1024²."""
-    from ..teachers.sd import load_sd
+    from hypersd.teachers.sd import load_sd
 
     detected = detect_backbone(model)
     if backbone and backbone != detected:
         raise HypersdError(f"{model} is an {detected} model, not {backbone}; drop --backbone or pass {detected}")
     if detected in FLOW_BACKBONES:  # their loaders take a folder, a hub id or one file alike
-        from ..teachers import load_teacher
+        from hypersd.teachers import load_teacher
 
         options = {"resolution": tuple(size)} if detected == "flux" and size else {}
         return load_teacher(detected, str(model), device=device, dtype=dtype, config=config, **options), detected
@@ -104,7 +102,7 @@ def _single_file(path: Path, backbone: str, device, dtype, config: str | None):
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..teachers.sd import SD15Teacher, SDXLTeacher, place
+    from hypersd.teachers.sd import SD15Teacher, SDXLTeacher, place
 
     cls = StableDiffusionXLPipeline if backbone == "sdxl" else StableDiffusionPipeline
     kw = {"safety_checker": None, "requires_safety_checker": False} if backbone == "sd15" else {}

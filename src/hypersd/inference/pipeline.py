@@ -6,8 +6,8 @@ import contextlib
 import logging
 from pathlib import Path
 
-from ..errors import HypersdError
-from .schedulers import make_scheduler
+from hypersd.errors import HypersdError
+from hypersd.inference.schedulers import make_scheduler
 
 
 @contextlib.contextmanager
@@ -44,7 +44,11 @@ def build_pipeline(teacher, backbone: str):
 
 def _flow_pipeline(teacher, backbone: str):
     """StableDiffusion3Pipeline or FluxPipeline; its scheduler is set per plan (``Generator``)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusion3Pipeline,
+    )
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(teacher.scheduler_config)
     common = dict(transformer=teacher.unet, scheduler=scheduler, vae=teacher.vae, text_encoder=teacher.text_encoder,
@@ -66,7 +70,7 @@ def attach_lora(pipe, path: str | Path, hypersd_meta: dict | None, scale: float 
     from safetensors.torch import load_file
 
     if hypersd_meta is not None:
-        from ..lora.layouts import read_any, to_diffusers
+        from hypersd.lora.layouts import read_any, to_diffusers
 
         state = to_diffusers(*read_any(path))
     else:

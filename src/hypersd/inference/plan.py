@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HypersdError
-from .recipes import Recipe
-from .schedulers import SCHEDULERS
+from hypersd.errors import HypersdError
+from hypersd.inference.recipes import Recipe
+from hypersd.inference.schedulers import SCHEDULERS
 
 BASE_STEPS = 25  # a model without a LoRA: the paper's baseline step count
 
@@ -78,7 +78,7 @@ def sampler_timesteps(k: int, T: int, one_step_t: int | None = None, exact: bool
     DDIM trailing spacing, which the published recipes ran and which equals hypersd's wherever
     both exist; with ``exact`` on, the refusal of ``inference_timesteps``. ``spacing``: the
     teacher schedule's (SD3's "inclusive" grid has boundaries of its own, always used)."""
-    from ..schedule import inference_timesteps
+    from hypersd.core.schedule import inference_timesteps
 
     if exact or T % k == 0 or one_step_t is not None or spacing != "trailing":
         return inference_timesteps(k, T, one_step_t, spacing)

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
 
 # Hyper-SD's released LoRA files: Hyper-SD15-1step-lora, Hyper-SDXL-8steps-CFG-lora, ...
 _PUBLISHED = re.compile(r"hyper-sd(15|xl)-(\d+)steps?(-cfg)?-lora", re.IGNORECASE)
@@ -57,7 +57,7 @@ def hypersd_recipe(meta: dict, path) -> Recipe:
 
 def lora_recipe(path: str | Path) -> tuple[Recipe, dict | None]:
     """(recipe, hypersd metadata or None) of a LoRA file, read without loading its weights."""
-    from ..outputs import read_metadata
+    from hypersd.outputs import read_metadata
 
     path = Path(path)
     if not path.is_file():

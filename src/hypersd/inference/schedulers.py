@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from hypersd.inference.plan import Plan
 
 SCHEDULERS = ("tcd", "ddim")
 
@@ -68,7 +68,7 @@ def _tcd_class():
         from diffusers import TCDScheduler
         from diffusers.schedulers.scheduling_tcd import TCDSchedulerOutput
 
-        from ..core.noise import DDPMSchedule
+        from hypersd.core.noise import DDPMSchedule
 
         class HypersdTCDScheduler(TCDScheduler):
             def step(self, model_output, timestep, sample, eta: float = 0.3, generator=None, return_dict: bool = True):

@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
 
 # student; fake: DMD's fake score; average: an EMA of DMD's generator. All are adapters on the one UNet.
 STUDENT, EMA, FEEDBACK, FAKE, AVERAGE = "student", "ema", "feedback", "fake", "average"

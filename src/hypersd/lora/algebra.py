@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
 
 
 def merge_states(a: dict[str, torch.Tensor], spec_a: dict, b: dict[str, torch.Tensor], spec_b: dict,

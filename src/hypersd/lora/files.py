@@ -8,8 +8,16 @@ from pathlib import Path
 import torch
 from peft.utils import set_peft_model_state_dict
 
-from ..errors import HypersdError
-from .adapters import STUDENT, add_lora, check_state, get_state, lora_config, remove_lora, spec
+from hypersd.errors import HypersdError
+from hypersd.lora.adapters import (
+    STUDENT,
+    add_lora,
+    check_state,
+    get_state,
+    lora_config,
+    remove_lora,
+    spec,
+)
 
 
 def save_lora(path: str | Path, unet, meta: dict, name: str = STUDENT) -> Path:
@@ -20,7 +28,7 @@ def save_lora(path: str | Path, unet, meta: dict, name: str = STUDENT) -> Path:
 def save_state(path: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
     from safetensors.torch import save_file
 
-    from ..outputs import atomic_path
+    from hypersd.outputs import atomic_path
 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(path) as tmp:
@@ -31,7 +39,7 @@ def save_state(path: str | Path, state: dict[str, torch.Tensor], meta: dict) -> 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors.torch import load_file
 
-    from ..outputs import read_metadata
+    from hypersd.outputs import read_metadata
 
     path = Path(path)
     if not path.is_file():

@@ -33,10 +33,23 @@ from pathlib import Path
 
 import torch
 
-from ..errors import HypersdError
-from .adapters import STUDENT, add_lora, check_state, has_adapters, lora_config, remove_lora
-from .files import save_state
-from .transformer_layouts import arch_of, arch_of_kohya, fuse, is_transformer, split
+from hypersd.errors import HypersdError
+from hypersd.lora.adapters import (
+    STUDENT,
+    add_lora,
+    check_state,
+    has_adapters,
+    lora_config,
+    remove_lora,
+)
+from hypersd.lora.files import save_state
+from hypersd.lora.transformer_layouts import (
+    arch_of,
+    arch_of_kohya,
+    fuse,
+    is_transformer,
+    split,
+)
 
 FORMATS = ("hypersd", "diffusers", "kohya")
 KOHYA_PREFIX = "lora_unet_"
@@ -344,7 +357,7 @@ def _kohya_layers(raw: dict, layers_per_block: int, ours: dict | None = None) ->
 
 def _kohya_transformer_layers(raw: dict, names: list[str], arch: str, ours: dict) -> dict:
     """(A, B, alpha) per diffusers module of a kohya file in SD3's or FLUX's original names."""
-    from .adapters import TARGET_PRESETS, targets_match
+    from hypersd.lora.adapters import TARGET_PRESETS, targets_match
 
     targets = ours.get("targets")
     targets = TARGET_PRESETS.get(targets, [targets]) if isinstance(targets, str) else targets
@@ -373,7 +386,7 @@ def write(path: str | Path, state: dict[str, torch.Tensor], meta: dict, fmt: str
     """``state`` (hypersd's layout) written as ``fmt``; atomic, and never over a file without ``force``."""
     from safetensors.torch import save_file
 
-    from ..outputs import atomic_path, check_writable
+    from hypersd.outputs import atomic_path, check_writable
 
     if fmt not in FORMATS:
         raise HypersdError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
 
 KOHYA_PREFIX = "lora_unet_"
 

@@ -18,8 +18,8 @@ import importlib
 import inspect
 from typing import Callable
 
-from ..errors import HypersdError
-from .base import Reward, check_scores
+from hypersd.errors import HypersdError
+from hypersd.rewards.base import Reward, check_scores
 
 
 def _lazy(module: str, cls: str) -> Callable[..., Reward]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Reward, load_model, model_source
-from .clip import load_processor, pooled
-from .head import MLPHead, head_file, load_head
+from hypersd.rewards.base import Reward, load_model, model_source
+from hypersd.rewards.clip import load_processor, pooled
+from hypersd.rewards.head import MLPHead, head_file, load_head
 
 ORIGINAL = "sac+logos+ava1-l14-linearMSE.pth"
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import HypersdError
-from ..hub import check_hub_id
-
+from hypersd.errors import HypersdError
+from hypersd.hub import check_hub_id
 
 
 def check_scores(scores, batch: int, name: str = "reward") -> torch.Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Reward, load_model, load_part, model_source
-from .preprocess import ImagePreprocess
+from hypersd.rewards.base import Reward, load_model, load_part, model_source
+from hypersd.rewards.preprocess import ImagePreprocess
 
 
 def pooled(out) -> torch.Tensor:

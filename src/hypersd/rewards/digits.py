@@ -10,9 +10,9 @@ import re
 
 import torch
 
-from ..digits.data import NAMES
-from ..errors import HypersdError
-from .base import Reward
+from hypersd.digits.data import NAMES
+from hypersd.errors import HypersdError
+from hypersd.rewards.base import Reward
 
 _WORDS = re.compile(r"[a-z]+")
 
@@ -40,7 +40,7 @@ class DigitsReward(Reward):
     @classmethod
     def load(cls, path: str | None = None) -> "DigitsReward":
         """``path``: a reward judge .safetensors (default: the one shipped with hypersd)."""
-        from ..digits.judges import Judges, load_judge
+        from hypersd.digits.judges import Judges, load_judge
 
         return cls(Judges(reward=load_judge("reward", path)))
 

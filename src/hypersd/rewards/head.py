@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import HypersdError
-from .base import one_line
+from hypersd.errors import HypersdError
+from hypersd.rewards.base import one_line
 
 HIDDEN = (1024, 128, 64, 16)
 # Where the Linear layers sit in the public nn.Sequential: dropouts occupy 1, 3, 5.

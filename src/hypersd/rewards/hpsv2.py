@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import HypersdError
-from .clip import ClipScore
+from hypersd.errors import HypersdError
+from hypersd.rewards.clip import ClipScore
 
 
 class HPSv2(ClipScore):

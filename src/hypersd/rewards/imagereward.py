@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Reward, load_model, model_source
-from .clip import load_processor
-from .head import MLPHead, head_file, load_head
+from hypersd.rewards.base import Reward, load_model, model_source
+from hypersd.rewards.clip import load_processor
+from hypersd.rewards.head import MLPHead, head_file, load_head
 
 MEAN = 0.16717362830052426  # ImageReward's reward statistics over its training set
 STD = 1.0333394966054072

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .clip import ClipScore
+from hypersd.rewards.clip import ClipScore
 
 
 class PickScore(ClipScore):

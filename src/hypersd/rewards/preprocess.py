@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
 
 # PIL resampling codes -> torch modes. LANCZOS (1) has no torch counterpart: bicubic is closest.
 _MODES = {0: "nearest-exact", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "area", 5: "bilinear"}

@@ -1,6 +1,6 @@
 """Teachers: one interface (``Teacher``) for the digits world, SD1.5, SDXL, SD3/SD3.5 and FLUX.1."""
 
-from .base import Cond, Teacher
-from .load import BACKBONES, load_teacher
+from hypersd.teachers.base import Cond, Teacher
+from hypersd.teachers.load import BACKBONES, load_teacher
 
 __all__ = ["BACKBONES", "Cond", "Teacher", "load_teacher"]

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.noise import DDPMSchedule, NoiseSchedule
-from ..solver import cfg
+from hypersd.core.noise import DDPMSchedule, NoiseSchedule
+from hypersd.core.solver import cfg
 
 
 @dataclass

@@ -13,11 +13,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from ..core.noise import DDPMSchedule
-from ..digits import ASSETS
-from ..digits.text import DigitTextEncoder, tokenize
-from ..errors import HypersdError
-from .base import Cond, Teacher
+from hypersd.core.noise import DDPMSchedule
+from hypersd.digits import ASSETS
+from hypersd.digits.text import DigitTextEncoder, tokenize
+from hypersd.errors import HypersdError
+from hypersd.teachers.base import Cond, Teacher
 
 DEFAULT_PATH = ASSETS / "teacher.safetensors"
 
@@ -85,7 +85,7 @@ class DigitsWorldTeacher(Teacher):
                 f"'hypersd teacher train'" if path == cls.DEFAULT_PATH else "pass an existing teacher file"
             )
             raise HypersdError(f"{cls.LABEL} file {path} not found; {hint}")
-        from ..outputs import read_metadata
+        from hypersd.outputs import read_metadata
 
         meta = read_metadata(path, cls.LABEL)
         if not meta or meta.get("kind") != cls.KIND:
@@ -105,7 +105,7 @@ class DigitsWorldTeacher(Teacher):
         return t
 
     def save(self, path: str | Path) -> None:
-        from ..outputs import atomic_path
+        from hypersd.outputs import atomic_path
 
         state = {f"{self.NET_KEY}.{k}": v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
         state |= {f"text.{k}": v.detach().cpu().contiguous() for k, v in self.text.state_dict().items()}

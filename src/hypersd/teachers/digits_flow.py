@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from diffusers import SD3Transformer2DModel
 
-from ..core.noise import FlowSchedule, NoiseSchedule
-from ..digits import ASSETS
-from ..errors import HypersdError
-from .base import Cond
-from .digits import DigitsWorldTeacher
+from hypersd.core.noise import FlowSchedule, NoiseSchedule
+from hypersd.digits import ASSETS
+from hypersd.errors import HypersdError
+from hypersd.teachers.base import Cond
+from hypersd.teachers.digits import DigitsWorldTeacher
 
 DEFAULT_PATH = ASSETS / "teacher-flow.safetensors"
 

@@ -23,10 +23,10 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ..errors import HypersdError
-from .base import Cond
-from .sd import place
-from .sd3 import FlowTeacher, flow_shift, load_flow_parts, token_ids
+from hypersd.errors import HypersdError
+from hypersd.teachers.base import Cond
+from hypersd.teachers.sd import place
+from hypersd.teachers.sd3 import FlowTeacher, flow_shift, load_flow_parts, token_ids
 
 FLUX_COMPONENTS = {
     "transformer": FluxTransformer2DModel,

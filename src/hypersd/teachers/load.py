@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Teacher
-from ..errors import HypersdError
+from hypersd.errors import HypersdError
+from hypersd.teachers.base import Teacher
 
 BACKBONES = ("digits", "digits-flow", "sd15", "sdxl", "sd3", "flux")
 # The embedded digits worlds: the same prompts, judges and pixel codec; "digits-flow" is the
@@ -18,7 +18,7 @@ def digits_world_of(path: str | None) -> str:
         return "digits"
     from pathlib import Path
 
-    from ..outputs import read_metadata
+    from hypersd.outputs import read_metadata
 
     if not Path(path).is_file():
         return "digits"
@@ -40,15 +40,15 @@ def load_teacher(backbone: str = "digits", path: str | None = None, device="cpu"
     if options and backbone not in ("sd3", "flux"):
         raise HypersdError(f"backbone {backbone!r} takes no options ({', '.join(options)})")
     if backbone == "digits":
-        from .digits import DigitsTeacher
+        from hypersd.teachers.digits import DigitsTeacher
 
         return DigitsTeacher.load(path, device=device)
     if backbone == "digits-flow":
-        from .digits_flow import FlowDigitsTeacher
+        from hypersd.teachers.digits_flow import FlowDigitsTeacher
 
         return FlowDigitsTeacher.load(path, device=device)
     if backbone in ("sd15", "sdxl"):
-        from .sd import load_sd
+        from hypersd.teachers.sd import load_sd
 
         if not path:
             raise HypersdError(f"backbone {backbone!r} needs a model: pass a hub id or a local diffusers folder")
@@ -58,8 +58,8 @@ def load_teacher(backbone: str = "digits", path: str | None = None, device="cpu"
             raise HypersdError(f"backbone {backbone!r} needs a model: pass a hub id, a local diffusers folder "
                                f"or a .safetensors checkpoint")
         if backbone == "sd3":
-            from .sd3 import load_sd3 as load
+            from hypersd.teachers.sd3 import load_sd3 as load
         else:
-            from .flux import load_flux as load
+            from hypersd.teachers.flux import load_flux as load
         return load(path, device=device, dtype=dtype, **options)
     raise HypersdError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")

@@ -10,13 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..core.noise import DDPMSchedule
-from ..errors import HypersdError
-from ..hub import check_hub_id
-from .base import Cond, Teacher
+from hypersd.core.noise import DDPMSchedule
+from hypersd.errors import HypersdError
+from hypersd.hub import check_hub_id
+from hypersd.teachers.base import Cond, Teacher
 
 COMPONENTS = {
     "sd15": {

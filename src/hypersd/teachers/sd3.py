@@ -30,10 +30,10 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from ..core.noise import FlowSchedule, NoiseSchedule, flux_shift
-from ..errors import HypersdError
-from .base import Cond, Teacher
-from .sd import LatentCodec, _load, model_source, place
+from hypersd.core.noise import FlowSchedule, NoiseSchedule, flux_shift
+from hypersd.errors import HypersdError
+from hypersd.teachers.base import Cond, Teacher
+from hypersd.teachers.sd import LatentCodec, _load, model_source, place
 
 SD3_COMPONENTS = {
     "transformer": SD3Transformer2DModel,

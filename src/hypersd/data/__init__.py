@@ -1,0 +1,1 @@
+"""Training data for the real backbones: image-caption sources and the latent cache."""

@@ -1,0 +1,1 @@
+"""The method's losses: TSCD, the adversarial term, human feedback, score distillation."""

@@ -1,0 +1,94 @@
+"""Trajectory Segmented Consistency Distillation: one training step's loss (HYPERSD.md §1).
+
+The same step gives the baselines by its options: LCM-style is one segment with the target at
+the segment boundary (always the clean end); phased consistency is k segments with the target at
+the boundary; TSCD draws the target anywhere in [t_b, t_{n-1}].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hypersd.core.schedule import CLEAN, Segments
+from hypersd.nets.roles import Roles
+from hypersd.teachers.base import Cond, Teacher
+
+
+@dataclass
+class ConsistencyConfig:
+    segments: int = 8
+    end: str = "segment"  # "segment": t_end ~ U[t_b, t_{n-1}]; "boundary": t_end = t_b
+    boundary_prob: float = 0.0  # with "segment": this share of draws goes to t_b itself
+    guidance: tuple[float, float] = (1.0, 1.0)  # ω ~ U[min, max] for the teacher step
+    distance: str = "mse"  # or "huber" (pseudo-Huber)
+    huber_c: float = 0.03
+    offset_noise: float = 0.0
+    solver_steps: int = 40  # N, the teacher's trailing DDIM grid
+
+
+def distance(pred: torch.Tensor, tgt: torch.Tensor, kind: str, c: float) -> torch.Tensor:
+    """Per-sample distance: mean squared error, or pseudo-Huber √(‖·‖²+c²) − c."""
+    sq = (pred - tgt).pow(2).flatten(1).mean(1)
+    if kind == "mse":
+        return sq
+    if kind == "huber":
+        return (sq + c**2).sqrt() - c
+    raise ValueError(f"unknown distance {kind!r}")
+
+
+def draw_t_end(t_b: torch.Tensor, t_prev: torch.Tensor, end: str, generator=None,
+               boundary_prob: float = 0.0) -> torch.Tensor:
+    """The target timestep inside the segment; CLEAN (−1) is an integer, so U[t_b, t_{n-1}] is one draw.
+
+    ``boundary_prob`` sends that share of draws to t_b itself: the jump a k-step sampler makes.
+    """
+    if end == "boundary":
+        return t_b
+    if end == "segment":
+        u = torch.rand(t_b.shape, generator=generator)
+        t_end = t_b + (u * (t_prev - t_b + 1)).floor().long()
+        if boundary_prob > 0:
+            to_b = torch.rand(t_b.shape, generator=generator) < boundary_prob
+            t_end = torch.where(to_b, t_b, t_end)
+        return t_end
+    raise ValueError(f"unknown end {end!r}; use 'segment' or 'boundary'")
+
+
+class ConsistencyStep:
+    """Produces (pred, tgt, t_end) for a batch; the trainer adds distance and adversarial terms."""
+
+    def __init__(self, teacher: Teacher, cfg: ConsistencyConfig, roles: Roles | None = None):
+        self.teacher, self.cfg = teacher, cfg
+        self.roles = Roles(teacher) if roles is None else roles
+        self.schedule = teacher.schedule
+        self.grid = self.schedule.solver_grid(cfg.solver_steps)
+        self.segments = Segments(cfg.segments, self.grid)  # refuses boundaries off the grid
+
+    def __call__(self, z: torch.Tensor, cond: Cond, uncond: Cond, generator=None):
+        roles, cfg, sched = self.roles, self.cfg, self.schedule
+        n, dev = z.shape[0], z.device
+        t_n = self.grid.sample(n, generator)
+        t_prev = self.grid.step_down(t_n)
+        t_end = draw_t_end(self.segments.lower_boundary(t_n), t_prev, cfg.end, generator, cfg.boundary_prob)
+        t_n, t_prev, t_end = t_n.to(dev), t_prev.to(dev), t_end.to(dev)
+        noise = torch.randn(z.shape, generator=generator).to(dev)
+        if cfg.offset_noise:
+            noise = noise + cfg.offset_noise * torch.randn((n, z.shape[1], 1, 1), generator=generator).to(dev)
+        x_t = sched.add_noise(z, noise, t_n)
+        w = torch.empty(n).uniform_(*cfg.guidance, generator=generator).to(dev)
+
+        with torch.no_grad():
+            x_hat = sched.jump(x_t, roles.teacher.cfg(x_t, t_n, cond, uncond, w), t_n, t_prev)
+            eps_ema = roles.ema(x_hat, t_prev.clamp(min=0), cond)
+            tgt = sched.jump(x_hat, eps_ema, t_prev, t_end)
+            # Already at t_end (or at the clean end) there is nothing left to jump.
+            done = ((t_prev == t_end) | (t_prev == CLEAN)).view(-1, *[1] * (z.dim() - 1))
+            tgt = torch.where(done, x_hat, tgt)
+
+        pred = sched.jump(x_t, roles.student(x_t, t_n, cond), t_n, t_end)
+        return pred, tgt, t_end
+
+    def loss(self, pred, tgt) -> torch.Tensor:
+        return distance(pred, tgt.detach(), self.cfg.distance, self.cfg.huber_c).mean()

@@ -1,0 +1,1 @@
+"""The networks around the teacher: the roles that say which one runs, FP8, speed options, tiny architectures."""

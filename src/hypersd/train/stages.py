@@ -1,0 +1,349 @@
+"""The stage kinds: how each recipe stage sets up its adapters and computes its loss.
+
+The trainer loop is the same for every kind: it asks the stage for its trainable parameters and
+its loss, steps one optimizer, and calls ``after_step`` (the EMA target, the discriminator, the
+fake score). The losses themselves live in ``tscd``, ``feedback`` and ``dmd``. A stage sees the
+run through its ``StageContext`` only, and runs each network through its role (``roles.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hypersd import lora
+from hypersd.core.sampling import sample_tcd
+from hypersd.core.solver import add_noise
+from hypersd.losses.adversarial import (
+    Discriminator,
+    DiscriminatorHeads,
+    hinge_d_loss,
+    hinge_g_loss,
+)
+from hypersd.losses.dmd import (
+    denoising_loss,
+    dmd_gradient,
+    dmd_loss,
+    generate,
+    score_x0,
+)
+from hypersd.losses.feedback import (
+    draw_stop,
+    load_perception,
+    load_terms,
+    perceptual_loss,
+    reward_loss,
+    sample_until,
+)
+from hypersd.losses.tscd import ConsistencyConfig, ConsistencyStep
+from hypersd.teachers.base import Cond
+from hypersd.train.context import StageContext
+from hypersd.train.recipe import DMDStage, FeedbackStage, MergeStage, Stage, TSCDStage
+
+
+def default_guidance_range(teacher) -> list[float]:
+    w = teacher.default_guidance
+    return [max(1.0, 0.75 * w), 1.25 * w] if w > 1 else [1.0, 1.0]
+
+
+class StageRun:
+    """One stage in progress, in a ``StageContext`` (or anything ``StageContext.of`` takes)."""
+
+    def __init__(self, ctx, stage: Stage):
+        self.ctx, self.stage = StageContext.of(ctx), stage
+        self.teacher, self.unet, self.roles = self.ctx.teacher, self.ctx.teacher.unet, self.ctx.roles
+        self.schedule = self.ctx.schedule  # every loss and sampler reads the network's output on it
+        self.params: list[torch.nn.Parameter] = []
+
+    def enter(self, fresh: bool) -> None:
+        """Put the stage's adapters in place; ``fresh``: at the stage's start, not a resume."""
+
+    def loss(self, z: torch.Tensor, prompts: list[str], cond: Cond) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_step(self) -> dict:
+        return {}
+
+    def pieces(self) -> dict:
+        """What a checkpoint must hold of the stage besides the adapters (saved anyway), by name,
+        each with ``state_dict()`` / ``load_state_dict()``: the trainer registers them while the
+        stage runs (``checkpoint.StateRegistry``). Complete once ``enter`` ran."""
+        return {}
+
+    def finish(self, folder: Path) -> None:
+        """Write the stage's LoRA: the student as it stands after the stage."""
+        lora.save_lora(folder / "lora.safetensors", self.unet, self.ctx.lora_meta(self.stage))
+
+    def _rank_alpha(self, rank: int | None) -> tuple[int, float]:
+        rank = rank or self.ctx.lora_rank
+        return rank, self.ctx.lora_alpha or rank
+
+
+class TSCDRun(StageRun):
+    stage: TSCDStage
+
+    def __init__(self, ctx, stage: TSCDStage):
+        super().__init__(ctx, stage)
+        guidance = stage.guidance or default_guidance_range(self.teacher)
+        self.step = ConsistencyStep(self.teacher, ConsistencyConfig(
+            segments=stage.segments, end=stage.end, boundary_prob=stage.boundary_prob, guidance=tuple(guidance),
+            distance=stage.distance, huber_c=stage.huber_c, offset_noise=stage.offset_noise,
+            solver_steps=stage.solver_steps), self.roles)
+        self.disc = self.d_opt = None
+        if stage.adv_weight > 0:
+            heads = DiscriminatorHeads.for_network(self.unet, stage.d_hidden).to(self.teacher.device)
+            self.disc = Discriminator(self.teacher, heads)
+            self.d_opt = torch.optim.AdamW(heads.parameters(), lr=stage.d_lr, betas=(0.0, 0.99))
+
+    def enter(self, fresh: bool) -> None:
+        lora.ensure_lora(self.unet, lora.EMA, **lora.spec(self.unet, lora.STUDENT))
+        lora.activate(self.unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        self.params = lora.adapter_params(self.unet, lora.STUDENT)
+        self.ema = lora.adapter_params(self.unet, lora.EMA)
+        if fresh:  # a stage's target starts as its student
+            with torch.no_grad():
+                torch._foreach_copy_(self.ema, self.params)
+
+    def loss(self, z, prompts, cond):
+        s = self.stage
+        pred, tgt, t_end = self.step(z, cond, cond.unconditional(self.ctx.uncond_row), self.ctx.generator)
+        mse = self.step.loss(pred, tgt)
+        loss, logs = s.mse_weight * mse, {"mse": mse}
+        if self.disc is not None:
+            logs["g"] = hinge_g_loss(self.disc(pred, t_end, cond))
+            loss = loss + s.adv_weight * logs["g"]
+            self._for_d = (pred.detach(), tgt, t_end, cond)
+        return loss, logs
+
+    def after_step(self) -> dict:
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, self.params, 1 - self.stage.ema_decay)
+        if self.disc is None:
+            return {}
+        pred, tgt, t_end, cond = self._for_d
+        d_loss = hinge_d_loss(self.disc(tgt, t_end, cond), self.disc(pred, t_end, cond))
+        self.d_opt.zero_grad(set_to_none=True)
+        self.ctx.rt.step(d_loss, self.d_opt, self.disc.heads.parameters(), role="discriminator")
+        return {"d": d_loss}
+
+    def pieces(self) -> dict:
+        return {} if self.disc is None else {"heads": self.disc.heads, "d_opt": self.d_opt}
+
+
+class FeedbackRun(StageRun):
+    """A separate LoRA (``feedback``) trained on top of the frozen distilled one."""
+
+    stage: FeedbackStage
+
+    def __init__(self, ctx, stage: FeedbackStage):
+        super().__init__(ctx, stage)
+        self.terms = load_terms(stage.rewards, self.teacher.device)
+        self.features = load_perception(stage.perceptual_model).to(self.teacher.device) \
+            if stage.perceptual_weight > 0 else None
+
+    def enter(self, fresh: bool) -> None:
+        if fresh:  # a fresh feedback LoRA: zero effect on the distilled one
+            lora.remove_lora(self.unet, lora.FEEDBACK)
+        student = lora.spec(self.unet, lora.STUDENT)
+        rank, alpha = self._rank_alpha(self.stage.rank or student["rank"])
+        lora.ensure_lora(self.unet, lora.FEEDBACK, rank, alpha, student["targets"])
+        lora.activate(self.unet, [lora.STUDENT, lora.FEEDBACK], trainable=(lora.FEEDBACK,))
+        self.params = lora.adapter_params(self.unet, lora.FEEDBACK)
+
+    def loss(self, z, prompts, cond):
+        s, g, eps_fn = self.stage, self.ctx.generator, self.roles.feedback.fn(cond)
+        loss, logs = z.new_zeros(()), {}
+        if self.terms:
+            noise = torch.randn(z.shape, generator=g).to(z.device)
+            timesteps, stop = draw_stop(s.sample_steps, s.t_range, self.teacher.T, g, self.schedule.spacing)
+            x0 = sample_until(eps_fn, noise, timesteps, stop, self.schedule)
+            r_loss, logs = reward_loss(self.terms, self.teacher.decode(x0), prompts)
+            loss = loss + r_loss
+        if self.features is not None:
+            t = torch.randint(s.perceptual_t[0], s.perceptual_t[1] + 1, (len(z),), generator=g).to(z.device)
+            noise = torch.randn(z.shape, generator=g).to(z.device)
+            logs["perc"] = perceptual_loss(self.features, eps_fn, z, noise, t, self.schedule, self.teacher.decode)
+            loss = loss + s.perceptual_weight * logs["perc"]
+        return loss, logs
+
+    def finish(self, folder: Path) -> None:
+        """The feedback LoRA alone, and the two merged at ratio 1 (what the stage samples like)."""
+        meta = self.ctx.lora_meta(self.stage)
+        lora.save_lora(folder / "feedback.safetensors", self.unet, {**meta, "role": "feedback"}, lora.FEEDBACK)
+        state, spec = current_lora(self.unet)
+        lora.save_state(folder / "lora.safetensors", state, {**meta, **spec})
+
+
+def merged(unet, ratio: float) -> tuple[dict, dict]:
+    return lora.merge_states(lora.get_state(unet, lora.STUDENT), lora.spec(unet, lora.STUDENT),
+                             lora.get_state(unet, lora.FEEDBACK), lora.spec(unet, lora.FEEDBACK), ratio)
+
+
+def current_lora(unet) -> tuple[dict, dict]:
+    """What the UNet samples with now, as one LoRA: the student, plus the feedback LoRA (ratio 1)
+    while one is active on top of it."""
+    if lora.FEEDBACK in lora.active(unet):
+        return merged(unet, 1.0)
+    return lora.get_state(unet, lora.STUDENT), lora.spec(unet, lora.STUDENT)
+
+
+class MergeRun(StageRun):
+    """student := student + ratio·feedback, exactly, or its nearest LoRA of the stage's ``rank``;
+    the feedback adapter is then removed."""
+
+    stage: MergeStage
+
+    def finish(self, folder: Path) -> None:
+        state, spec = merged(self.unet, self.stage.ratio)
+        if self.stage.rank is not None:
+            state, spec = lora.compress_state(state, spec, self.stage.rank)
+        lora.remove_lora(self.unet, lora.FEEDBACK)
+        for name in (lora.STUDENT, lora.EMA):
+            lora.ensure_lora(self.unet, name, **spec)
+            lora.set_state(self.unet, state, name)
+        lora.activate(self.unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        super().finish(folder)
+
+
+class DMDRun(StageRun):
+    """One-step DMD: the student generates at ``generator_t``; a ``fake`` LoRA tracks its samples."""
+
+    stage: DMDStage
+
+    def __init__(self, ctx, stage: DMDStage):
+        super().__init__(ctx, stage)
+        self.terms = load_terms(stage.rewards, self.teacher.device)
+        self.w_real = stage.guidance or self.teacher.default_guidance
+
+    def enter(self, fresh: bool) -> None:
+        s, unet = self.stage, self.unet
+        if fresh:  # the fake score starts as the teacher
+            lora.remove_lora(unet, lora.FAKE)
+        rank, alpha = self._rank_alpha(s.fake_rank)
+        lora.ensure_lora(unet, lora.FAKE, rank, alpha, lora.spec(unet, lora.STUDENT)["targets"])
+        if s.keep_weight > 0:  # the anchor: the student as the stage found it, in the EMA adapter
+            lora.ensure_lora(unet, lora.EMA, **lora.spec(unet, lora.STUDENT))
+            if fresh:
+                lora.set_state(unet, lora.get_state(unet, lora.STUDENT), lora.EMA)
+            self.keep_t = sorted({t for k in s.keep_steps for t in self.schedule.inference_timesteps(k)}
+                                 - {s.generator_t})
+        if s.generator_ema > 0:  # the average starts where the generator does
+            lora.ensure_lora(unet, lora.AVERAGE, **lora.spec(unet, lora.STUDENT))
+            if fresh:
+                lora.set_state(unet, lora.get_state(unet, lora.STUDENT), lora.AVERAGE)
+        lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))  # after any add: an added adapter becomes active
+        self.params = lora.adapter_params(unet, lora.STUDENT)
+        self.average = lora.adapter_params(unet, lora.AVERAGE) if s.generator_ema > 0 else []
+        self.fake_params = lora.adapter_params(unet, lora.FAKE)
+        self.fake_opt = torch.optim.AdamW(self.fake_params, lr=s.fake_lr, weight_decay=0.0)
+        self._make_pool()
+        if fresh and s.fake_warmup:
+            for _ in tqdm(range(s.fake_warmup), desc=f"{s.name} fake-score warm-up", disable=not self.ctx.progress,
+                          leave=False):
+                _, _, cond = self.ctx.batch(s.batch)
+                with self.ctx.rt.autocast():  # the generator's pass too: SD's frozen weights are in fp16/bf16
+                    self._fake_update(self._sample(cond), cond)
+
+    @torch.no_grad()
+    def _make_pool(self) -> None:
+        """Noise, prompts and the teacher's ODE output from that noise, for the regulariser.
+
+        Its own seed, so a resumed run rebuilds the same pool instead of storing it."""
+        s, t = self.stage, self.teacher
+        g = torch.Generator().manual_seed(self.ctx.stage_seed(s, 7919))
+        _, _, cond = self.ctx.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
+        noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device)  # float32: the network call casts its own input
+        uncond = t.empty_cond(1)
+        timesteps = self.schedule.inference_timesteps(s.reg_steps)
+        out, teacher = [], self.roles.teacher
+        with teacher.running():  # one switch for the whole ODE
+            for i in range(0, s.reg_pool, 256):
+                c = cond[i:i + 256]
+                eps = teacher.fn(c, c.unconditional(uncond), t.default_guidance)
+                out.append(sample_tcd(eps, noise[i:i + 256], timesteps, self.schedule))
+        self.pool = (noise, cond, torch.cat(out))
+
+    def _sample(self, cond: Cond) -> torch.Tensor:
+        t = self.teacher
+        noise = torch.randn((len(cond), *t.latent_shape), generator=self.ctx.generator).to(t.device)
+        with torch.no_grad():
+            return generate(self.roles.student.fn(cond), noise, self.stage.generator_t, self.schedule)
+
+    def _fake_update(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        g, fake = self.ctx.generator, self.roles.fake
+        t = torch.randint(0, self.teacher.T, (len(x),), generator=g).to(x.device)
+        noise = torch.randn(x.shape, generator=g).to(x.device)
+        with fake.running():  # the fake adapter active and trainable for the whole update
+            with self.ctx.rt.autocast():
+                loss = denoising_loss(fake.fn(cond), x, noise, t, self.schedule)
+            self.fake_opt.zero_grad(set_to_none=True)
+            self.ctx.rt.step(loss, self.fake_opt, self.fake_params, self.ctx.grad_clip, role="fake")
+        return loss.detach()
+
+    def loss(self, z, prompts, cond):
+        s, g, t_, roles = self.stage, self.ctx.generator, self.teacher, self.roles
+        n = len(z)
+        noise = torch.randn((n, *t_.latent_shape), generator=g).to(self.teacher.device)
+        pool_noise, pool_cond, pool_out = self.pool
+        idx = torch.randint(len(pool_noise), (s.reg_batch,), generator=g).to(pool_noise.device)
+        both = Cond.cat([cond, pool_cond[idx]])
+        x_all = generate(roles.student.fn(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.schedule)
+        x, x_reg = x_all[:n], x_all[n:]
+
+        t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
+        noise_t = torch.randn(x.shape, generator=g).to(x.device)
+        uncond = cond.unconditional(self.ctx.uncond_row)
+        with roles.teacher.running():  # one switch around the whole score
+            x0_real = score_x0(roles.teacher.fn(cond, uncond, self.w_real), x.detach(), noise_t, t, self.schedule)
+        x0_fake = score_x0(roles.fake.fn(cond), x.detach(), noise_t, t, self.schedule)
+        logs = {"dmd": dmd_loss(x, dmd_gradient(x.detach(), x0_real, x0_fake)),
+                "reg": (x_reg - pool_out[idx]).pow(2).mean()}
+        loss = s.dmd_weight * logs["dmd"] + s.reg_weight * logs["reg"]
+        if s.keep_weight > 0:
+            logs["keep"] = self._keep_loss(z[:s.keep_batch], cond[:s.keep_batch])
+            loss = loss + s.keep_weight * logs["keep"]
+        if self.terms:
+            r_loss, r_logs = reward_loss(self.terms, t_.decode(x), prompts)
+            loss, logs = loss + r_loss, logs | r_logs
+        self._last = (x.detach(), cond)
+        return loss, logs
+
+    def _keep_loss(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """‖ε_stu − ε_anchor‖² on real latents noised to the other samplers' timesteps."""
+        g = self.ctx.generator
+        t = torch.tensor(self.keep_t)[torch.randint(len(self.keep_t), (len(z),), generator=g)].to(z.device)
+        x_t = add_noise(z, torch.randn(z.shape, generator=g).to(z.device), t, self.schedule)
+        anchor = self.roles.ema(x_t, t, cond)  # the anchor: the student as the stage found it
+        return (self.roles.student(x_t, t, cond) - anchor).pow(2).mean()
+
+    def after_step(self) -> dict:
+        # Every fake update reuses this step's samples with fresh noise and timesteps: a new
+        # generator batch per update would cost a student pass each and move the fake score no
+        # further (the generator has not changed in between).
+        x, cond = self._last
+        fake = [self._fake_update(x, cond) for _ in range(self.stage.fake_updates)]
+        if self.average:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.average, self.params, 1 - self.stage.generator_ema)
+        return {"fake": torch.stack(fake).mean()}
+
+    def finish(self, folder: Path) -> None:
+        """With ``generator_ema``, the average becomes the student the stage hands on."""
+        if self.average:
+            lora.set_state(self.unet, lora.get_state(self.unet, lora.AVERAGE), lora.STUDENT)
+            lora.remove_lora(self.unet, lora.AVERAGE)
+            lora.activate(self.unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        super().finish(folder)
+
+    def pieces(self) -> dict:
+        # the regulariser's pool is not among them: its own seed rebuilds it on a resume
+        return {"fake_opt": self.fake_opt}
+
+
+RUNS = {"tscd": TSCDRun, "feedback": FeedbackRun, "merge": MergeRun, "dmd": DMDRun}
+
+
+def stage_run(ctx, stage: Stage) -> StageRun:
+    return RUNS[stage.kind](ctx, stage)

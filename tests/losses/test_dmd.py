@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from hypersd.core.solver import predict_x0
+from hypersd.losses.dmd import (
+    denoising_loss,
+    dmd_gradient,
+    dmd_loss,
+    generate,
+    score_x0,
+)
+from hypersd.teachers.digits import DigitsTeacher
+
+ACP = DigitsTeacher.new(seed=0).alphas_cumprod
+
+
+def test_dmd_gradient_is_normalised_per_sample():
+    x = torch.zeros(2, 1, 2, 2)
+    real = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    fake = real + torch.tensor([0.5, -1.0]).view(2, 1, 1, 1)
+    g = dmd_gradient(x, real, fake)
+    assert g[0].flatten().tolist() == pytest.approx([0.5] * 4)  # 0.5 / mean|0 - 1|
+    assert g[1].flatten().tolist() == pytest.approx([-0.5] * 4)  # -1 / mean|0 - 2|
+
+
+def test_dmd_loss_gradient_is_the_dmd_gradient():
+    x = torch.randn(3, 1, 4, 4, requires_grad=True)
+    g = torch.randn(3, 1, 4, 4)
+    dmd_loss(x, g).backward()
+    assert torch.allclose(x.grad, g / x.numel(), atol=1e-7)
+
+
+def test_generator_and_scores_invert_the_noising():
+    x0 = torch.rand(2, 1, 8, 8)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([100, 900])
+    assert torch.allclose(score_x0(lambda xt, tt: noise, x0, noise, t, ACP), x0, atol=1e-4)
+    assert denoising_loss(lambda xt, tt: noise, x0, noise, t, ACP).item() == 0
+    out = generate(lambda x, tt: 0.5 * x, noise, 999, ACP)
+    want = predict_x0(noise, 0.5 * noise, ACP[999].expand(2))
+    assert torch.allclose(out, want)

@@ -1,0 +1,273 @@
+"""SD3 and FLUX.1 teachers against diffusers' own pipelines, on tiny models saved as diffusers folders:
+the prompt embeddings are StableDiffusion3Pipeline's / FluxPipeline's, and hypersd's k-step sampler
+on the teacher (``sample_tcd`` at γ = 0 on ``schedule.inference_timesteps(k)``) gives the pipeline's
+latents when the pipeline is given ``sigmas=schedule.pipeline_sigmas(k)``."""
+
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from flow_tiny import LATENT_SIZE, T5_LENGTH, save_flow_tiny
+
+from hypersd.core.noise import flux_shift
+from hypersd.core.sampling import guided, initial_noise, sample_tcd
+from hypersd.errors import HypersdError
+from hypersd.teachers import load_teacher
+from hypersd.teachers.flux import pack, unpack
+
+PROMPTS = ["a red cat", "two dogs on a hill"]
+SIDE = 2 * LATENT_SIZE  # image side of the tiny models
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    return {kind: save_flow_tiny(kind, root / kind) for kind in ("sd3", "flux", "flux-schnell")}
+
+
+def teacher(folders, kind):
+    backbone = "sd3" if kind == "sd3" else "flux"
+    opts = {"max_sequence_length": T5_LENGTH} | ({} if kind == "sd3" else {"resolution": SIDE})
+    return load_teacher(backbone, str(folders[kind]), **opts)
+
+
+def pipeline(folders, kind):
+    cls = StableDiffusion3Pipeline if kind == "sd3" else FluxPipeline
+    pipe = cls.from_pretrained(str(folders[kind]))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd3_teacher_loads_with_its_schedule(folders):
+    t = teacher(folders, "sd3")
+    assert t.latent_shape == (16, LATENT_SIZE, LATENT_SIZE) and t.T == 841 and t.prediction_type == "flow"
+    s = t.schedule
+    assert (s.shift, s.timestep_scale, s.spacing) == (3.0, 1000.0, "inclusive")
+    assert t.transformer is t.unet and not any(p.requires_grad for p in t.unet.parameters())
+
+
+def test_flux_teacher_schedule_is_the_training_resolutions_shift(folders):
+    t = teacher(folders, "flux")
+    s = t.schedule
+    assert t.latent_shape == (16, LATENT_SIZE, LATENT_SIZE) and t.T == 1000
+    assert s.shift == pytest.approx(flux_shift((LATENT_SIZE // 2) ** 2)) and s.shift != 3.0
+    assert (s.timestep_scale, s.spacing) == (1.0, "trailing")
+    assert t.guidance_embeds and t.guidance == 3.5
+    schnell = teacher(folders, "flux-schnell")
+    assert schnell.schedule.shift == 1.0 and not schnell.guidance_embeds and schnell.guidance is None
+    big = load_teacher("flux", str(folders["flux"]), resolution=4 * SIDE)  # more tokens, more shift
+    assert big.latent_shape == (16, 4 * LATENT_SIZE, 4 * LATENT_SIZE) and big.schedule.shift > s.shift
+
+
+def test_sd3_prompt_embeddings_are_the_pipelines(folders):
+    t, pipe = teacher(folders, "sd3"), pipeline(folders, "sd3")
+    cond = t.encode_prompt(PROMPTS)
+    with torch.no_grad():  # T5's attention takes another kernel with autograd on (6e-7 apart)
+        hidden, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, None, None, max_sequence_length=T5_LENGTH,
+                                                             do_classifier_free_guidance=True)
+    assert cond.hidden.shape == (2, 16 + T5_LENGTH, 80) and cond.added["pooled_projections"].shape == (2, 64)
+    assert torch.equal(cond.hidden, hidden) and torch.equal(cond.added["pooled_projections"], pooled)
+    empty = t.empty_cond(2)  # "" encoded once and repeated; the pipeline encodes a batch of them
+    assert torch.allclose(empty.hidden, neg, atol=1e-6, rtol=0)
+    assert torch.allclose(empty.added["pooled_projections"], neg_pooled, atol=1e-6, rtol=0)
+    assert cond.hidden[:, :16, 64:].abs().max() == 0  # the CLIP pair zero-padded to T5's width
+
+
+def test_flux_prompt_embeddings_are_the_pipelines(folders):
+    t, pipe = teacher(folders, "flux"), pipeline(folders, "flux")
+    cond = t.encode_prompt(PROMPTS)
+    with torch.no_grad():
+        hidden, pooled, text_ids = pipe.encode_prompt(PROMPTS, max_sequence_length=T5_LENGTH)
+    assert torch.equal(cond.hidden, hidden) and torch.equal(cond.added["pooled_projections"], pooled)
+    assert text_ids.shape == (T5_LENGTH, 3) and not text_ids.any()
+
+
+def test_pack_and_unpack_are_flux_pipelines():
+    x = torch.randn(2, 16, 6, 4)
+    packed = pack(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 16, 6, 4))
+    assert torch.equal(unpack(packed, 6, 4), x)
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 6, 4, 1), x)
+
+
+def ours(t, k, guidance, seed=0):
+    """hypersd's Euler sampler (γ = 0) on the teacher's k-step boundaries, from a seed's x_T."""
+    noise, _ = initial_noise(len(PROMPTS), t.latent_shape, seed)
+    cond = t.encode_prompt(PROMPTS)
+    s = t.schedule
+    with torch.no_grad():
+        return noise, sample_tcd(guided(t, cond, guidance), noise, s.inference_timesteps(k), s, eta=0.0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_sd3_sampler_equals_the_pipeline_with_cfg(folders, k):
+    t, pipe = teacher(folders, "sd3"), pipeline(folders, "sd3")
+    noise, got = ours(t, k, 4.0)
+    ref = pipe(prompt=PROMPTS, latents=noise, guidance_scale=4.0, sigmas=t.schedule.pipeline_sigmas(k),
+               height=SIDE, width=SIDE, max_sequence_length=T5_LENGTH, output_type="latent").images
+    assert (got - noise).abs().max() > 0.1
+    assert (got - ref).abs().max() < 1e-5
+    _, unguided = ours(t, k, 1.0)
+    assert (unguided - got).abs().max() > 1e-3  # the guidance mattered
+
+
+class Calls:
+    """Records the batch size and guidance of every transformer call."""
+
+    def __init__(self, module):
+        self.seen = []
+        self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        g = kwargs.get("guidance")
+        self.seen.append((kwargs["hidden_states"].shape[0], None if g is None else g.tolist()))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_flux_dev_sampler_equals_the_pipeline_with_one_guided_pass_a_step(folders, k):
+    t, pipe = teacher(folders, "flux"), pipeline(folders, "flux")
+    calls = Calls(t.unet)
+    noise, got = ours(t, k, 2.5)
+    assert calls.seen == [(2, [2.5, 2.5])] * k  # one pass of the batch per step, ω as the embedding
+    assert t.guidance == 2.5  # recorded, for the student's calls and the LoRA's metadata
+    ref = pipe(prompt=PROMPTS, latents=pack(noise), guidance_scale=2.5, sigmas=t.schedule.pipeline_sigmas(k),
+               height=SIDE, width=SIDE, max_sequence_length=T5_LENGTH, output_type="latent").images
+    assert (got - noise).abs().max() > 0.1
+    assert (got - unpack(ref, LATENT_SIZE, LATENT_SIZE)).abs().max() < 1e-5
+    _, other = ours(t, k, 5.0)
+    assert (other - got).abs().max() > 1e-4  # the embedding's value mattered
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_flux_schnell_sampler_equals_the_pipeline_without_guidance(folders, k):
+    t, pipe = teacher(folders, "flux-schnell"), pipeline(folders, "flux-schnell")
+    calls = Calls(t.unet)
+    noise, got = ours(t, k, 3.0)
+    assert calls.seen == [(2, None)] * k
+    ref = pipe(prompt=PROMPTS, latents=pack(noise), sigmas=t.schedule.pipeline_sigmas(k), height=SIDE, width=SIDE,
+               max_sequence_length=T5_LENGTH, output_type="latent").images
+    assert (got - unpack(ref, LATENT_SIZE, LATENT_SIZE)).abs().max() < 1e-5
+
+
+def test_decode_is_the_pipelines(folders):
+    """The VAE's shift and scale, both ways, as the flow pipelines apply them."""
+    t, pipe = teacher(folders, "sd3"), pipeline(folders, "sd3")
+    z = torch.randn(1, 16, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+        assert torch.allclose(t.decode(z), want.clamp(-1, 1), atol=1e-6)
+        back = t.encode(t.decode(z))
+    assert back.shape == z.shape
+
+
+def test_a_model_of_the_other_family_is_refused_naming_the_backbone(folders):
+    with pytest.raises(HypersdError, match="FluxTransformer2DModel.*use backbone flux"):
+        load_teacher("sd3", str(folders["flux"]))
+    with pytest.raises(HypersdError, match="SD3Transformer2DModel.*use backbone sd3"):
+        load_teacher("flux", str(folders["sd3"]))
+
+
+def test_bad_sources_are_refused(folders, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(HypersdError, match="no 'transformer' component"):
+        load_teacher("sd3", str(broken))
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(HypersdError, match="not a .safetensors checkpoint"):
+        load_teacher("flux", str(ckpt))
+    with pytest.raises(HypersdError, match="multiple of 4 pixels"):
+        load_teacher("flux", str(folders["flux"]), resolution=18)
+    with pytest.raises(HypersdError, match="no guidance embedding"):
+        load_teacher("flux", str(folders["flux-schnell"]), resolution=SIDE, guidance=3.5)
+    with pytest.raises(HypersdError, match="takes no options"):
+        load_teacher("sd15", "some/model", resolution=512)
+
+
+# -- hypersd generate on SD3 and FLUX ----------------------------------------------------------------
+def reference_images(t, prompts, seeds, k, guidance, latent_shape):
+    """hypersd's sampler on the teacher, one image per seed, decoded."""
+    out = []
+    for p, seed in zip(prompts, seeds):
+        noise, _ = initial_noise(1, latent_shape, seed)
+        s = t.schedule
+        with torch.no_grad():
+            x0 = sample_tcd(guided(t, t.encode_prompt([p]), guidance), noise, s.inference_timesteps(k), s)
+            out.append(t.decode(x0))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind,guidance", [("sd3", 3.0), ("flux", 2.0)])
+def test_generate_equals_hypersd_sampler_on_the_teachers_sigmas(folders, kind, guidance):
+    from hypersd.inference.generator import Generator
+
+    gen = Generator(str(folders[kind]), steps=2, guidance=guidance, device="cpu", width=SIDE, height=SIDE)
+    assert gen.plan.backbone == kind and gen.plan.scheduler == "euler"
+    assert gen.plan.timesteps == gen.teacher.schedule.inference_timesteps(2)
+    prompts, seeds = ["a cat", "a red house"], [5, 9]
+    images = gen.images(prompts, seeds)
+    ref = reference_images(gen.teacher, prompts, seeds, 2, guidance, gen.latent_shape)
+    assert images.shape == ref.shape == (2, 3, SIDE, SIDE) and images.std() > 0.01
+    assert (images - ref).abs().max() < 1e-4
+
+
+def test_flux_generate_takes_the_shift_of_its_image_size(folders):
+    """Other sizes: the shift of their token count (as FluxPipeline's), the sigmas still the teacher's."""
+    from hypersd.inference.generator import Generator
+
+    gen = Generator(str(folders["flux"]), steps=2, device="cpu", width=2 * SIDE, height=SIDE)
+    assert gen.latent_shape == (16, LATENT_SIZE, 2 * LATENT_SIZE)
+    assert gen.teacher.schedule.shift == pytest.approx(flux_shift(LATENT_SIZE ** 2 // 2))
+    images = gen.images(["a cat"], [1])
+    assert images.shape == (1, 3, SIDE, 2 * SIDE)
+    with pytest.raises(HypersdError, match="--width 18 is not a positive multiple of 4"):
+        Generator(str(folders["sd3"]), steps=2, device="cpu", width=18)
+    with pytest.raises(HypersdError, match="Euler sampler only"):
+        Generator(str(folders["sd3"]), steps=2, device="cpu", scheduler="tcd", eta=0.5)
+
+
+def test_generate_command_detects_sd3(folders, tmp_path):
+    from PIL import Image
+
+    from hypersd.cli import main
+
+    out = tmp_path / "images"
+    assert main(["generate", "--model", str(folders["sd3"]), "--prompt", "a cat", "--steps", "1", "--width",
+                 str(SIDE), "--height", str(SIDE), "--device", "cpu", "--out", str(out), "--quiet"]) in (0, None)
+    png = Image.open(out / "00000.png")
+    assert png.size == (SIDE, SIDE) and '"backbone": "sd3"' in png.text["hypersd"]
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_boundaries_are_the_pipelines_own_k_step_sigmas(folders, kind, k):
+    """SD3's "inclusive" grid holds set_timesteps(k)'s sigmas, FLUX's "trailing" one FluxPipeline's
+    default linspace(1, 1/k, k): a pipeline given only a step count samples hypersd's boundaries."""
+    t, pipe = teacher(folders, kind), pipeline(folders, kind)
+    noise, got = ours(t, k, 1.0)
+    lat = noise if kind == "sd3" else pack(noise)
+    ref = pipe(prompt=PROMPTS, latents=lat, guidance_scale=1.0, num_inference_steps=k, height=SIDE, width=SIDE,
+               max_sequence_length=T5_LENGTH, output_type="latent").images
+    ref = ref if kind == "sd3" else unpack(ref, LATENT_SIZE, LATENT_SIZE)
+    assert (got - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_single_checkpoint_gives_the_transformer_and_its_config_the_rest(folders, kind, tmp_path):
+    from flow_tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+    from safetensors.torch import save_file
+
+    other = (tiny_sd3_pipeline if kind == "sd3" else tiny_flux_pipeline)(seed=1).transformer
+    file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(file))
+    backbone = "sd3" if kind == "sd3" else "flux"
+    opts = {"max_sequence_length": T5_LENGTH} | ({} if kind == "sd3" else {"resolution": SIDE})
+    t = load_teacher(backbone, str(file), config=str(folders[kind]), **opts)
+    for (name, got), want in zip(t.unet.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(got, want), name  # the file's weights, not the config folder's
+    ref = teacher(folders, kind)
+    assert torch.equal(t.encode_prompt(PROMPTS).hidden, ref.encode_prompt(PROMPTS).hidden)
+    with pytest.raises(HypersdError, match="--model-config"):
+        load_teacher(backbone, str(file))
+    wrong = "flux" if kind == "sd3" else "sd3"
+    with pytest.raises(HypersdError, match=f"use backbone {backbone}"):
+        load_teacher(wrong, str(file), config=str(folders[kind]))

@@ -1,0 +1,226 @@
+import pytest
+import torch
+
+from hypersd import lora
+from hypersd.errors import HypersdError
+from hypersd.losses.adversarial import hinge_d_loss
+from hypersd.losses.dmd import score_x0
+from hypersd.train.recipe import from_dict
+from hypersd.train.stages import merged, stage_run
+from hypersd.train.trainer import Distiller, train_step
+
+
+def _distiller(tmp_path, teacher_file, stages):
+    recipe = from_dict({"teacher": str(teacher_file), "lora_rank": 4, "grid_every_stage": False,
+                        "stage_defaults": {"batch": 4, "steps": 2}, "stages": stages})
+    return Distiller(recipe, tmp_path, progress=False)
+
+
+def _grads(unet, name):
+    return [p.grad for p in lora.adapter_params(unet, name)]
+
+
+def test_dmd_loss_trains_only_the_student_and_keep_starts_at_zero(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "d", "kind": "dmd", "fake_warmup": 1, "reg_pool": 4, "reg_steps": 2, "reg_batch": 2,
+         "keep_weight": 1.0, "keep_batch": 3}])
+    with torch.no_grad():  # a student that differs from the teacher
+        for p in lora.adapter_params(d.teacher.unet, lora.STUDENT):
+            p.add_(0.05 * torch.randn(p.shape))
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    assert run.keep_t == [124, 249, 374, 499, 624, 749, 874]
+    for p in d.teacher.unet.parameters():  # the warm-up's fake-score gradients
+        p.grad = None
+    z, prompts = d.data.batch(4, d.generator)
+    loss, logs = run.loss(z, prompts, d.teacher.encode_prompt(prompts))
+    assert logs["keep"].item() == 0.0  # the anchor is the student as the stage found it
+    assert torch.isfinite(loss) and logs["dmd"].item() > 0 and logs["reg"].item() > 0
+    loss.backward()
+    unet = d.teacher.unet
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(unet, lora.STUDENT))
+    assert all(g is None for g in _grads(unet, lora.FAKE) + _grads(unet, lora.EMA))
+    before = [p.detach().clone() for p in lora.adapter_params(unet, lora.FAKE)]
+    assert "fake" in run.after_step()  # fake-score updates move the fake adapter only
+    assert any(not torch.equal(a, p) for a, p in zip(before, lora.adapter_params(unet, lora.FAKE)))
+    assert all(p.requires_grad for p in lora.adapter_params(unet, lora.STUDENT))
+
+
+def test_feedback_trains_its_own_lora_on_a_frozen_student(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits", "alpha": 0.0}], "perceptual_weight": 1.0}])
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    unet = d.teacher.unet
+    assert lora.active(unet) == [lora.STUDENT, lora.FEEDBACK]
+    z, prompts = d.data.batch(4, d.generator)
+    loss, logs = run.loss(z, prompts, d.teacher.encode_prompt(prompts))
+    assert set(logs) == {"digits", "perc"} and logs["digits"].item() < 0  # a log-probability
+    loss.backward()
+    assert all(g is None for g in _grads(unet, lora.STUDENT))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(unet, lora.FEEDBACK))
+
+
+def test_merge_with_a_rank_leaves_the_compressed_merge_in_student_and_anchor(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits"}]},
+        {"name": "m", "kind": "merge", "ratio": 0.5, "rank": 4}])
+    unet = d.teacher.unet
+    stage_run(d, d.recipe.stages[1]).enter(fresh=True)
+    with torch.no_grad():  # a student and a feedback LoRA with something to merge
+        for p in lora.adapter_params(unet, lora.STUDENT) + lora.adapter_params(unet, lora.FEEDBACK):
+            p.add_(0.05 * torch.randn(p.shape))
+    stacked, stacked_spec = merged(unet, 0.5)
+    assert stacked_spec["rank"] == 8
+    want, want_spec = lora.compress_state(stacked, stacked_spec, 4)
+    stage_run(d, d.recipe.stages[2]).finish(tmp_path / "m")
+    assert lora.FEEDBACK not in unet.peft_config and lora.active(unet) == [lora.STUDENT]
+    for name in (lora.STUDENT, lora.EMA):
+        assert lora.spec(unet, name) == want_spec
+        got = lora.get_state(unet, name)
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    state, meta = lora.read_lora(tmp_path / "m" / "lora.safetensors")
+    assert meta["rank"] == 4 and all(torch.equal(state[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("rank", [0, 2.5])
+def test_merge_rank_must_be_a_positive_whole_number(random_teacher_file, rank):
+    with pytest.raises(HypersdError, match="rank must be a whole number"):
+        from_dict({"teacher": str(random_teacher_file), "stages": [
+            {"name": "t"}, {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits"}]},
+            {"name": "m", "kind": "merge", "rank": rank}]})
+
+
+def test_a_merge_rank_changes_the_fingerprint_so_no_checkpoint_resumes_across_it():
+    stages = [{"name": "t"}, {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits"}]},
+              {"name": "m", "kind": "merge"}]
+    exact = from_dict({"stages": stages}).fingerprint()
+    assert exact == from_dict({"stages": [*stages[:2], {"name": "m", "kind": "merge", "rank": None}]}).fingerprint()
+    assert exact != from_dict({"stages": [*stages[:2], {"name": "m", "kind": "merge", "rank": 32}]}).fingerprint()
+
+
+def test_dmd_generator_ema_follows_the_student_and_is_what_the_stage_hands_on(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "d", "kind": "dmd", "fake_warmup": 0, "reg_pool": 4, "reg_steps": 2, "reg_batch": 2,
+         "generator_ema": 0.75}])
+    unet = d.teacher.unet
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    start = [p.detach().clone() for p in run.params]
+    assert all(torch.equal(a, p) for a, p in zip(run.average, start))  # the average starts at the generator
+    assert lora.active(unet) == [lora.STUDENT]
+    opt = torch.optim.AdamW(run.params, lr=1e-2)
+    z, prompts, cond = d.batch(4)
+    run.loss(z, prompts, cond)[0].backward()
+    opt.step()
+    run.after_step()
+    moved = [p.detach().clone() for p in run.params]
+    assert any(not torch.equal(a, b) for a, b in zip(start, moved))
+    for avg, a, b in zip(run.average, start, moved):  # one EMA step: 0.75 of the old, 0.25 of the new
+        assert torch.allclose(avg, 0.75 * a + 0.25 * b, atol=1e-7)
+    want = [a.detach().clone() for a in run.average]
+    run.finish(tmp_path / "d")
+    assert lora.AVERAGE not in unet.peft_config and lora.active(unet) == [lora.STUDENT]
+    assert all(torch.equal(p, w) for p, w in zip(lora.adapter_params(unet, lora.STUDENT), want))
+    saved, _ = lora.read_lora(tmp_path / "d" / "lora.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in lora.get_state(unet, lora.STUDENT).items())
+
+
+def test_generator_ema_must_be_a_decay():
+    with pytest.raises(HypersdError, match="generator_ema must be in"):
+        from_dict({"stages": [{"name": "t"}, {"name": "d", "kind": "dmd", "generator_ema": 1.0}]})
+
+
+def test_a_feedback_lora_of_another_rank_merges_exactly(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "fb", "kind": "feedback", "rank": 2, "rewards": [{"name": "digits"}]},
+        {"name": "m", "kind": "merge"}])
+    unet = d.teacher.unet
+    stage_run(d, d.recipe.stages[1]).enter(fresh=True)
+    assert lora.spec(unet, lora.FEEDBACK)["rank"] == 2 and lora.spec(unet, lora.STUDENT)["rank"] == 4
+    with torch.no_grad():
+        for p in lora.adapter_params(unet, lora.STUDENT) + lora.adapter_params(unet, lora.FEEDBACK):
+            p.add_(0.05 * torch.randn(p.shape))
+    z, prompts = d.data.batch(4, d.generator)
+    cond = d.teacher.encode_prompt(prompts)
+    with torch.no_grad():
+        both = d.teacher.eps(z, 500, cond)  # student and feedback active together
+        stage_run(d, d.recipe.stages[2]).finish(tmp_path / "m")
+        assert lora.spec(unet, lora.STUDENT)["rank"] == 6 and lora.active(unet) == [lora.STUDENT]
+        assert torch.allclose(d.teacher.eps(z, 500, cond), both, atol=1e-5)
+
+
+def _tscd_step(tmp_path, teacher_file, **stage):
+    """A TSCD stage after one training step; the student and its target before the step."""
+    d = _distiller(tmp_path, teacher_file, [{"name": "t", "segments": 2, **stage}])
+    run = stage_run(d, d.recipe.stages[0])
+    run.enter(fresh=True)
+    with torch.no_grad():  # a target that differs from the student, as it does after the first step
+        for p in run.ema:
+            p.add_(0.05 * torch.randn(p.shape))
+    student, ema = [p.detach().clone() for p in run.params], [p.detach().clone() for p in run.ema]
+    z, prompts, cond = d.batch(4)
+    logs = train_step(d.rt, run, torch.optim.AdamW(run.params, lr=1e-2), z, prompts, cond, None)
+    return run, logs, student, ema
+
+
+def test_tscd_target_moves_toward_the_student_by_one_minus_the_decay(tmp_path, random_teacher_file):
+    run, _, student, ema = _tscd_step(tmp_path, random_teacher_file, ema_decay=0.9)
+    moved = [p.detach() for p in run.params]
+    assert any(not torch.equal(a, b) for a, b in zip(student, moved))
+    for new, old, s in zip(run.ema, ema, moved):  # the lerp toward the student after its update
+        assert torch.allclose(new, old + 0.1 * (s - old), atol=1e-7)
+    assert sum((new - old).abs().sum() for new, old in zip(run.ema, ema)) > 0
+
+
+def test_tscd_discriminator_step_lowers_its_loss_on_the_batch(tmp_path, random_teacher_file):
+    run, logs, _, _ = _tscd_step(tmp_path, random_teacher_file, adv_weight=0.5, d_lr=1e-3, d_hidden=8)
+    assert {"mse", "g", "d"} <= set(logs)
+    pred, tgt, t_end, cond = run._for_d  # what the step trained the heads on
+    with torch.no_grad():
+        after = hinge_d_loss(run.disc(tgt, t_end, cond), run.disc(pred, t_end, cond))
+    assert after < logs["d"] - 1e-3
+    assert run.d_opt.state_dict()["state"]  # the heads' optimizer has stepped
+
+
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_dmd_real_score_is_the_guided_teacher(tmp_path, random_teacher_file, monkeypatch, guidance):
+    import hypersd.train.stages
+
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "d", "kind": "dmd", "fake_warmup": 0, "reg_pool": 2, "reg_steps": 1, "reg_batch": 1,
+         "guidance": guidance}])
+    t, unet = d.teacher, d.teacher.unet
+    with torch.no_grad():  # a student unlike the teacher, so that a real score with adapters on shows
+        for p in lora.adapter_params(unet, lora.STUDENT):
+            p.add_(0.05 * torch.randn(p.shape))
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    w = guidance or t.default_guidance
+    assert run.w_real == w != 1
+    real = []
+
+    def spy(eps_fn, x, noise, tt, acp):
+        out = score_x0(eps_fn, x, noise, tt, acp)
+        if lora._tuner_layers(unet)[0].disable_adapters:  # the real score: the teacher's pass
+            real.append((out, x, noise, tt))
+        return out
+
+    monkeypatch.setattr(hypersd.train.stages, "score_x0", spy)
+    z, prompts, cond = d.batch(3)
+    run.loss(z, prompts, cond)
+    (out, x, noise, tt), = real
+    uncond = cond.unconditional(d.uncond_row)
+    with torch.no_grad(), lora.adapters_disabled(unet):
+        def guided(w):
+            return score_x0(lambda xt, s: t.eps(xt, s, uncond) + w * (t.eps(xt, s, cond) - t.eps(xt, s, uncond)),
+                            x, noise, tt, run.schedule)
+        want, unguided = guided(w), guided(1.0)
+    assert torch.allclose(out, want, atol=1e-5)
+    assert (want - unguided).abs().max() > 1e-2  # the check tells a guided score from an unguided one
