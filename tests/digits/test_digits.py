@@ -52,7 +52,7 @@ def test_teacher_errors(tmp_path):
     with pytest.raises(HypersdError, match="not a readable safetensors digits teacher"):
         DigitsTeacher.load(torn)
     with pytest.raises(HypersdError, match="unknown backbone"):
-        load_teacher("sd3")
+        load_teacher("sd4")
     with pytest.raises(HypersdError, match=r"\[N, 1, 8, 8\]"):
         DigitsTeacher.new().encode(torch.zeros(2, 3, 8, 8))
 
