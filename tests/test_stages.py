@@ -265,7 +265,7 @@ def test_tscd_discriminator_separates_data_from_jumps_in_a_few_steps(tmp_path, r
     run = stage_run(d, d.recipe.stages[0])
     run.enter(fresh=True)
     opt = torch.optim.AdamW(run.params, lr=1e-4)
-    d_losses = [float(train_step(d.rt, run, opt, *d.batch(8), None)["d"]) for _ in range(8)]
+    d_losses = [float(train_step(d.rt, run, opt, *d.batch(8), None)["d"].detach()) for _ in range(8)]
     # the jump and its target agree, D(real) ≈ D(fake): the hinge stays at 2; data vs jumps separates
     assert (min(d_losses[-3:]) < 1.95) == (adv_real == "data")
 
