@@ -208,6 +208,12 @@ def test_the_fingerprint_covers_the_method_only():
     assert flat_before.fingerprint() == "e00dbe42736ef2e8"
 
 
+def test_a_data_side_discriminator_is_part_of_the_method():
+    paper = from_dict({"stages": [{**TSCD, "adv_real": "target"}]})
+    assert paper.fingerprint() == _recipe().fingerprint()  # the default leaves earlier runs' fingerprints
+    assert from_dict({"stages": [{**TSCD, "adv_real": "data"}]}).fingerprint() != paper.fingerprint()
+
+
 def test_the_resolved_recipe_shows_its_sections_and_loads_back(tmp_path, capsys):
     import yaml
 

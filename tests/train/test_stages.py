@@ -224,3 +224,52 @@ def test_dmd_real_score_is_the_guided_teacher(tmp_path, random_teacher_file, mon
         want, unguided = guided(w), guided(1.0)
     assert torch.allclose(out, want, atol=1e-5)
     assert (want - unguided).abs().max() > 1e-2  # the check tells a guided score from an unguided one
+
+
+def test_tscd_adv_real_data_shows_the_discriminator_the_batch_noised_to_t_end(tmp_path, random_teacher_file,
+                                                                             monkeypatch):
+    import hypersd.adversarial
+
+    d = _distiller(tmp_path, random_teacher_file, [{"name": "t", "segments": 2, "adv_weight": 0.5,
+                                                    "adv_real": "data", "d_hidden": 8}])
+    run = stage_run(d, d.recipe.stages[0])
+    run.enter(fresh=True)
+    seen, noised, features, add_noise = [], [], hypersd.adversarial.encoder_features, run.schedule.add_noise
+
+    def disc_spy(unet, x, t, cond):  # what each discriminator call reads
+        seen.append(x.detach().clone())
+        return features(unet, x, t, cond)
+
+    def spy(x0, noise, t):
+        noised.append((x0, noise, t))
+        return add_noise(x0, noise, t)
+
+    monkeypatch.setattr(hypersd.adversarial, "encoder_features", disc_spy)
+    monkeypatch.setattr(run.schedule, "add_noise", spy)
+    z, prompts, cond = d.batch(4)
+    train_step(d.rt, run, torch.optim.AdamW(run.params, lr=1e-2), z, prompts, cond, None)
+    x0, noise, t_end = noised[-1]
+    assert x0 is z and torch.equal(t_end, run._for_d[2])
+    pred, real, _, _ = run._for_d
+    assert len(seen) == 3 and torch.equal(seen[1], real) and torch.equal(seen[2], pred)  # g, then D's real, fake
+    a = run.schedule.alpha(t_end).view(-1, 1, 1, 1)
+    s = run.schedule.sigma(t_end).view(-1, 1, 1, 1)
+    assert torch.allclose(real, a * z + s * noise, atol=1e-6)
+    assert 0.8 < noise.std() < 1.2 and not torch.allclose(real, z)  # fresh noise, not the clean batch
+
+
+@pytest.mark.parametrize("adv_real", ["target", "data"])
+def test_tscd_discriminator_separates_data_from_jumps_in_a_few_steps(tmp_path, random_teacher_file, adv_real):
+    d = _distiller(tmp_path, random_teacher_file, [{"name": "t", "segments": 1, "adv_weight": 0.1,
+                                                    "adv_real": adv_real, "d_lr": 0.1, "d_hidden": 8}])
+    run = stage_run(d, d.recipe.stages[0])
+    run.enter(fresh=True)
+    opt = torch.optim.AdamW(run.params, lr=1e-4)
+    d_losses = [float(train_step(d.rt, run, opt, *d.batch(8), None)["d"].detach()) for _ in range(8)]
+    # the jump and its target agree, D(real) ≈ D(fake): the hinge stays at 2; data vs jumps separates
+    assert (min(d_losses[-3:]) < 1.95) == (adv_real == "data")
+
+
+def test_adv_real_must_be_target_or_data():
+    with pytest.raises(HypersdError, match="adv_real must be 'target' or 'data'"):
+        from_dict({"stages": [{"name": "t", "adv_weight": 0.1, "adv_real": "real"}]})

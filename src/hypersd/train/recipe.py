@@ -50,6 +50,9 @@ class TSCDStage(Stage):
     adv_weight: float = 0.0
     d_lr: float = 2e-4
     d_hidden: int = 64
+    # the discriminator's real sample: "target" (the paper's: the EMA target at t_end) or "data"
+    # (the batch's clean latents noised to t_end; hypersd's extension, see docs/METHOD.md)
+    adv_real: str = "target"
 
 
 @dataclass
@@ -194,6 +197,8 @@ class Recipe:
                 s.pop("rank")
             if s["kind"] == "dmd" and s.get("generator_ema") == 0:
                 s.pop("generator_ema")
+            if s["kind"] == "tscd" and s.get("adv_real") == "target":  # and TSCD's paper discriminator
+                s.pop("adv_real")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def dump(self) -> str:
@@ -377,6 +382,8 @@ def _validate_stage(s: Stage, where: str) -> None:
             raise HypersdError(f"{where}: boundary_prob must be in [0, 1], got {s.boundary_prob}")
         if not 0 <= s.ema_decay < 1:
             raise HypersdError(f"{where}: ema_decay must be in [0, 1), got {s.ema_decay}")
+        if s.adv_real not in ("target", "data"):
+            raise HypersdError(f"{where}: adv_real must be 'target' or 'data', got {s.adv_real!r}")
         if s.adv_weight > 0 and s.d_hidden < 1:
             raise HypersdError(f"{where}: d_hidden must be >= 1 with adv_weight > 0, got {s.d_hidden}")
     if isinstance(s, (FeedbackStage, DMDStage)):

@@ -114,16 +114,24 @@ class TSCDRun(StageRun):
         if self.disc is not None:
             logs["g"] = hinge_g_loss(self.disc(pred, t_end, cond))
             loss = loss + s.adv_weight * logs["g"]
-            self._for_d = (pred.detach(), tgt, t_end, cond)
+            self._for_d = (pred.detach(), self._adv_real(z, tgt, t_end), t_end, cond)
         return loss, logs
+
+    def _adv_real(self, z, tgt, t_end):
+        """The discriminator's real sample: the EMA target, or (``adv_real: data``) the batch's
+        own latents at t_end, whose clean backgrounds the target and the jump may both lack."""
+        if self.stage.adv_real == "target":
+            return tgt
+        noise = torch.randn(z.shape, generator=self.d.generator).to(z.device)
+        return self.schedule.add_noise(z, noise, t_end)
 
     def after_step(self) -> dict:
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, self.params, 1 - self.stage.ema_decay)
         if self.disc is None:
             return {}
-        pred, tgt, t_end, cond = self._for_d
-        d_loss = hinge_d_loss(self.disc(tgt, t_end, cond), self.disc(pred, t_end, cond))
+        pred, real, t_end, cond = self._for_d
+        d_loss = hinge_d_loss(self.disc(real, t_end, cond), self.disc(pred, t_end, cond))
         self.d_opt.zero_grad(set_to_none=True)
         self.ctx.rt.step(d_loss, self.d_opt, self.disc.heads.parameters(), role="discriminator")
         return {"d": d_loss}
