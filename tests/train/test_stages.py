@@ -228,23 +228,23 @@ def test_dmd_real_score_is_the_guided_teacher(tmp_path, random_teacher_file, mon
 
 def test_tscd_adv_real_data_shows_the_discriminator_the_batch_noised_to_t_end(tmp_path, random_teacher_file,
                                                                              monkeypatch):
-    import hypersd.adversarial
+    import hypersd.losses.adversarial
 
     d = _distiller(tmp_path, random_teacher_file, [{"name": "t", "segments": 2, "adv_weight": 0.5,
                                                     "adv_real": "data", "d_hidden": 8}])
     run = stage_run(d, d.recipe.stages[0])
     run.enter(fresh=True)
-    seen, noised, features, add_noise = [], [], hypersd.adversarial.encoder_features, run.schedule.add_noise
+    seen, noised, features, add_noise = [], [], hypersd.losses.adversarial.encoder_features, run.schedule.add_noise
 
-    def disc_spy(unet, x, t, cond):  # what each discriminator call reads
-        seen.append(x.detach().clone())
-        return features(unet, x, t, cond)
+    def disc_spy(net, inputs):  # what each discriminator call reads
+        seen.append(inputs["sample"].detach().clone())
+        return features(net, inputs)
 
     def spy(x0, noise, t):
         noised.append((x0, noise, t))
         return add_noise(x0, noise, t)
 
-    monkeypatch.setattr(hypersd.adversarial, "encoder_features", disc_spy)
+    monkeypatch.setattr(hypersd.losses.adversarial, "encoder_features", disc_spy)
     monkeypatch.setattr(run.schedule, "add_noise", spy)
     z, prompts, cond = d.batch(4)
     train_step(d.rt, run, torch.optim.AdamW(run.params, lr=1e-2), z, prompts, cond, None)

@@ -122,7 +122,7 @@ class TSCDRun(StageRun):
         own latents at t_end, whose clean backgrounds the target and the jump may both lack."""
         if self.stage.adv_real == "target":
             return tgt
-        noise = torch.randn(z.shape, generator=self.d.generator).to(z.device)
+        noise = torch.randn(z.shape, generator=self.ctx.generator).to(z.device)
         return self.schedule.add_noise(z, noise, t_end)
 
     def after_step(self) -> dict:
