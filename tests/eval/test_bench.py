@@ -23,6 +23,15 @@ def test_packaged_methods_share_one_budget():
         method_recipes(["dmd9"])
 
 
+def test_the_flow_world_benches_the_same_methods_on_its_teacher():
+    flow, ddpm = method_recipes(["lcm", "phased", "tscd", "hypersd"], "digits-flow"), method_recipes(["lcm"])
+    assert {r.backbone for r in flow.values()} == {"digits-flow"} and ddpm["lcm"].backbone == "digits"
+    assert len({budget(r) for r in flow.values()}) == 1  # one budget, as on the DDPM world
+    assert [s.kind for s in flow["hypersd"].stages] == ["tscd"] * 4 + ["feedback", "merge", "dmd"]
+    with pytest.raises(HypersdError, match="digits worlds"):
+        method_recipes(["lcm"], "sd15")
+
+
 def test_bench_table_and_kept_loras(tmp_path, random_teacher_file):
     recipes = {"lcm": _recipe(random_teacher_file, [{"name": "lcm", "segments": 1, "end": "boundary", "steps": 4}]),
                "hypersd": _recipe(random_teacher_file, [

@@ -28,7 +28,7 @@ DIGITS_EVAL_STEPS = [1, 2, 4, 8, 25, 40]
 
 def _add_teacher_args(p: argparse.ArgumentParser, backbone: bool = True) -> None:
     p.add_argument("--teacher", default=None, help="digits teacher .safetensors (default: the shipped one)")
-    if backbone:  # bench's methods are recipes, whose backbone their YAML names; eval reads its file's kind
+    if backbone:  # eval reads its file's kind instead
         p.add_argument("--backbone", choices=["digits", "digits-flow"], default="digits",
                        help="digits: the DDPM UNet teacher; digits-flow: the rectified-flow transformer teacher")
 
@@ -172,7 +172,7 @@ def cmd_log_summary(a) -> None:
 def cmd_bench(a) -> None:
     from hypersd.eval.bench import method_recipes, run_bench
 
-    rows = run_bench(a.out, method_recipes(a.methods), a.steps, a.etas, n=a.n, seeds=a.seeds, teacher_path=a.teacher,
+    rows = run_bench(a.out, method_recipes(a.methods, a.backbone), a.steps, a.etas, n=a.n, seeds=a.seeds, teacher_path=a.teacher,
                      jobs=a.jobs)
     print((Path(a.out) / "bench.md").read_text())
     print(f"wrote {Path(a.out) / 'bench.json'} and {Path(a.out) / 'bench.md'} ({len(rows)} rows); "
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "its best eta, with Hyper-SD's ablation (TSCD, + feedback, + DMD)",
                        description="Distils each method (resuming any finished or partial run in --out), then "
                                    "writes bench.json and bench.md with the held-out evaluator's metrics.")
-    _add_teacher_args(b, backbone=False)
+    _add_teacher_args(b)
     b.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    default=["lcm", "phased", "tscd", "hypersd"],
                    help="comma-separated: lcm, phased, tscd (TSCD alone), hypersd (the default recipe)")

@@ -56,11 +56,19 @@ def budget(recipe) -> int:
     return sum(s.steps * s.batch for s in recipe.stages)
 
 
-def method_recipes(methods) -> dict:
+# The digits worlds: the same recipes on the DDPM UNet teacher or on the rectified-flow transformer
+# (whose own Hyper-SD recipe is digits-flow.yaml; the baselines are the same recipes on its backbone).
+WORLDS = {"digits": {}, "digits-flow": {"hypersd": "digits-flow"}}
+
+
+def method_recipes(methods, backbone: str = "digits") -> dict:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise HypersdError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
-    return {m: load_recipe(METHODS[m]) for m in methods}
+    if backbone not in WORLDS:
+        raise HypersdError(f"hypersd bench runs on the digits worlds ({', '.join(WORLDS)}), not {backbone!r}")
+    names = {m: WORLDS[backbone].get(m, METHODS[m]) for m in methods}
+    return {m: load_recipe(names[m], [f"backbone={backbone}"]) for m in methods}
 
 
 def train_all(out: Path, recipes: dict, jobs: int, progress: bool = True) -> dict[str, float]:
