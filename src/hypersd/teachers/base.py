@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hypersd.core.noise import DDPMSchedule, NoiseSchedule
+from hypersd.core.noise import DDPMSchedule, FlowSchedule, NoiseSchedule
 from hypersd.core.solver import cfg
 
 
@@ -140,3 +140,24 @@ class Teacher:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents back to images in [-1, 1]."""
         raise NotImplementedError
+
+
+class FlowScheduled:
+    """For a rectified-flow teacher: its schedule from ``flow_config`` (FlowSchedule's arguments),
+    the one it calls its network on kept as ``_schedule`` (with its device tables)."""
+
+    flow_config: dict
+    _schedule: FlowSchedule
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        # a fresh object per access, as Teacher.schedule: callers keep theirs with its device tables
+        return FlowSchedule(**self.flow_config)
+
+    @property
+    def T(self) -> int:
+        return self._schedule.T
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"

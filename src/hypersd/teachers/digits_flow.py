@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from diffusers import SD3Transformer2DModel
 
-from hypersd.core.noise import FlowSchedule, NoiseSchedule
+from hypersd.core.noise import FlowSchedule
 from hypersd.digits import ASSETS
 from hypersd.errors import HypersdError
-from hypersd.teachers.base import Cond
+from hypersd.teachers.base import Cond, FlowScheduled
 from hypersd.teachers.digits import DigitsWorldTeacher
 
 DEFAULT_PATH = ASSETS / "teacher-flow.safetensors"
@@ -47,7 +47,7 @@ FLOW_SCHEDULE_CONFIG = {"shift": 1.0, "timestep_scale": 1000.0, "spacing": "trai
 _SCHEDULE_KEYS = set(FLOW_SCHEDULE_CONFIG)
 
 
-class FlowDigitsTeacher(DigitsWorldTeacher):
+class FlowDigitsTeacher(FlowScheduled, DigitsWorldTeacher):
     KIND, LABEL, NET_KEY = "digits-flow-teacher", "digits flow teacher", "transformer"
     NET_CONFIG, SCHEDULE_CONFIG, DEFAULT_PATH = TRANSFORMER_CONFIG, FLOW_SCHEDULE_CONFIG, DEFAULT_PATH
 
@@ -63,17 +63,8 @@ class FlowDigitsTeacher(DigitsWorldTeacher):
         return SD3Transformer2DModel(**config)
 
     @property
-    def schedule(self) -> NoiseSchedule:
-        # a fresh object per access, as Teacher.schedule: callers keep theirs with its device tables
-        return FlowSchedule(**self.scheduler_config)
-
-    @property
-    def T(self) -> int:
-        return self._schedule.T
-
-    @property
-    def prediction_type(self) -> str:
-        return "flow"
+    def flow_config(self) -> dict:
+        return self.scheduler_config  # the file's schedule is FlowSchedule's arguments
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The velocity v = ε − x0 of whatever ``unet`` is now; named ``eps`` as the interface is.

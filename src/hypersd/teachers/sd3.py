@@ -30,9 +30,9 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from hypersd.core.noise import FlowSchedule, NoiseSchedule, flux_shift
+from hypersd.core.noise import FlowSchedule, flux_shift
 from hypersd.errors import HypersdError
-from hypersd.teachers.base import Cond, Teacher
+from hypersd.teachers.base import Cond, FlowScheduled, Teacher
 from hypersd.teachers.sd import LatentCodec, _load, model_source, place
 
 SD3_COMPONENTS = {
@@ -135,7 +135,7 @@ def token_ids(tokenizer, prompts: list[str], length: int, device) -> torch.Tenso
     return out.input_ids.to(device)
 
 
-class FlowTeacher(LatentCodec, Teacher):
+class FlowTeacher(FlowScheduled, LatentCodec, Teacher):
     """A transformer predicting v = ε − x0 on ``schedule`` (a ``FlowSchedule``), with a VAE codec.
 
     The transformer is held as ``unet`` (also ``transformer``): every stage and the LoRA code
@@ -152,18 +152,6 @@ class FlowTeacher(LatentCodec, Teacher):
     @property
     def transformer(self) -> torch.nn.Module:
         return self.unet
-
-    @property
-    def schedule(self) -> NoiseSchedule:
-        return FlowSchedule(**self.flow_config)
-
-    @property
-    def T(self) -> int:
-        return self._schedule.T
-
-    @property
-    def prediction_type(self) -> str:
-        return "flow"
 
     def model_timestep(self, t, x: torch.Tensor) -> torch.Tensor:
         """What the transformer is called with at t, one per row of x, float32."""
