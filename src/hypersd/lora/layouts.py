@@ -343,16 +343,20 @@ def _kohya_layers(raw: dict, layers_per_block: int, ours: dict | None = None) ->
         return _kohya_transformer_layers(raw, names, arch, ours or {})
     layers = {}
     for name in names:
-        down, up = raw.get(f"{name}.lora_down.weight"), raw.get(f"{name}.lora_up.weight")
-        if down is None or up is None:
-            raise HypersdError(f"kohya layer {name} lacks its lora_down or lora_up weight; the file is incomplete")
-        alpha = raw.get(f"{name}.alpha")
         module = module_from_kohya(name, layers_per_block)
         if module in layers:
             raise HypersdError(f"two kohya layers name the same module {module}")
-        # kohya without .alpha means alpha = rank
-        layers[module] = (down, up, float(alpha) if alpha is not None else float(down.shape[0]))
+        layers[module] = _kohya_factors(raw, name)
     return layers
+
+
+def _kohya_factors(raw: dict, name: str) -> tuple:
+    """(down, up, alpha) of one kohya layer; kohya without ``.alpha`` means alpha = rank."""
+    down, up = raw.get(f"{name}.lora_down.weight"), raw.get(f"{name}.lora_up.weight")
+    if down is None or up is None:
+        raise HypersdError(f"kohya layer {name} lacks its lora_down or lora_up weight; the file is incomplete")
+    alpha = raw.get(f"{name}.alpha")
+    return down, up, float(alpha) if alpha is not None else float(down.shape[0])
 
 
 def _kohya_transformer_layers(raw: dict, names: list[str], arch: str, ours: dict) -> dict:
@@ -363,11 +367,7 @@ def _kohya_transformer_layers(raw: dict, names: list[str], arch: str, ours: dict
     targets = TARGET_PRESETS.get(targets, [targets]) if isinstance(targets, str) else targets
     layers = {}
     for name in names:
-        down, up = raw.get(f"{name}.lora_down.weight"), raw.get(f"{name}.lora_up.weight")
-        if down is None or up is None:
-            raise HypersdError(f"kohya layer {name} lacks its lora_down or lora_up weight; the file is incomplete")
-        alpha = raw.get(f"{name}.alpha")
-        alpha = float(alpha) if alpha is not None else float(down.shape[0])
+        down, up, alpha = _kohya_factors(raw, name)
         parts = split(name[len(KOHYA_PREFIX):], down, up, alpha, arch)
         if parts is None:
             raise HypersdError(f"kohya layer {name} names no {arch.upper()} transformer layer hypersd knows")
