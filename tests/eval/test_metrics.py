@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hypersd.digits import data
-from hypersd.eval.digits import DigitsBench, markdown_table, pick_eta
+from hypersd.eval.digits import DigitsBench, markdown_table, pick_eta, reference_row
 from hypersd.eval.metrics import DISTANCES, beats, multiples, summarize
 from hypersd.teachers.digits import DigitsTeacher
 
@@ -81,3 +81,14 @@ def test_eta_pick_weighs_every_judge_not_the_cnn_fd_alone():
     scored = {0.0: {"fd": {"mean": 9.0}, "pix_fd": {"mean": 2.0}, "bg_noise": {"mean": 0.05}},
               0.3: {"fd": {"mean": 10.0}, "pix_fd": {"mean": 1.1}, "bg_noise": {"mean": 0.012}}}
     assert pick_eta(scored, ref) == 0.3  # eta 0 has the lower fd, but five times the noise
+
+
+def test_a_flow_teachers_rows_are_named_for_its_euler_sampler_and_still_are_the_reference():
+    from hypersd.core.noise import DDPMSchedule, FlowSchedule
+    from hypersd.eval.digits import teacher_method
+
+    flow, ddpm = (type("T", (), {"schedule": s})() for s in (FlowSchedule(), DDPMSchedule(torch.linspace(0.99, 0.01, 10))))
+    assert (teacher_method(flow), teacher_method(ddpm)) == ("teacher Euler", "teacher DDIM")
+    row = {m: {"mean": 1.0, "std": 0.0, "n_seeds": 1} for m in ("fd", "pix_fd", "bg_noise")}
+    rows = [{"method": "teacher Euler", "steps": 40, "eta": 0.0, **row}]
+    assert reference_row(rows) is rows[0] and "(teacher Euler)" in markdown_table(rows, "t")

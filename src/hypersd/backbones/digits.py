@@ -115,7 +115,7 @@ def compare_grid(d, path, etas: dict[int, float], one_step_t: int | None, n: int
 
     prompts, t, ref = prompts_for(balanced_labels(n)), d.teacher, evaluation.REFERENCE_STEPS
     with lora.adapters_disabled(t.unet):
-        blocks = [(f"teacher DDIM\n{ref} steps", t.decode(sample_prompts(t, prompts, ref, seed=0)))]
+        blocks = [(f"teacher {t.schedule.sampler}\n{ref} steps", t.decode(sample_prompts(t, prompts, ref, seed=0)))]
     with lora.fused(t.unet):
         for k in d.recipe.eval.steps:
             x = sample_prompts(t, prompts, k, guidance=1.0, eta=etas.get(k, 0.0), seed=0, one_step_t=one_step_t)

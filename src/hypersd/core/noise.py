@@ -41,6 +41,7 @@ class NoiseSchedule:
     T: int
     spacing: str  # how k-step boundaries and the solver grid lie on {0..T-1}: see hypersd.core.schedule
     prediction_type: str
+    sampler: str  # the deterministic sampler on it (TCD at eta 0), as tables name the teacher's rows
 
     # -- the schedule --------------------------------------------------------------------
     def alpha(self, t) -> torch.Tensor:
@@ -109,6 +110,7 @@ class DDPMSchedule(NoiseSchedule):
     """The ᾱ table of a DDPM teacher; ε- or v-prediction."""
 
     spacing = "trailing"
+    sampler = "DDIM"
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
         if prediction_type not in PREDICTION_TYPES:
@@ -208,6 +210,7 @@ class FlowSchedule(NoiseSchedule):
     scales by 1000 itself)."""
 
     prediction_type = "flow"
+    sampler = "Euler"
 
     def __init__(self, shift: float = 1.0, timestep_scale: float = 1000.0, spacing: str = "inclusive",
                  T: int | None = None, num_train_timesteps: int = 1000):

@@ -145,13 +145,20 @@ def _write_cached(key: str | None, images: torch.Tensor) -> None:
         pass
 
 
+def teacher_method(teacher) -> str:
+    """The teacher rows' name: its own deterministic sampler, DDIM (DDPM) or Euler (flow)."""
+    return f"teacher {teacher.schedule.sampler}"
+
+
 def teacher_baseline(bench: DigitsBench, steps=(1, 2, 4, 8, 25, 40)) -> list[dict]:
-    """The rows of `hypersd eval`: the teacher with DDIM (trailing) at each step count."""
+    """The rows of `hypersd eval`: the teacher with its sampler (trailing DDIM, or Euler on a flow
+    teacher) at each step count."""
     rows = [{"method": "real digits (train split)", "steps": None, "eta": None, **bench.score_real()}]
-    for k in tqdm(steps, desc="teacher DDIM", disable=not bench.progress):
+    method = teacher_method(bench.teacher)
+    for k in tqdm(steps, desc=method, disable=not bench.progress):
         t0 = time.perf_counter()
         summary = teacher_row_scores(bench, k)
-        rows.append({"method": "teacher DDIM", "steps": k, "eta": 0.0, **summary,
+        rows.append({"method": method, "steps": k, "eta": 0.0, **summary,
                      "seconds": round(time.perf_counter() - t0, 1)})
     return rows
 
@@ -175,8 +182,9 @@ def _cell(row: dict, metric: str, times: dict) -> str:
 
 
 def reference_row(rows: list[dict]) -> dict | None:
-    """The teacher's 40-step DDIM row of a table, if it has one."""
-    return next((r for r in rows if r["method"] == "teacher DDIM" and r["steps"] == REFERENCE_STEPS), None)
+    """The teacher's 40-step row of a table (DDIM or Euler), if it has one."""
+    return next((r for r in rows if r["method"] in ("teacher DDIM", "teacher Euler")
+                 and r["steps"] == REFERENCE_STEPS), None)
 
 
 def markdown_table(rows: list[dict], title: str, note: str = "", reference: dict | None = None) -> str:
@@ -194,7 +202,7 @@ def markdown_table(rows: list[dict], title: str, note: str = "", reference: dict
                      + f" | {used} |")
     if reference:
         lines += ["", f"(Nx): the distance ({', '.join(DISTANCES)}) as a multiple of the teacher's "
-                      f"{REFERENCE_STEPS}-step DDIM's. A row is better than another only when it is better "
+                      f"{REFERENCE_STEPS} steps ({reference['method']}). A row is better than another only when it is better "
                       f"on every judge beyond the two seed spreads."]
     return "\n".join(lines) + "\n"
 
@@ -308,11 +316,12 @@ def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=None,
 def distill_rows(bench: DigitsBench, final: str | Path, steps) -> tuple[list[dict], str]:
     """The end of `hypersd distill`: the teacher's 40 steps, then at each step count the teacher's
     DDIM beside the final LoRA (at its recommended eta); and a verdict per step count."""
+    method = teacher_method(bench.teacher)
     rows = [{"method": "real digits (train split)", "steps": None, "eta": None, **bench.score_real()},
-            {"method": "teacher DDIM", "steps": REFERENCE_STEPS, "eta": 0.0, **bench.teacher40()}]
+            {"method": method, "steps": REFERENCE_STEPS, "eta": 0.0, **bench.teacher40()}]
     verdicts = []
     for k in steps:
-        teacher = {"method": "teacher DDIM", "steps": k, "eta": 0.0, **teacher_row_scores(bench, k)}
+        teacher = {"method": method, "steps": k, "eta": 0.0, **teacher_row_scores(bench, k)}
         student = student_rows(bench, "distilled LoRA", [k], loras={k: final})[0]
         rows += [teacher, student]
         verdicts.append(_verdict(k, student, teacher, rows[1]))
@@ -326,7 +335,8 @@ def _verdict(k: int, student: dict, teacher: dict, reference: dict) -> str:
     worse = worse_on(student, reference)
     vs_40 = (f"no worse than the teacher's {REFERENCE_STEPS} steps on any judge" if not worse
              else f"worse than the teacher's {REFERENCE_STEPS} steps on {', '.join(worse)}")
-    return f"- {k} step{'s' * (k > 1)}: against the teacher's {k}-step DDIM the LoRA {vs_k}; it is {vs_40}"
+    sampler = teacher["method"].removeprefix("teacher ")
+    return f"- {k} step{'s' * (k > 1)}: against the teacher's {k}-step {sampler} the LoRA {vs_k}; it is {vs_40}"
 
 
 def distill_report(teacher, final: str | Path, out: str | Path, ev) -> str:
