@@ -190,3 +190,24 @@ def test_square_caches_old_and_new_still_read(world, tmp_path):
     assert z.shape == (4, 4, 8, 8)
     with pytest.raises(HypersdError, match="pass --buckets too"):
         build_cache("sd15", models["sd15"], str(images), tmp_path / "x", teacher=teachers["sd15"], bucket_step=4)
+
+
+def test_cache_command_with_buckets_and_a_damaged_shard(world, tmp_path, capsys):
+    from hypersd.cli import main
+
+    _, images, models, teachers = world
+    out = tmp_path / "c"
+    argv = ["cache", "--backbone", "sd15", "--model", models["sd15"], "--data", str(images), "--out", str(out),
+            "--resolution", "16", "--buckets", "--bucket-step", "4", "--shard-size", "4", "--quiet"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "wrote 6 items at 16px in 2 shards" in said and "buckets (width x height, items): 12x20 2, 16x16 1, 20x12 3" in said
+    square = [a for a in argv if a != "--buckets"]
+    assert main([*square[:8], str(tmp_path / "x"), *square[9:]]) == 2  # bucket options without --buckets
+    assert "pass --buckets too" in capsys.readouterr().err
+    m = read_manifest(out)
+    second = out / m["shards"][1]["file"]
+    second.write_bytes(second.read_bytes()[:100])  # damaged: its rows are skipped and counted, the rest read
+    cached = CachedData(out, "sd15").attach(teachers["sd15"])
+    assert cached.skipped == {"unreadable_shard": 2} and len(cached) == 4
+    assert sum(cached.bucket_counts().values()) == 4
