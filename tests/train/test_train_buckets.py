@@ -96,3 +96,16 @@ def test_sd3_buckets_beyond_its_position_table_are_refused(setup, tmp_path):
         build_cache("sd3", model, str(write_shapes(tmp_path / "images")), tmp_path / "c", resolution=32, buckets=True, bucket_step=4, teacher=t, progress=False,
                     max_sequence_length=T5_LENGTH)
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_dmd_generates_at_the_batchs_bucket(setup, tmp_path, monkeypatch):
+    """SDXL's time ids name the bucket as the target size: the generator makes that size, not the square."""
+    seen, after = [], stages.DMDRun.after_step
+    monkeypatch.setattr(stages.DMDRun, "after_step", lambda self: (seen.append(self._last), after(self))[1])
+    dmd = {"name": "d", "kind": "dmd", "steps": 2, "fake_warmup": 1, "fake_updates": 1, "reg_pool": 2, "reg_steps": 2,
+           "reg_batch": 1}
+    tscd = {"name": "t", "segments": 2, "steps": 1}
+    assert Distiller(from_dict(_recipe("sdxl", setup, stages=[tscd, dmd])), tmp_path, progress=False).run()
+    assert len(seen) == 2 and any(x.shape[2] != x.shape[3] for x, _ in seen)
+    for x, cond in seen:
+        assert cond.added["time_ids"][:, 4:].tolist() == [[x.shape[2] * 2, x.shape[3] * 2]] * len(x)
