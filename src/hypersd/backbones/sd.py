@@ -49,7 +49,10 @@ class SDBackbone(Backbone):
         from hypersd.data.cache import describe_skips
 
         message = f"cache {recipe.data}: {len(data)} items; skipped {describe_skips(data.skipped)}"
-        return {"items": len(data), "skipped": dict(data.skipped)}, message if data.skipped else None
+        stats = {"items": len(data), "skipped": dict(data.skipped)}
+        if data.sampler is not None:  # aspect-ratio buckets: what each holds, every batch of one
+            stats["buckets"] = data.bucket_counts()
+        return stats, message if data.skipped else None
 
     def batch(self, data, teacher, n, generator):
         return data.batch_cond(n, generator)  # the cache holds the conditioning: no text encoder per step

@@ -185,10 +185,14 @@ def cmd_cache(a) -> None:
     m = build_cache(a.backbone, a.model, a.data, a.out, resolution=a.resolution, batch=a.batch,
                     shard_size=a.shard_size, crop=a.crop, seed=a.seed, vae=a.vae, dtype=a.dtype,
                     image_column=a.image_column, caption_column=a.caption_column, device=a.device, force=a.force,
-                    progress=not a.quiet, max_sequence_length=a.max_sequence_length, t5=not a.no_t5_cache)
+                    progress=not a.quiet, max_sequence_length=a.max_sequence_length, t5=not a.no_t5_cache,
+                    buckets=a.buckets, bucket_step=a.bucket_step, bucket_max_ratio=a.bucket_max_ratio)
     print(f"wrote {m['written']} items at {m['resolution']}px in {len(m['shards'])} shards to {a.out}; "
           f"skipped {sum(m['skipped'].values())} ({describe_skips(m['skipped'])}); "
           f"{m.get('bytes_per_item', 0) / 2**20:.2f} MiB an item")
+    if m.get("buckets"):
+        held = ", ".join(f"{b['width']}x{b['height']} {b['items']}" for b in m["buckets"] if b["items"])
+        print(f"buckets (width x height, items): {held}")
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -318,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="cache folder")
     c.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
     c.add_argument("--crop", choices=["center", "random"], default="center",
-                   help="square crop after resizing the shorter side (random: seeded per item)")
+                   help="crop after resizing to cover the square (or bucket); random: seeded per item")
+    c.add_argument("--buckets", action="store_true",
+                   help="aspect-ratio buckets: each image to the size of about the square's area whose aspect "
+                        "ratio is nearest its own, instead of the square; batches are drawn one bucket at a time")
+    c.add_argument("--bucket-step", type=int, default=None, help="--buckets: pixels the sides are multiples of (64)")
+    c.add_argument("--bucket-max-ratio", type=float, default=None,
+                   help="--buckets: the longest side over the shortest, at most (2)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random crops")
     c.add_argument("--batch", type=int, default=8, help="images encoded at once")
     c.add_argument("--shard-size", type=int, default=1000, help="items per shard")

@@ -7,7 +7,9 @@ and writes, in its output folder:
   ``text_embeds`` [n, P] (pooled) and ``time_ids`` [n, 6] (original size, crop, target size), for
   SD3 and FLUX (16-channel latents after the VAE's shift and scale) ``pooled_projections`` [n, P]
   (SD3's ``hidden``: both CLIPs' states, then T5's; FLUX's: T5's); the rows' captions and keys in
-  its metadata;
+  its metadata, with each row's original size, crop and target size;
+  with ``--buckets`` (aspect-ratio buckets, ``data.buckets``) a shard's latents are one tensor
+  ``latents-{H}x{W}`` per bucket, its rows in the shard's order;
 - ``probe.safetensors``: the encoding of one fixed prompt, which a reader compares with its own
   teacher's, so a cache made with another text encoder is refused instead of trained on;
 - ``manifest.json``: backbone, model, resolution, shapes, the shards in order, the items written
@@ -29,6 +31,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hypersd.data.buckets import (
+    DEFAULT_MAX_RATIO,
+    DEFAULT_STEP,
+    BucketBatches,
+    bucket_name,
+    check_buckets,
+    latent_rule,
+    make_buckets,
+    nearest_bucket,
+)
 from hypersd.data.images import crop_rng, open_source, resize_and_crop
 from hypersd.device import resolve_device
 from hypersd.errors import HypersdError
@@ -42,7 +54,7 @@ EMBEDDINGS = ("hidden", "text_embeds", "pooled_projections")  # what _read hands
 BACKBONES = ("sd15", "sdxl", "sd3", "flux")
 # What a resumed run must share with the one it continues.
 SETTINGS = ("backbone", "model", "vae", "data", "resolution", "crop", "seed", "dtype", "shard_size",
-            "image_column", "caption_column", "max_sequence_length", "no_t5_cache")
+            "image_column", "caption_column", "max_sequence_length", "no_t5_cache", "bucketing")
 
 
 def shard_name(i: int) -> str:
@@ -58,12 +70,16 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
                 batch: int = 8, shard_size: int = 1000, crop: str = "center", seed: int = 0, vae: str | None = None,
                 dtype: str = "float16", image_column: str | None = None, caption_column: str | None = None,
                 device: str | None = None, force: bool = False, teacher=None, progress: bool = True,
-                max_sequence_length: int | None = None, t5: bool = True) -> dict:
+                max_sequence_length: int | None = None, t5: bool = True, buckets: bool = False,
+                bucket_step: int | None = None, bucket_max_ratio: float | None = None) -> dict:
     """Write (or continue) the cache of ``data`` for ``model``; returns its manifest.
 
     ``max_sequence_length``: SD3's and FLUX's T5 tokens (default the model's: 256, FLUX.1-dev 512);
     the manifest records the teacher's, and training loads its teacher with it. ``t5`` False
-    (``--no-t5-cache``): their T5 states are not stored but encoded at each training step."""
+    (``--no-t5-cache``): their T5 states are not stored but encoded at each training step.
+    ``buckets``: each image goes to the aspect-ratio bucket nearest its own (``data.buckets``), of
+    about the square's area, sides multiples of ``bucket_step`` pixels (64), ratios up to
+    ``bucket_max_ratio`` (2); else every image is cut to the square."""
     from tqdm.auto import tqdm
 
     if backbone not in BACKBONES:
@@ -77,12 +93,16 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
         raise HypersdError(f"--max-sequence-length is T5's length, for sd3 and flux; {backbone} has no T5")
     if not t5 and backbone not in ("sd3", "flux"):
         raise HypersdError(f"--no-t5-cache is for sd3 and flux; {backbone} has no T5")
+    if not buckets and (bucket_step is not None or bucket_max_ratio is not None):
+        raise HypersdError("--bucket-step and --bucket-max-ratio shape the aspect-ratio buckets; pass --buckets too")
     out = Path(out)
     source = open_source(data, image_column, caption_column)
     settings = {"backbone": backbone, "model": str(model), "vae": vae, "data": str(Path(data).expanduser().resolve()),
                 "resolution": resolution, "crop": crop, "seed": seed, "dtype": dtype, "shard_size": shard_size,
                 "image_column": image_column, "caption_column": caption_column,
-                "max_sequence_length": max_sequence_length, "no_t5_cache": None if t5 else True}
+                "max_sequence_length": max_sequence_length, "no_t5_cache": None if t5 else True,
+                "bucketing": {"step": bucket_step or DEFAULT_STEP, "max_ratio": float(bucket_max_ratio or DEFAULT_MAX_RATIO)}
+                if buckets else None}
     manifest = _start(out, settings, force)  # refuses what it must before a model is loaded
     if teacher is None:
         from hypersd.teachers import load_teacher
@@ -150,6 +170,8 @@ def _fresh(out: Path, settings: dict, teacher) -> dict:
     factor = teacher.vae_scale_factor
     if resolution % factor or resolution < factor:
         raise HypersdError(f"--resolution {resolution} must be a multiple of the VAE's factor {factor}")
+    if settings["bucketing"]:
+        sizes = bucket_sizes_for(teacher, resolution, settings["bucketing"])
     probe = teacher.encode_prompt([PROBE_PROMPT])
     m = {"kind": "hypersd-cache", "version": 1, **settings, "resolution": resolution,
          "latent_shape": [teacher.latent_shape[0], resolution // factor, resolution // factor],
@@ -159,6 +181,8 @@ def _fresh(out: Path, settings: dict, teacher) -> dict:
          # without T5, SD3's CLIP tokens are stored this wide: the rest of their row is zeros
          "clip_width": getattr(teacher, "clip_width", None) if settings["no_t5_cache"] else None,
          "written": 0, "consumed": 0, "skipped": {}, "shards": [], "complete": False}
+    if settings["bucketing"]:  # the square's latent_shape above stays the area's reference
+        m["buckets"] = [{"height": h, "width": w, "items": 0} for h, w in sizes]
     stored = _stored(probe, DTYPES[settings["dtype"]], m)
     m["hidden_shape"] = list(stored["hidden"].shape[1:]) if "hidden" in stored else None  # None: FLUX without T5
     m["bytes_per_item"] = _bytes_per_item(teacher.latent_shape[0], resolution // factor, stored,
@@ -168,6 +192,19 @@ def _fresh(out: Path, settings: dict, teacher) -> dict:
         save_file(_tensors(probe, torch.float32), str(tmp))
     write_text(out / MANIFEST, json.dumps(m, indent=1))
     return m
+
+
+def bucket_sizes_for(teacher, resolution: int, bucketing: dict) -> list[tuple[int, int]]:
+    """The (height, width) buckets of a cache at ``resolution``, checked against the teacher's network."""
+    multiple = teacher.vae_scale_factor * latent_rule(teacher)[0]
+    sizes = make_buckets(resolution, bucketing["step"], bucketing["max_ratio"], multiple)
+    check_buckets(teacher, sizes, "--buckets")
+    return sizes
+
+
+def _sizes(manifest: dict) -> list[tuple[int, int]]:
+    """A bucketed cache's (height, width) buckets, in the manifest's order."""
+    return [(b["height"], b["width"]) for b in manifest["buckets"]]
 
 
 def _bytes_per_item(channels: int, side: int, t: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
@@ -219,6 +256,7 @@ class _Writer:
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.captions: list[str] = []
         self.keys: list[str] = []
+        self.sizes: list[dict] = []  # each row's original size, crop and target size (the bucket)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -228,36 +266,67 @@ class _Writer:
         """Encode a batch of items into the shard; returns how many rows it kept."""
         if not items:
             return 0
-        m, t = self.m, self.teacher
-        prepared = [resize_and_crop(it.image, m["resolution"], m["crop"], crop_rng(m["seed"], it.key)) for it in items]
-        latents = t.encode(torch.stack([p.pixels for p in prepared]))
-        if list(latents.shape[1:]) != m["latent_shape"]:  # a VAE that does not shrink as its config says
-            self.wrong_size += len(items)
+        m = self.m
+        if m.get("bucketing"):
+            sizes = _sizes(m)
+            targets = [sizes[nearest_bucket(sizes, *it.image.size)] for it in items]
+        else:
+            targets = [(m["resolution"], m["resolution"])] * len(items)
+        prepared = [resize_and_crop(it.image, tgt, m["crop"], crop_rng(m["seed"], it.key))
+                    for it, tgt in zip(items, targets)]
+        latents = self._encode(prepared, targets)
+        keep = [i for i in range(len(items)) if latents[i] is not None]
+        self.wrong_size += len(items) - len(keep)
+        if not keep:
             return 0
+        items, prepared, targets = [items[i] for i in keep], [prepared[i] for i in keep], [targets[i] for i in keep]
         captions = [it.caption for it in items]
         if "time_ids" in _added_names(m):  # SDXL: each image's own size and crop in its time ids
-            cond = t.encode_prompt(captions, size=[p.original_size for p in prepared],
-                                   crop=[p.crop_top_left for p in prepared])
+            cond = self.teacher.encode_prompt(captions, size=[p.original_size for p in prepared],
+                                              crop=[p.crop_top_left for p in prepared],
+                                              target=targets if m.get("bucketing") else None)
         else:
-            cond = t.encode_prompt(captions)
-        for name, v in {"latents": latents.to(self.dtype).cpu(), **_stored(cond, self.dtype, m)}.items():
+            cond = self.teacher.encode_prompt(captions)
+        rows = {}
+        for i, tgt in enumerate(targets):  # one tensor per bucket; a square cache's is ``latents``
+            rows.setdefault(bucket_name(tgt) if m.get("bucketing") else "latents", []).append(latents[keep[i]])
+        rows = {k: torch.cat(v).to(self.dtype).cpu() for k, v in rows.items()}
+        for name, v in {**rows, **_stored(cond, self.dtype, m)}.items():
             self.rows.setdefault(name, []).append(v)
         self.captions += captions
         self.keys += [it.key for it in items]
+        self.sizes += [{"original_size": list(p.original_size), "crop_top_left": list(p.crop_top_left),
+                        "target_size": list(tgt)} for p, tgt in zip(prepared, targets)]
         return len(items)
+
+    def _encode(self, prepared, targets) -> list[torch.Tensor | None]:
+        """Each item's latents [1, C, h, w], the VAE run once per target size; None for the rows of
+        a size the VAE did not shrink as its config says."""
+        c, factor = self.m["latent_shape"][0], self.m["resolution"] // self.m["latent_shape"][1]
+        out: list[torch.Tensor | None] = [None] * len(prepared)
+        for tgt in dict.fromkeys(targets):
+            rows = [i for i, t in enumerate(targets) if t == tgt]
+            z = self.teacher.encode(torch.stack([prepared[i].pixels for i in rows]))
+            if list(z.shape[1:]) == [c, tgt[0] // factor, tgt[1] // factor]:
+                for i, row in zip(rows, z.split(1)):
+                    out[i] = row
+        return out
 
     def flush(self) -> None:
         m = self.m
         name = shard_name(len(m["shards"]))
         tensors = {k: torch.cat(v).contiguous() for k, v in self.rows.items()}
-        meta = {"kind": "hypersd-cache-shard", "captions": self.captions, "keys": self.keys}
+        meta = {"kind": "hypersd-cache-shard", "captions": self.captions, "keys": self.keys,
+                **{k: [row[k] for row in self.sizes] for k in ("original_size", "crop_top_left", "target_size")}}
         with atomic_path(self.out / name) as tmp:
             save_file(tensors, str(tmp), metadata={"hypersd": json.dumps(meta)})
         m["shards"].append({"file": name, "rows": len(self)})
         m["written"] += len(self)
         m["consumed"] = self.source.consumed
+        for b in m.get("buckets") or []:  # the items each bucket holds, as the named shards hold them
+            b["items"] += sum(row["target_size"] == [b["height"], b["width"]] for row in self.sizes)
         self.save_manifest()
-        self.rows, self.captions, self.keys = {}, [], []
+        self.rows, self.captions, self.keys, self.sizes = {}, [], [], []
 
     def save_manifest(self) -> None:
         skipped = self.skipped_before + self.source.skipped + Counter({"wrong_size": self.wrong_size})
@@ -298,22 +367,41 @@ class CachedData:
         self.skipped: Counter = Counter()
         self.captions: list[str] = []
         self.shards: list[Path] = []
-        self.index: list[tuple[int, int]] = []  # (shard, row) of each usable item, in captions' order
+        # (shard, row, latents tensor, row in it) of each usable item, in captions' order
+        self.index: list[tuple[int, int, str, int]] = []
+        self.bucket_of: list[int] = []  # each item's bucket (a square cache: all 0)
+        c, side = m["latent_shape"][0], m["latent_shape"][1]
+        factor = m["resolution"] // side
+        self.sizes = _sizes(m) if m.get("bucketing") else [(m["resolution"], m["resolution"])]
+        self.latent_shapes = {bucket_name(hw) if m.get("bucketing") else "latents": [c, hw[0] // factor, hw[1] // factor]
+                              for hw in self.sizes}
         for entry in m["shards"]:
             self._index_shard(self.folder / entry["file"], entry["rows"])
         if not self.index:
             raise HypersdError(f"cache {folder} has no usable items (skipped: {describe_skips(self.skipped)}); "
                                f"rebuild it with 'hypersd cache ... --force'")
+        # a bucketed cache's batches are of one bucket each; a square one's are uniform draws, as ever
+        self.sampler = None
+        if m.get("bucketing"):
+            groups = [[] for _ in self.sizes]
+            for i, b in enumerate(self.bucket_of):
+                groups[b].append(i)
+            self.sampler = BucketBatches(groups)
         self.teacher = None
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def bucket_counts(self) -> dict[str, int]:
+        """{"WxH": usable items} of each bucket that holds any."""
+        counts = Counter(self.bucket_of)
+        return {f"{w}x{h}": counts[b] for b, (h, w) in enumerate(self.sizes) if counts[b]}
+
     def _index_shard(self, path: Path, rows: int) -> None:
         """Index a shard's rows, or skip and count them all: a shard is one write, so its rows are
         all usable or none is."""
         m = self.manifest
-        want = {"latents": m["latent_shape"], **({"hidden": m["hidden_shape"]} if m["hidden_shape"] else {})}
+        want = {"hidden": m["hidden_shape"]} if m["hidden_shape"] else {}
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("hypersd", "{}"))
@@ -322,15 +410,40 @@ class CachedData:
             self.skipped["unreadable_shard"] += rows
             return
         captions = meta.get("captions") or []
-        if any(shapes.get(k, [None])[0] != len(captions) for k in want) or len(captions) != rows:
+        placed = self._row_latents(meta, rows)
+        counts = Counter(name for name, _, _ in placed or [])
+        if placed is None or len(captions) != rows or any(shapes.get(k, [None])[0] != rows for k in want) \
+                or any(shapes.get(k, [None])[0] != n for k, n in counts.items()):
             self.skipped["unreadable_shard"] += rows
             return
+        want |= {k: self.latent_shapes[k] for k in counts}
         if any(list(shapes[k][1:]) != v for k, v in want.items()):
             self.skipped["wrong_size"] += rows
             return
-        self.index += [(len(self.shards), r) for r in range(rows)]
+        self.index += [(len(self.shards), r, name, pos) for r, (name, pos, _) in enumerate(placed)]
+        self.bucket_of += [b for _, _, b in placed]
         self.shards.append(path)
         self.captions += captions
+
+    def _row_latents(self, meta: dict, rows: int) -> list[tuple[str, int, int]] | None:
+        """(latents tensor, row in it, bucket) of each of a shard's rows, None where its metadata
+        does not place them: a square cache's rows are those of ``latents``, a bucketed one's
+        those of their bucket's tensor, in the shard's order."""
+        if not self.manifest.get("bucketing"):
+            return [("latents", r, 0) for r in range(rows)]
+        targets, ids = meta.get("target_size"), {hw: b for b, hw in enumerate(self.sizes)}
+        if not isinstance(targets, list) or len(targets) != rows:
+            return None
+        seen: Counter = Counter()
+        out = []
+        for t in targets:
+            hw = tuple(t) if isinstance(t, list) else None
+            if hw not in ids:
+                return None
+            name = bucket_name(hw)
+            out.append((name, seen[name], ids[hw]))
+            seen[name] += 1
+        return out
 
     def attach(self, teacher) -> "CachedData":
         """Check the cache against the teacher that will train on it; refuse a mismatch."""
@@ -339,6 +452,8 @@ class CachedData:
             raise HypersdError(
                 f"cache {self.folder} holds latents {m['latent_shape']} (resolution {m['resolution']}), but the "
                 f"teacher denoises {list(teacher.latent_shape)}; cache the data again at the teacher's resolution")
+        if m.get("bucketing"):  # every bucket, not only the square, must suit the network
+            check_buckets(teacher, self.sizes, f"cache {self.folder}")
         with torch.no_grad():
             probe = _tensors(teacher.encode_prompt([PROBE_PROMPT]), torch.float32)
         stored = _read_probe(self.folder / PROBE)
@@ -352,13 +467,19 @@ class CachedData:
         self.teacher = teacher
         return self
 
+    def draw(self, n: int, generator: torch.Generator) -> list[int]:
+        """``n`` item indices: uniform over the items, or (bucketed) all of one bucket (``BucketBatches``)."""
+        if self.sampler is not None:
+            return self.sampler.draw(n, generator)
+        return torch.randint(0, len(self.index), (n,), generator=generator).tolist()
+
     def batch(self, n: int, generator: torch.Generator):
-        idx = torch.randint(0, len(self.index), (n,), generator=generator).tolist()
+        idx = self.draw(n, generator)
         return self._read(idx, ("latents",))["latents"], [self.captions[i] for i in idx]
 
     def batch_cond(self, n: int, generator: torch.Generator):
         """(latents, prompts, cond): the draw of ``batch`` with its conditioning from the cache."""
-        idx = torch.randint(0, len(self.index), (n,), generator=generator).tolist()
+        idx = self.draw(n, generator)
         m, added_names = self.manifest, _added_names(self.manifest)
         t = self._read(idx, ("latents", *(("hidden",) if m["hidden_shape"] else ()), *added_names))
         prompts = [self.captions[i] for i in idx]
@@ -373,17 +494,20 @@ class CachedData:
         return t["latents"], prompts, Cond(hidden, {k: t[k] for k in added_names})
 
     def _read(self, idx: list[int], names) -> dict[str, torch.Tensor]:
-        by_shard: dict[int, list[tuple[int, int]]] = {}
+        by_shard: dict[int, list[tuple[int, tuple[int, str, int]]]] = {}
         for pos, i in enumerate(idx):
-            shard, row = self.index[i]
-            by_shard.setdefault(shard, []).append((pos, row))
+            shard, *where = self.index[i]
+            by_shard.setdefault(shard, []).append((pos, where))
         out: dict[str, list] = {k: [None] * len(idx) for k in names}
         for shard, rows in by_shard.items():
             with safe_open(str(self.shards[shard]), "pt") as f:
+                parts: dict = {}
                 for k in names:
-                    part = f.get_slice(k)
-                    for pos, row in rows:
-                        out[k][pos] = part[row:row + 1]
+                    for pos, (row, tensor, at) in rows:  # latents: the tensor of the row's bucket
+                        name, r = (tensor, at) if k == "latents" else (k, row)
+                        if name not in parts:
+                            parts[name] = f.get_slice(name)
+                        out[k][pos] = parts[name][r:r + 1]
         device, dtype = (self.teacher.device, self.teacher.dtype) if self.teacher else ("cpu", torch.float32)
         # Embeddings as encode_prompt gives them (the network's dtype); latents and size/crop ids in
         # float32, as the solver and the UNet's size embedding compute with them.

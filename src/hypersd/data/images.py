@@ -266,7 +266,7 @@ def open_source(path: str | Path, image_column: str | None = None, caption_colum
 # -- to the training resolution ---------------------------------------------------------------
 @dataclass
 class Prepared:
-    pixels: torch.Tensor  # [3, R, R] in [-1, 1]
+    pixels: torch.Tensor  # [3, H, W] in [-1, 1]
     original_size: tuple[int, int]  # (height, width) before resizing: SDXL's first time ids
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image: SDXL's next two
 
@@ -277,21 +277,23 @@ def crop_rng(seed: int, key: str) -> random.Random:
     return random.Random(f"{seed}:{key}")
 
 
-def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
+def resize_and_crop(image: Image.Image, resolution: int | tuple[int, int], crop: str = "center",
                     rng: random.Random | None = None) -> Prepared:
-    """Shorter side to ``resolution``, then a square crop of that side (centred or random)."""
+    """Scaled to cover ``resolution`` (a square's side, or a bucket's (height, width)), then cut
+    to it (centred or at random) along the side that is left over."""
     if crop not in CROPS:
         raise HypersdError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    th, tw = (resolution, resolution) if isinstance(resolution, int) else resolution
     w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    scale = max(tw / w, th / h)
+    size = (max(tw, round(w * scale)), max(th, round(h * scale)))
     resized = image.resize(size, Image.Resampling.LANCZOS) if size != (w, h) else image
-    spare_w, spare_h = size[0] - resolution, size[1] - resolution
+    spare_w, spare_h = size[0] - tw, size[1] - th
     if crop == "random":
         rng = rng or random.Random()
         top, left = rng.randint(0, spare_h), rng.randint(0, spare_w)
     else:
         top, left = spare_h // 2, spare_w // 2
-    patch = resized.crop((left, top, left + resolution, top + resolution))
+    patch = resized.crop((left, top, left + tw, top + th))
     pixels = torch.from_numpy(np.asarray(patch, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
     return Prepared(pixels, (h, w), (top, left))

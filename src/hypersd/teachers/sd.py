@@ -194,29 +194,30 @@ class SDXLTeacher(_StableDiffusion):
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
 
-    def time_ids(self, n: int, size=None, crop=None) -> torch.Tensor:
+    def time_ids(self, n: int, size=None, crop=None, target=None) -> torch.Tensor:
         """SDXL's micro-conditioning, [n, 6]: original (h, w), crop (top, left), target (h, w).
 
         ``size`` is the image's size before cropping and resizing, ``crop`` the crop's top-left
-        corner; each is one (a, b) pair for all rows or one pair per row. Defaults: the model's
-        own resolution and no crop, as the diffusers pipeline uses. Float32 in any precision:
+        corner, ``target`` the (h, w) it was cut to (an aspect-ratio bucket); each is one (a, b)
+        pair for all rows or one pair per row. Defaults: the model's own resolution and no crop,
+        as the diffusers pipeline uses. Float32 in any precision:
         sizes run to thousands, which bf16 rounds (1366 to 1368).
         """
-        target = torch.tensor(self.resolution, dtype=torch.float32)
+        target = torch.as_tensor(self.resolution if target is None else target, dtype=torch.float32)
         size = torch.as_tensor(self.resolution if size is None else size, dtype=torch.float32)
         crop = torch.as_tensor((0, 0) if crop is None else crop, dtype=torch.float32)
         rows = [v.reshape(-1, 2).expand(n, 2) for v in (size, crop, target)]
         return torch.cat(rows, dim=1).to(self.device)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], size=None, crop=None) -> Cond:
+    def encode_prompt(self, prompts: list[str], size=None, crop=None, target=None) -> Cond:
         # as StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate layers,
         # concatenated, and the second encoder's projected pooled output
         one = self.text_encoder(self._tokens(self.tokenizer, prompts)["input_ids"], output_hidden_states=True)
         two = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts)["input_ids"], output_hidden_states=True)
         hidden = [one.hidden_states[-2], two.hidden_states[-2]]
         pooled = two.text_embeds
-        added = {"text_embeds": pooled.to(self.dtype), "time_ids": self.time_ids(len(prompts), size, crop)}
+        added = {"text_embeds": pooled.to(self.dtype), "time_ids": self.time_ids(len(prompts), size, crop, target)}
         return Cond(torch.cat(hidden, dim=-1).to(self.dtype), added)
 
     def empty_cond(self, n: int, size=None, crop=None) -> Cond:

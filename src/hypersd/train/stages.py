@@ -293,12 +293,17 @@ class DMDRun(StageRun):
     def loss(self, z, prompts, cond):
         s, g, t_, roles = self.stage, self.ctx.generator, self.teacher, self.roles
         n = len(z)
-        noise = torch.randn((n, *t_.latent_shape), generator=g).to(self.teacher.device)
+        # the batch's own latent size (an aspect-ratio bucket's; the teacher's square otherwise)
+        noise = torch.randn(z.shape, generator=g).to(self.teacher.device)
         pool_noise, pool_cond, pool_out = self.pool
         idx = torch.randint(len(pool_noise), (s.reg_batch,), generator=g).to(pool_noise.device)
-        both = Cond.cat([cond, pool_cond[idx]])
-        x_all = generate(roles.student.fn(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.schedule)
-        x, x_reg = x_all[:n], x_all[n:]
+        if noise.shape[1:] == pool_noise.shape[1:]:  # one generator pass for both
+            both = Cond.cat([cond, pool_cond[idx]])
+            x_all = generate(roles.student.fn(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.schedule)
+            x, x_reg = x_all[:n], x_all[n:]
+        else:  # the pool is square
+            x = generate(roles.student.fn(cond), noise, s.generator_t, self.schedule)
+            x_reg = generate(roles.student.fn(pool_cond[idx]), pool_noise[idx], s.generator_t, self.schedule)
 
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
         noise_t = torch.randn(x.shape, generator=g).to(x.device)
