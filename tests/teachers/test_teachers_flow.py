@@ -48,7 +48,7 @@ def test_sd3_teacher_loads_with_its_schedule(folders):
 def test_flux_teacher_schedule_is_the_training_resolutions_shift(folders):
     t = teacher(folders, "flux")
     s = t.schedule
-    assert t.latent_shape == (16, LATENT_SIZE, LATENT_SIZE) and t.T == 1000
+    assert t.latent_shape == (16, LATENT_SIZE, LATENT_SIZE) and t.T == 1200  # FLUX_T: 16 divides it
     assert s.shift == pytest.approx(flux_shift((LATENT_SIZE // 2) ** 2)) and s.shift != 3.0
     assert (s.timestep_scale, s.spacing) == (1.0, "trailing")
     assert t.guidance_embeds and t.guidance == 3.5
@@ -211,6 +211,25 @@ def test_generate_equals_hypersd_sampler_on_the_teachers_sigmas(folders, kind, g
     assert (images - ref).abs().max() < 1e-4
 
 
+def test_flux_generate_at_16_steps_gives_the_pipeline_the_16_segment_boundaries(folders):
+    """--steps 16 on FLUX: the plan's timesteps are the boundaries of 16 segments on the N = 48 grid
+    (what TSCD with 16 segments trains on), the sigmas given to the pipeline FluxPipeline's own
+    16-step linspace(1, 1/16, 16), and the images hypersd's sampler's."""
+    from hypersd.core.schedule import Segments
+    from hypersd.inference.generator import Generator
+    from hypersd.inference.schedulers import flow_call_args
+
+    gen = Generator(str(folders["flux"]), steps=16, device="cpu", width=SIDE, height=SIDE)
+    s = gen.teacher.schedule
+    assert gen.plan.timesteps == Segments(16, s.solver_grid(48)).boundaries == list(range(1199, 0, -75))
+    assert flow_call_args(gen.plan, s)["sigmas"] == pytest.approx([1 - j / 16 for j in range(16)])
+    images = gen.images(["a cat"], [2])
+    ran = gen.pipe.scheduler.sigmas[:-1]
+    assert torch.allclose(ran, s.sigma(torch.tensor(gen.plan.timesteps)), atol=1e-6, rtol=0)
+    ref = reference_images(gen.teacher, ["a cat"], [2], 16, gen.plan.guidance, gen.latent_shape)
+    assert (images - ref).abs().max() < 1e-4
+
+
 def test_flux_generate_takes_the_shift_of_its_image_size(folders):
     """Other sizes: the shift of their token count (as FluxPipeline's), the sigmas still the teacher's."""
     from hypersd.inference.generator import Generator
@@ -259,7 +278,7 @@ def test_generate_command_detects_sd3(folders, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("k", [1, 2, 4, 16])
 def test_the_boundaries_are_the_pipelines_own_k_step_sigmas(folders, kind, k):
     """SD3's "inclusive" grid holds set_timesteps(k)'s sigmas, FLUX's "trailing" one FluxPipeline's
     default linspace(1, 1/k, k): a pipeline given only a step count samples hypersd's boundaries."""

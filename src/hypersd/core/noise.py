@@ -183,6 +183,13 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
+# FLUX's integer timesteps index u_t = (t+1)/T (trailing). Its transformer takes σ itself, so T is
+# hypersd's grid resolution, not a training constant: 1200, not the scheduler's 1000, holds
+# FluxPipeline's k-step sigmas linspace(1, 1/k, k) for every k dividing 1200 (1, 2, 3, 4, 6, 8, 12,
+# 16, ...: 1000 holds 8 but not 16), with solver grids N = 40 (k up to 8) and N = 48 (k up to 16).
+FLUX_T = 1200
+
+
 def flux_shift(image_seq_len: int, **kwargs) -> float:
     """The static shift equal to FLUX's dynamic one: the exponential time shift
     e^mu / (e^mu + (1/u − 1)) is exactly s·u / (1 + (s−1)·u) with s = e^mu.
