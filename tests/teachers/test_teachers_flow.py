@@ -337,3 +337,11 @@ def test_a_flux_loras_recommended_eta_runs_tcd_with_its_weights(folders, tmp_pat
     lora.remove_lora(t.unet, lora.STUDENT)
     assert (images - reference_images(t, ["a cat"], [3], 4, 2.0, gen.latent_shape, eta=0.5)).abs().max() > 1e-3
     assert Generator(str(folders["flux"]), lora=str(path), steps=2, device="cpu").plan.eta == 0.0  # none at 2
+    # a one-step timestep counts on the T it records; a FLUX file without one counted on 1000
+    meta = {"kind": "hypersd-lora", "backbone": "flux", "resolution": [SIDE, SIDE], "one_step_t": 800}
+    lora.add_lora(t.unet, lora.lora_config(4, 8, "transformer"))
+    lora.save_lora(path, t.unet, {**meta, "T": 1200})
+    assert Generator(str(folders["flux"]), lora=str(path), steps=1, device="cpu").plan.timesteps == [800]
+    lora.save_lora(path, t.unet, meta)
+    with pytest.raises(HypersdError, match="one-step timestep 800 on T=1000, this model's timesteps on T=1200"):
+        Generator(str(folders["flux"]), lora=str(path), steps=1, device="cpu")

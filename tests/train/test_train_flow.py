@@ -123,7 +123,7 @@ def test_distill_every_stage_kind_and_the_pipeline_loads_the_lora(kind, setup, c
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # it learned
     for m in (meta, lora.read_lora(out / "stages" / "t1" / "lora.safetensors")[1]):  # each stage's file too
         if kind == "flux":  # what generate samples it with: the embedding it was trained with, at its resolution
-            assert m["guidance"] == 3.5 and m["resolution"] == [SIDE, SIDE]
+            assert m["guidance"] == 3.5 and m["resolution"] == [SIDE, SIDE] and m["T"] == 1200
         else:
             assert m["guidance"] == 1.0 and "resolution" not in m
     assert all((out / f"samples-{k}step.png").stat().st_size > 0 for k in (1, 2))

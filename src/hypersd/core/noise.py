@@ -209,7 +209,7 @@ class FlowSchedule(NoiseSchedule):
       ends kept. u_t = m + (1−m)·t/(T−1) puts them on t = T-1 − j·(T-1)/(k-1); T = 841 holds
       every k with k−1 dividing 840 (k = 1..9, 11, 13, 15, 16, ...).
     - "trailing" (FLUX: the pipeline passes sigmas = linspace(1, 1/k, k)): u_t = (t+1)/T puts
-      them on DDPM's trailing boundaries T-1 − j·T/k.
+      them on DDPM's trailing boundaries T-1 − j·T/k, for every k dividing T (FLUX: ``FLUX_T``).
 
     ``timestep_scale``: the network is called with scale·σ (SD3: 1000; FLUX: 1, its transformer
     scales by 1000 itself)."""

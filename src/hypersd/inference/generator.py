@@ -34,6 +34,12 @@ class Generator:
             size = tuple(meta["resolution"])
             height, width = size
         self.teacher, backbone = load_model(model, backbone, device, getattr(torch, dtype), config, size)
+        # a FLUX LoRA without "T" counted its timesteps on T = 1000, before FLUX_T
+        counted_on = (meta or {}).get("T", 1000 if (meta or {}).get("backbone") == "flux" else self.teacher.T)
+        if meta and meta.get("one_step_t") is not None and counted_on != self.teacher.T:
+            raise HypersdError(f"{lora} counts its one-step timestep {meta['one_step_t']} on T={counted_on}, this "
+                               f"model's timesteps on T={self.teacher.T} (FLUX's since 16-step support); train the "
+                               f"LoRA again with this hypersd")
         if meta and meta.get("max_sequence_length") and hasattr(self.teacher, "max_sequence_length"):
             self.teacher.max_sequence_length = int(meta["max_sequence_length"])  # the T5 length it was trained at
         self.plan = resolve(recipe, model=model, backbone=backbone, lora=lora, T=self.teacher.T,
