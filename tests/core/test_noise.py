@@ -14,7 +14,7 @@ from diffusers import (
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from hypersd.core import DDPMSchedule, FlowSchedule, flux_shift
-from hypersd.core.noise import NoiseSchedule
+from hypersd.core.noise import FLUX_T, NoiseSchedule
 from hypersd.core.sampling import sample_tcd
 from hypersd.core.schedule import CLEAN, Segments, alpha_bar
 from hypersd.errors import HypersdError
@@ -34,7 +34,8 @@ def sd3():
 
 
 def flux(seq_len):
-    return FlowSchedule(shift=flux_shift(seq_len), timestep_scale=1.0, spacing="trailing")
+    """FLUX's schedule as its teacher builds it: T = FLUX_T = 1200 (16 divides it)."""
+    return FlowSchedule(shift=flux_shift(seq_len), timestep_scale=1.0, spacing="trailing", T=FLUX_T)
 
 
 def stock_sd3(k):
@@ -199,6 +200,28 @@ def test_flux_boundaries_are_the_pipelines_sigmas_at_the_training_resolution(k, 
     assert torch.allclose(sched.model_timestep(torch.tensor(ts)), stock.timesteps / 1000, atol=1e-6)
 
 
+@pytest.mark.parametrize("seq_len", [1024, 4096])
+def test_flux_16_segment_boundaries_are_the_pipelines_16_step_sigmas(seq_len):
+    """T = 1200: FluxPipeline's 16-step sigmas are the boundaries of 16 segments on the N = 48 grid,
+    which also holds 1, 2, 4 and 8; the N = 40 grid of 1..8 is refused for 16, naming N = 48."""
+    sched, stock = flux(seq_len), stock_flux(16, seq_len)
+    ts = sched.inference_timesteps(16)
+    assert ts == list(range(1199, 0, -75)) and sched.pipeline_sigmas(16) == pytest.approx(np.linspace(1, 1 / 16, 16))
+    grid = sched.solver_grid(48)
+    assert Segments(16, grid).boundaries == ts
+    assert sched.timesteps_for_sigmas(stock.sigmas[:-1], grid) == ts
+    assert torch.allclose(sched.sigma(torch.tensor(ts)), stock.sigmas[:-1], atol=1e-7, rtol=0)
+    for k in (1, 2, 4, 8):
+        assert Segments(k, grid).boundaries == Segments(k, sched.solver_grid(40)).boundaries
+    with pytest.raises(HypersdError, match=r"k=16 are not on the N=40 solver grid \(T=1200, trailing spacing\); "
+                                           r"choose N a multiple of k, e.g. N=48 for k in 1, 2, 4, 8, 16"):
+        Segments(16, sched.solver_grid(40))
+    with pytest.raises(HypersdError, match="7 steps do not divide the 1200 .*pick a divisor of 1200"):
+        sched.inference_timesteps(7)
+    with pytest.raises(HypersdError, match="16 steps do not divide the 1000 .*pick a divisor of 1000"):
+        FlowSchedule(shift=flux_shift(seq_len), timestep_scale=1.0, spacing="trailing").inference_timesteps(16)
+
+
 @pytest.mark.parametrize("seq_len", [256, 1024, 4096, 6000])
 def test_flux_shift_is_diffusers_dynamic_shift(seq_len):
     mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
@@ -227,7 +250,7 @@ def test_a_shift_that_moves_a_boundary_off_the_grid_is_refused():
     # FLUX trained at 512² (1024 tokens), sampled at 1024² (4096 tokens): another shift
     with pytest.raises(HypersdError, match="step 2 of 4"):
         flux(1024).timesteps_for_sigmas(stock_flux(4, 4096).sigmas[:-1], flux(1024).solver_grid(40))
-    assert flux(1024).timesteps_for_sigmas(stock_flux(4, 1024).sigmas[:-1]) == [999, 749, 499, 249]
+    assert flux(1024).timesteps_for_sigmas(stock_flux(4, 1024).sigmas[:-1]) == [1199, 899, 599, 299]
 
 
 def test_pipeline_sigmas_put_a_stock_scheduler_on_the_boundaries():
@@ -235,7 +258,7 @@ def test_pipeline_sigmas_put_a_stock_scheduler_on_the_boundaries():
     sched = flux(1024)
     sch = FlowMatchEulerDiscreteScheduler(**FLUX_SCHED)
     sch.set_timesteps(sigmas=sched.pipeline_sigmas(4), mu=math.log(sched.shift))
-    assert sched.timesteps_for_sigmas(sch.sigmas[:-1], sched.solver_grid(40)) == [999, 749, 499, 249]
+    assert sched.timesteps_for_sigmas(sch.sigmas[:-1], sched.solver_grid(40)) == [1199, 899, 599, 299]
     sd = sd3()
     sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sch.set_timesteps(sigmas=sd.pipeline_sigmas(8))

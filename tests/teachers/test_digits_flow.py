@@ -167,3 +167,25 @@ def test_a_tscd_stage_with_the_adversarial_term_runs_on_the_transformer(tmp_path
     done = [r for r in runlog.steps(runlog.read(tmp_path)) if not r["skipped"]]
     assert len(done) == 2  # each step: the generator's adversarial term and a discriminator step
     assert all(math.isfinite(r["losses"]["g"]) and math.isfinite(r["losses"]["d"]) for r in done)
+
+
+def test_sample_command_honours_eta_on_the_flow_teacher(flow_file, tmp_path):
+    """'hypersd sample --backbone digits-flow --eta' runs the flow TCD step (σ_s = (1−γ)·σ_next, then
+    re-noising) through sample_prompts, the sampler the metrics and the eta scan use."""
+    import numpy as np
+
+    from hypersd.cli import main
+    from hypersd.core.sampling import sample_prompts
+    from hypersd.digits.data import balanced_labels, prompts_for
+
+    out = {}
+    for eta in (0.0, 0.5):
+        path = tmp_path / f"eta{eta}.npz"
+        assert main(["sample", "--backbone", "digits-flow", "--teacher", str(flow_file), "--steps", "4", "--eta",
+                     str(eta), "--n", "6", "--guidance", "1", "--out", str(path)]) in (0, None)
+        out[eta] = torch.from_numpy(np.load(path)["images"])
+    t = load_teacher("digits-flow", str(flow_file))
+    prompts = prompts_for(balanced_labels(6))
+    with torch.no_grad():
+        ref = t.decode(sample_prompts(t, prompts, 4, guidance=1.0, eta=0.5, seed=0))
+    assert (out[0.5] - ref).abs().max() < 1e-5 and (out[0.5] - out[0.0]).abs().max() > 1e-3

@@ -48,7 +48,7 @@ def test_sd3_teacher_loads_with_its_schedule(folders):
 def test_flux_teacher_schedule_is_the_training_resolutions_shift(folders):
     t = teacher(folders, "flux")
     s = t.schedule
-    assert t.latent_shape == (16, LATENT_SIZE, LATENT_SIZE) and t.T == 1000
+    assert t.latent_shape == (16, LATENT_SIZE, LATENT_SIZE) and t.T == 1200  # FLUX_T: 16 divides it
     assert s.shift == pytest.approx(flux_shift((LATENT_SIZE // 2) ** 2)) and s.shift != 3.0
     assert (s.timestep_scale, s.spacing) == (1.0, "trailing")
     assert t.guidance_embeds and t.guidance == 3.5
@@ -184,14 +184,15 @@ def test_bad_sources_are_refused(folders, tmp_path):
 
 
 # -- hypersd generate on SD3 and FLUX ----------------------------------------------------------------
-def reference_images(t, prompts, seeds, k, guidance, latent_shape):
-    """hypersd's sampler on the teacher, one image per seed, decoded."""
+def reference_images(t, prompts, seeds, k, guidance, latent_shape, eta=0.0):
+    """hypersd's sampler on the teacher, one image per seed (its generator drives the re-noising), decoded."""
     out = []
     for p, seed in zip(prompts, seeds):
-        noise, _ = initial_noise(1, latent_shape, seed)
+        noise, g = initial_noise(1, latent_shape, seed)
         s = t.schedule
         with torch.no_grad():
-            x0 = sample_tcd(guided(t, t.encode_prompt([p]), guidance), noise, s.inference_timesteps(k), s)
+            x0 = sample_tcd(guided(t, t.encode_prompt([p]), guidance), noise, s.inference_timesteps(k), s,
+                            eta=eta, generator=g)
             out.append(t.decode(x0))
     return torch.cat(out)
 
@@ -210,6 +211,25 @@ def test_generate_equals_hypersd_sampler_on_the_teachers_sigmas(folders, kind, g
     assert (images - ref).abs().max() < 1e-4
 
 
+def test_flux_generate_at_16_steps_gives_the_pipeline_the_16_segment_boundaries(folders):
+    """--steps 16 on FLUX: the plan's timesteps are the boundaries of 16 segments on the N = 48 grid
+    (what TSCD with 16 segments trains on), the sigmas given to the pipeline FluxPipeline's own
+    16-step linspace(1, 1/16, 16), and the images hypersd's sampler's."""
+    from hypersd.core.schedule import Segments
+    from hypersd.inference.generator import Generator
+    from hypersd.inference.schedulers import flow_call_args
+
+    gen = Generator(str(folders["flux"]), steps=16, device="cpu", width=SIDE, height=SIDE)
+    s = gen.teacher.schedule
+    assert gen.plan.timesteps == Segments(16, s.solver_grid(48)).boundaries == list(range(1199, 0, -75))
+    assert flow_call_args(gen.plan, s)["sigmas"] == pytest.approx([1 - j / 16 for j in range(16)])
+    images = gen.images(["a cat"], [2])
+    ran = gen.pipe.scheduler.sigmas[:-1]
+    assert torch.allclose(ran, s.sigma(torch.tensor(gen.plan.timesteps)), atol=1e-6, rtol=0)
+    ref = reference_images(gen.teacher, ["a cat"], [2], 16, gen.plan.guidance, gen.latent_shape)
+    assert (images - ref).abs().max() < 1e-4
+
+
 def test_flux_generate_takes_the_shift_of_its_image_size(folders):
     """Other sizes: the shift of their token count (as FluxPipeline's), the sigmas still the teacher's."""
     from hypersd.inference.generator import Generator
@@ -221,8 +241,28 @@ def test_flux_generate_takes_the_shift_of_its_image_size(folders):
     assert images.shape == (1, 3, SIDE, 2 * SIDE)
     with pytest.raises(HypersdError, match="--width 18 is not a positive multiple of 4"):
         Generator(str(folders["sd3"]), steps=2, device="cpu", width=18)
-    with pytest.raises(HypersdError, match="Euler sampler only"):
-        Generator(str(folders["sd3"]), steps=2, device="cpu", scheduler="tcd", eta=0.5)
+    with pytest.raises(HypersdError, match="needs --scheduler tcd"):
+        Generator(str(folders["sd3"]), steps=2, device="cpu", scheduler="ddim", eta=0.5)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_generate_with_eta_is_hypersd_tcd_sampler(folders, kind):
+    """--eta > 0 on SD3/FLUX: the pipeline's scheduler steps with hypersd's TCD step, each image's
+    re-noising from its own seed's generator, so the images are ``sample_tcd``'s at that eta."""
+    from hypersd.inference.generator import Generator
+
+    prompts, seeds, k = ["a cat", "a red house"], [5, 9], 4
+    got = {}
+    for eta in (0.3, 1.0):
+        gen = Generator(str(folders[kind]), steps=k, guidance=2.0, scheduler="tcd", eta=eta, device="cpu",
+                        width=SIDE, height=SIDE)
+        assert gen.plan.scheduler == "tcd" and gen.plan.eta == eta
+        got[eta] = gen.images(prompts, seeds)
+        ref = reference_images(gen.teacher, prompts, seeds, k, 2.0, gen.latent_shape, eta=eta)
+        assert (got[eta] - ref).abs().max() < 1e-5
+        assert (gen.images(prompts[1:], seeds[1:]) - got[eta][1:]).abs().max() < 1e-5  # its seed alone, not its batch
+    euler = reference_images(gen.teacher, prompts, seeds, k, 2.0, gen.latent_shape)
+    assert (got[0.3] - euler).abs().max() > 1e-3 and (got[1.0] - got[0.3]).abs().max() > 1e-3  # eta mattered
 
 
 def test_generate_command_detects_sd3(folders, tmp_path):
@@ -238,7 +278,7 @@ def test_generate_command_detects_sd3(folders, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("k", [1, 2, 4, 16])
 def test_the_boundaries_are_the_pipelines_own_k_step_sigmas(folders, kind, k):
     """SD3's "inclusive" grid holds set_timesteps(k)'s sigmas, FLUX's "trailing" one FluxPipeline's
     default linspace(1, 1/k, k): a pipeline given only a step count samples hypersd's boundaries."""
@@ -271,3 +311,37 @@ def test_a_single_checkpoint_gives_the_transformer_and_its_config_the_rest(folde
     wrong = "flux" if kind == "sd3" else "sd3"
     with pytest.raises(HypersdError, match=f"use backbone {backbone}"):
         load_teacher(wrong, str(file), config=str(folders[kind]))
+
+
+def test_a_flux_loras_recommended_eta_runs_tcd_with_its_weights(folders, tmp_path):
+    """A hypersd FLUX LoRA recording a recommended eta at 4 steps: generate samples it at that eta
+    (TCD through the pipeline, the LoRA fused) as hypersd's sampler does with the LoRA attached."""
+    from hypersd import lora
+    from hypersd.inference.generator import Generator
+
+    t = teacher(folders, "flux")
+    lora.add_lora(t.unet, lora.lora_config(4, 8, "transformer"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in lora.adapter_params(t.unet, lora.STUDENT):
+            p.normal_(0, 0.2)
+    path = tmp_path / "lora.safetensors"
+    lora.save_lora(path, t.unet, {"kind": "hypersd-lora", "backbone": "flux", "guidance": 2.0,
+                                  "resolution": [SIDE, SIDE], "max_sequence_length": T5_LENGTH,
+                                  "recommended_eta": {"4": 0.5}})
+    gen = Generator(str(folders["flux"]), lora=str(path), steps=4, device="cpu")
+    assert (gen.plan.scheduler, gen.plan.eta, gen.plan.guidance) == ("tcd", 0.5, 2.0)
+    images = gen.images(["a cat"], [3])
+    ref = reference_images(t, ["a cat"], [3], 4, 2.0, gen.latent_shape, eta=0.5)
+    assert (images - ref).abs().max() < 1e-4
+    lora.remove_lora(t.unet, lora.STUDENT)
+    assert (images - reference_images(t, ["a cat"], [3], 4, 2.0, gen.latent_shape, eta=0.5)).abs().max() > 1e-3
+    assert Generator(str(folders["flux"]), lora=str(path), steps=2, device="cpu").plan.eta == 0.0  # none at 2
+    # a one-step timestep counts on the T it records; a FLUX file without one counted on 1000
+    meta = {"kind": "hypersd-lora", "backbone": "flux", "resolution": [SIDE, SIDE], "one_step_t": 800}
+    lora.add_lora(t.unet, lora.lora_config(4, 8, "transformer"))
+    lora.save_lora(path, t.unet, {**meta, "T": 1200})
+    assert Generator(str(folders["flux"]), lora=str(path), steps=1, device="cpu").plan.timesteps == [800]
+    lora.save_lora(path, t.unet, meta)
+    with pytest.raises(HypersdError, match="one-step timestep 800 on T=1000, this model's timesteps on T=1200"):
+        Generator(str(folders["flux"]), lora=str(path), steps=1, device="cpu")

@@ -83,6 +83,9 @@ def _stages(kind, clip):
     if sd3:
         fb |= {"t_range": [0, 840], "perceptual_t": [0, 840]}
         dmd |= {"generator_t": 840, "t_range": [20, 820]}
+    else:  # FLUX's timesteps are 0..1199 (T = 1200, trailing)
+        fb |= {"t_range": [0, 1199], "perceptual_t": [0, 1199]}
+        dmd |= {"generator_t": 1199, "t_range": [24, 1176]}
     return [{"name": "t2", "segments": 2}, {"name": "t1", "segments": 1}, fb,
             {"name": "m", "kind": "merge", "ratio": 0.5}, dmd]
 
@@ -120,7 +123,7 @@ def test_distill_every_stage_kind_and_the_pipeline_loads_the_lora(kind, setup, c
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # it learned
     for m in (meta, lora.read_lora(out / "stages" / "t1" / "lora.safetensors")[1]):  # each stage's file too
         if kind == "flux":  # what generate samples it with: the embedding it was trained with, at its resolution
-            assert m["guidance"] == 3.5 and m["resolution"] == [SIDE, SIDE]
+            assert m["guidance"] == 3.5 and m["resolution"] == [SIDE, SIDE] and m["T"] == 1200
         else:
             assert m["guidance"] == 1.0 and "resolution" not in m
     assert all((out / f"samples-{k}step.png").stat().st_size > 0 for k in (1, 2))
@@ -186,12 +189,47 @@ def test_flow_recipes_train_the_adversarial_term(kind, setup, tmp_path):
 
 
 def test_packaged_flow_recipes():
-    for name in KINDS:
+    from hypersd.core.noise import FLUX_T, FlowSchedule
+    from hypersd.train.recipe import check_timesteps
+
+    for name, segments in (("sd3", [8, 4, 2, 1]), ("flux", [16, 8, 4, 2, 1])):
         r = load_recipe(name)
         assert r.backbone == name and r.resolution == 1024 and r.lora_targets == "transformer"
-        assert [s.kind for s in r.stages] == ["tscd"] * 4 + ["feedback", "merge", "dmd"]
-        assert [s.segments for s in r.stages if s.kind == "tscd"] == [8, 4, 2, 1]
+        assert [s.kind for s in r.stages] == ["tscd"] * len(segments) + ["feedback", "merge", "dmd"]
+        assert [s.segments for s in r.stages if s.kind == "tscd"] == segments
     assert load_recipe("sd3").stages[-1].generator_t == 840
+    flux = load_recipe("flux")
+    assert flux.stages[-1].generator_t == FLUX_T - 1 and 16 in flux.eval.steps
+    check_timesteps(flux, "flux", FlowSchedule(shift=3.0, timestep_scale=1.0, spacing="trailing", T=FLUX_T))
+
+
+def test_flux_tscd_at_16_segments_trains_on_the_boundaries_generate_samples(setup, tmp_path, monkeypatch):
+    """16 segments on FLUX's T = 1200 grid (N = 48): every lower boundary TSCD draws its end point
+    from is one of the 16 boundaries (or the clean end), and 'generate --steps 16' with the LoRA runs
+    exactly those boundaries; the N = 40 grid is refused when the teacher loads, naming N = 48."""
+    from hypersd.core.schedule import CLEAN
+    from hypersd.errors import HypersdError
+    from hypersd.inference.generator import Generator
+    from hypersd.losses import tscd
+
+    model, cache = setup["flux"]
+    seen = []
+    monkeypatch.setattr(tscd, "draw_t_end", lambda lower, *a, f=tscd.draw_t_end: seen.append(lower) or f(lower, *a))
+    r = {"backbone": "flux", "teacher": model, "data": str(cache), "resolution": SIDE, "lora_rank": 4,
+         "grid_every_stage": False, "eval_steps": [16],
+         "stages": [{"name": "t16", "segments": 16, "solver_steps": 48, "steps": 3, "batch": 2}]}
+    d = Distiller(from_dict(r), tmp_path / "run", progress=False)
+    assert d.run()
+    path = d.finish()
+    assert (tmp_path / "run" / "samples-16step.png").stat().st_size > 0
+    gen = Generator(model, lora=str(path), steps=16, device="cpu")
+    lowers = set(torch.cat(seen).tolist())
+    assert len(seen) == 3 and lowers <= set(gen.plan.timesteps[1:]) | {CLEAN}
+    assert gen.plan.timesteps == list(range(1199, 0, -75))
+    assert gen.images(["a cat"], [0]).std() > 0.01
+    bad = {**r, "stages": [{"name": "t", "segments": 16, "steps": 1}]}  # the default N = 40
+    with pytest.raises(HypersdError, match=r"segments 16 with solver_steps 40: .*T=1200.*e\.g\. N=48"):
+        Distiller(from_dict(bad), tmp_path / "bad", progress=False)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -62,9 +62,10 @@ class FluxBackbone(FlowBackbone):
         return teacher.guidance if teacher.guidance_embeds else 1.0
 
     def lora_fields(self, teacher) -> dict:
-        """Also the student's guidance embedding, and the resolution its shift belongs to."""
+        """Also the student's guidance embedding, the resolution its shift belongs to, and the T its
+        timesteps count on (``one_step_t``: FLUX's T was 1000 before ``FLUX_T``)."""
         return {**super().lora_fields(teacher), "guidance": self.student_guidance(teacher),
-                "resolution": list(teacher.resolution)}
+                "resolution": list(teacher.resolution), "T": teacher.T}
 
 
 def _manifest(recipe) -> dict:

@@ -28,7 +28,7 @@ def add_sampling_args(p, shared: tuple[str, ...] = ()) -> None:
                        help="sampling steps (default: the LoRA's recipe; 25 without a LoRA)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                    help="tcd or ddim (trailing); default: the LoRA's recipe, else ddim")
-    p.add_argument("--eta", type=float, default=None, help="TCD's gamma, 0 to 1 (0: DDIM)")
+    p.add_argument("--eta", type=float, default=None, help="TCD's gamma, 0 to 1 (0: DDIM; on SD3/FLUX, Euler)")
     if "--guidance" not in shared:
         p.add_argument("--guidance", type=float, default=None,
                        help="CFG scale; 0 or 1: none (default: the LoRA's recipe; the model's own without a LoRA)")

@@ -185,6 +185,13 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
+# FLUX's integer timesteps index u_t = (t+1)/T (trailing). Its transformer takes σ itself, so T is
+# hypersd's grid resolution, not a training constant: 1200, not the scheduler's 1000, holds
+# FluxPipeline's k-step sigmas linspace(1, 1/k, k) for every k dividing 1200 (1, 2, 3, 4, 6, 8, 12,
+# 16, ...: 1000 holds 8 but not 16), with solver grids N = 40 (k up to 8) and N = 48 (k up to 16).
+FLUX_T = 1200
+
+
 def flux_shift(image_seq_len: int, **kwargs) -> float:
     """The static shift equal to FLUX's dynamic one: the exponential time shift
     e^mu / (e^mu + (1/u − 1)) is exactly s·u / (1 + (s−1)·u) with s = e^mu.
@@ -204,7 +211,7 @@ class FlowSchedule(NoiseSchedule):
       ends kept. u_t = m + (1−m)·t/(T−1) puts them on t = T-1 − j·(T-1)/(k-1); T = 841 holds
       every k with k−1 dividing 840 (k = 1..9, 11, 13, 15, 16, ...).
     - "trailing" (FLUX: the pipeline passes sigmas = linspace(1, 1/k, k)): u_t = (t+1)/T puts
-      them on DDPM's trailing boundaries T-1 − j·T/k.
+      them on DDPM's trailing boundaries T-1 − j·T/k, for every k dividing T (FLUX: ``FLUX_T``).
 
     ``timestep_scale``: the network is called with scale·σ (SD3: 1000; FLUX: 1, its transformer
     scales by 1000 itself)."""

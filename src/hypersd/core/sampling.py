@@ -27,14 +27,25 @@ def sample_tcd(model_fn: EpsFn, x, timesteps, schedule, *, eta: float = 0.0, gen
     """
     schedule = as_schedule(schedule)
     timesteps = [int(t) for t in timesteps]
+
+    def draw(x):
+        return torch.randn(x.shape, generator=generator).to(x.device)
+
     for i, t in enumerate(timesteps):
-        out = model_fn(x, t)
         t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
-        s = schedule.tcd_point(t_next, eta)
-        x = schedule.jump(x, out, t, s)
-        if t_next != CLEAN and s != t_next:
-            noise = torch.randn(x.shape, generator=generator).to(x.device)
-            x = schedule.renoise(x, s, t_next, noise)
+        x = tcd_step(schedule, x, model_fn(x, t), t, t_next, eta, draw)
+    return x
+
+
+def tcd_step(schedule, x, out, t: int, t_next: int, eta: float, draw):
+    """One step of the TCD form from t with the network's output ``out``: jump to the TCD point s
+    of t_next, then re-noise s → t_next with ``draw(x)`` (called only where noise is added: never at
+    γ = 0 nor at the last step, t_next = CLEAN). ``sample_tcd`` and the flow pipelines' scheduler
+    (``hypersd.inference.schedulers``) both step with it, so they are one sampler."""
+    s = schedule.tcd_point(t_next, eta)
+    x = schedule.jump(x, out, t, s)
+    if t_next != CLEAN and s != t_next:
+        x = schedule.renoise(x, s, t_next, draw(x))
     return x
 
 

@@ -85,8 +85,9 @@ class Segments:
         on_grid = set(grid.points.tolist())
         off = [b for b in self.boundaries if b not in on_grid]
         if off:
-            fix = ("choose N a multiple of k, e.g. N=40 for k in 1, 2, 4, 8" if grid.spacing == "trailing" else
-                   "choose N with N-1 a multiple of k-1, e.g. N=43 for k in 1, 2, 4, 8")
+            rule = "N a multiple of k" if grid.spacing == "trailing" else "N with N-1 a multiple of k-1"
+            n = holding_grid(k, grid)
+            fix = f"choose {rule}" + ("" if n is None else f", e.g. N={n} for k in {_with_usual(k)}")
             raise HypersdError(
                 f"segment boundaries {off} of k={k} are not on the N={grid.N} solver grid "
                 f"(T={grid.T}, {grid.spacing} spacing); {fix}"
@@ -97,6 +98,27 @@ class Segments:
     def lower_boundary(self, t: torch.Tensor) -> torch.Tensor:
         """The lower boundary t_b of the segment holding each t: b_{j+1} for t in (b_{j+1}, b_j]."""
         return _largest_below(self._below, torch.as_tensor(t))
+
+
+USUAL_K = (1, 2, 4, 8)  # the step counts of the unified LoRA, which one solver grid should hold
+DEFAULT_N = 40  # the recipes' default solver_steps
+
+
+def _with_usual(k: int) -> str:
+    return ", ".join(str(j) for j in sorted({*USUAL_K, k}))
+
+
+def holding_grid(k: int, grid: SolverGrid) -> int | None:
+    """The smallest solver grid size from 40 on (hypersd's default; below it, the largest) whose
+    points hold the boundaries of k segments and of 1, 2, 4 and 8 on the grid's T and spacing
+    (None: there is none)."""
+    ks = {*USUAL_K, k}
+    if grid.spacing == "trailing":
+        fits = [n for n in range(1, grid.T + 1) if grid.T % n == 0 and all(n % j == 0 and grid.T % j == 0 for j in ks)]
+    else:
+        fits = [n for n in range(2, grid.T + 1) if (grid.T - 1) % (n - 1) == 0
+                and all((n - 1) % (j - 1) == 0 and (grid.T - 1) % (j - 1) == 0 for j in ks if j > 1)]
+    return min(fits, key=lambda n: (n < DEFAULT_N, abs(n - DEFAULT_N))) if fits else None
 
 
 def _largest_below(ascending: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,12 @@ class Generator:
             size = tuple(meta["resolution"])
             height, width = size
         self.teacher, backbone = load_model(model, backbone, device, getattr(torch, dtype), config, size)
+        # a FLUX LoRA without "T" counted its timesteps on T = 1000, before FLUX_T
+        counted_on = (meta or {}).get("T", 1000 if (meta or {}).get("backbone") == "flux" else self.teacher.T)
+        if meta and meta.get("one_step_t") is not None and counted_on != self.teacher.T:
+            raise HypersdError(f"{lora} counts its one-step timestep {meta['one_step_t']} on T={counted_on}, this "
+                               f"model's timesteps on T={self.teacher.T} (FLUX's since 16-step support); train the "
+                               f"LoRA again with this hypersd")
         if meta and meta.get("max_sequence_length") and hasattr(self.teacher, "max_sequence_length"):
             self.teacher.max_sequence_length = int(meta["max_sequence_length"])  # the T5 length it was trained at
         self.plan = resolve(recipe, model=model, backbone=backbone, lora=lora, T=self.teacher.T,
@@ -45,12 +51,13 @@ class Generator:
         self.pipe = build_pipeline(self.teacher, backbone)
         if lora:
             attach_lora(self.pipe, lora, meta, lora_scale)
-        # a flow teacher's pipeline runs Euler on its sigmas; SD1.5/SDXL's DDIM or TCD on its timesteps
+        # a flow teacher's pipeline runs Euler (or hypersd's TCD step, eta > 0) on its sigmas;
+        # SD1.5/SDXL's DDIM or TCD on its timesteps
         self.flow = self.teacher.schedule if self.teacher.prediction_type == "flow" else None
         if self.flow is not None:
-            flow_call_args(self.plan, self.flow)  # refuses what the flow pipelines cannot sample, before any image
-            self.plan.scheduler = "euler"  # what runs (TCD at eta 0 and DDIM are Euler on a flow)
-            self.pipe.scheduler = make_flow_scheduler(self.teacher.scheduler_config, self.flow.shift)
+            self.plan.scheduler = "tcd" if self.plan.eta > 0 else "euler"  # TCD at eta 0 and DDIM are Euler on a flow
+            self.pipe.scheduler = make_flow_scheduler(self.teacher.scheduler_config, self.flow.shift, self.plan.eta,
+                                                      self.flow, self.plan.timesteps)
             compile = False  # CompiledInference swaps a UNet; a transformer pipeline stays eager
         else:
             self.pipe.scheduler = make_scheduler(self.plan.scheduler, self.teacher.scheduler_config)
@@ -165,6 +172,12 @@ class Generator:
         from hypersd.teachers.flux import pack, unpack
 
         plan, flux = self.plan, self.plan.backbone == "flux"
+        if plan.eta > 0:  # each image's re-noising from its own generator, drawn as hypersd's sampler draws it
+            def draw(x):
+                z = torch.cat([torch.randn((1, *self.latent_shape), generator=g) for g in generators]).to(x.device)
+                return pack(z) if flux else z
+
+            self.pipe.scheduler.draw = draw
         kwargs = dict(prompt=prompts, guidance_scale=plan.guidance, latents=pack(noise) if flux else noise,
                       generator=generators, output_type="latent", height=plan.height, width=plan.width,
                       max_sequence_length=self.teacher.max_sequence_length, **flow_call_args(plan, self.flow))

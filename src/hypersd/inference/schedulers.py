@@ -1,4 +1,5 @@
-"""diffusers' DDIM (trailing) and TCD, both ending at x0 as hypersd's sampler does."""
+"""diffusers' DDIM (trailing) and TCD, both ending at x0 as hypersd's sampler does; for SD3 and
+FLUX, FlowMatchEulerDiscreteScheduler, or its subclass stepping as hypersd's TCD sampler."""
 
 from __future__ import annotations
 
@@ -35,26 +36,66 @@ def scheduler_call_args(plan: Plan) -> dict:
     return {"num_inference_steps": plan.steps, "eta": 0.0}
 
 
-def make_flow_scheduler(config: dict, shift: float):
+def make_flow_scheduler(config: dict, shift: float, eta: float = 0.0, schedule=None, timesteps=None):
     """diffusers' FlowMatchEulerDiscreteScheduler on the model's config with hypersd's static shift:
     a FLUX model's dynamic shift is taken at the resolution it is distilled at, whatever the image
-    size, so the sigmas are the teacher's boundaries at every size (Euler is hypersd's γ = 0)."""
+    size, so the sigmas are the teacher's boundaries at every size (Euler is hypersd's γ = 0).
+
+    ``eta`` > 0: its subclass that steps as hypersd's sampler does (``sampling.tcd_step`` on the
+    teacher's ``schedule`` and hypersd's ``timesteps``), drawing its re-noising from ``draw``, which
+    the caller sets per batch (the pipelines call ``step`` without a generator)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift, use_dynamic_shifting=False)
+    cls = _flow_tcd_class() if eta > 0 else FlowMatchEulerDiscreteScheduler
+    scheduler = cls.from_config(config, shift=shift, use_dynamic_shifting=False)
+    if eta > 0:
+        scheduler.hypersd = (schedule, [int(t) for t in timesteps], float(eta))
+    return scheduler
 
 
 def flow_call_args(plan: Plan, schedule) -> dict:
     """The pipeline arguments that put a flow scheduler on ``plan.timesteps``: the unshifted u of
-    each boundary, as ``FlowSchedule.pipeline_sigmas`` gives them (the scheduler applies the shift).
-
-    Euler only: the SD3 and FLUX pipelines step their scheduler without the seed's generator, so
-    FlowMatchLCMScheduler's re-noising (γ = 1) would not follow the seed, and 0 < γ < 1 has no
-    diffusers scheduler."""
-    if plan.eta > 0:
-        raise HypersdError(f"--eta {plan.eta:g}: SD3 and FLUX generate with the Euler sampler only (eta 0); "
-                           f"pass --eta 0")
+    each boundary, as ``FlowSchedule.pipeline_sigmas`` gives them (the scheduler applies the shift)."""
     return {"sigmas": [float(schedule.u[t + 1]) for t in plan.timesteps]}
+
+
+_FLOW_TCD = None
+
+
+def _flow_tcd_class():
+    """FlowMatchEulerDiscreteScheduler whose step is hypersd's TCD step with γ = eta: the jump to
+    σ_s = (1−γ)·σ_next, then the re-noising to σ_next (γ = 1 is FlowMatchLCMScheduler). The
+    scheduler's own sigmas only place the pipeline's transformer calls; they are checked against
+    the schedule's after each run (``Generator._flow_latents``)."""
+    global _FLOW_TCD
+    if _FLOW_TCD is None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+            FlowMatchEulerDiscreteSchedulerOutput,
+        )
+
+        from hypersd.core.sampling import tcd_step
+        from hypersd.core.schedule import CLEAN
+
+        class HypersdFlowTCDScheduler(FlowMatchEulerDiscreteScheduler):
+            hypersd = None  # (schedule, timesteps, eta)
+            draw = None  # draw(x): the re-noising of a batch, from its images' own generators
+
+            def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+                if self.draw is None:
+                    raise HypersdError("the flow TCD scheduler has no noise source; set its draw before sampling")
+                if self.step_index is None:
+                    self._init_step_index(timestep)
+                schedule, timesteps, eta = self.hypersd
+                i = self.step_index
+                t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
+                x = tcd_step(schedule, sample, model_output, timesteps[i], t_next, eta, self.draw)
+                self._step_index += 1
+                x = x.to(model_output.dtype)
+                return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=x) if return_dict else (x,)
+
+        _FLOW_TCD = HypersdFlowTCDScheduler
+    return _FLOW_TCD
 
 
 _TCD = None

@@ -13,8 +13,8 @@ it. schnell has no guidance embedding and takes no guidance: one pass, ω unused
 
 The schedule: the dynamic shift of the training resolution's token count as a static shift
 (``flux_shift``; schnell's config has a static shift of 1), the transformer called at σ (it scales
-by 1000 itself), "trailing" spacing on T = 1000: the k-step boundaries are FluxPipeline's default
-sigmas linspace(1, 1/k, k), shifted.
+by 1000 itself), "trailing" spacing on T = ``FLUX_T`` = 1200: the k-step boundaries are FluxPipeline's
+default sigmas linspace(1, 1/k, k), shifted, for every k dividing 1200 (8 and 16 among them).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from hypersd.core.noise import FLUX_T
 from hypersd.errors import HypersdError
 from hypersd.teachers.base import Cond
 from hypersd.teachers.sd import place
@@ -76,7 +77,7 @@ class FluxTeacher(FlowTeacher):
         h, w = height // scale, width // scale
         steps = int(scheduler_config.get("num_train_timesteps", 1000))
         flow = dict(shift=flow_shift(scheduler_config, (h // 2) * (w // 2)), timestep_scale=1.0, spacing="trailing",
-                    T=steps, num_train_timesteps=steps)
+                    T=FLUX_T, num_train_timesteps=steps)
         super().__init__(transformer, vae, scheduler_config, (cfg.in_channels // 4, h, w), flow)
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2

@@ -351,9 +351,12 @@ def _validate_runtime(recipe: Recipe, source: str) -> None:
     get_backbone(recipe.backbone).check_recipe(recipe, source)
 
 
-def _range(value, where: str, what: str, lo, hi) -> None:
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and lo <= value[0] <= value[1] <= hi):
-        raise HypersdError(f"{where}: {what} must be [min, max] with {lo} <= min <= max <= {hi}, got {value}")
+def _range(value, where: str, what: str, lo, hi=None) -> None:
+    """``hi`` None: a timestep range, whose top the teacher's T bounds (``check_timesteps``)."""
+    top = float("inf") if hi is None else hi
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and lo <= value[0] <= value[1] <= top):
+        bound = "" if hi is None else f" <= {hi}"
+        raise HypersdError(f"{where}: {what} must be [min, max] with {lo} <= min <= max{bound}, got {value}")
 
 
 def _rank(value, where: str, key: str, unset: str) -> None:
@@ -391,8 +394,8 @@ def _validate_stage(s: Stage, where: str) -> None:
     if isinstance(s, FeedbackStage):
         if not s.rewards and s.perceptual_weight <= 0:
             raise HypersdError(f"{where}: a feedback stage needs rewards or a perceptual_weight > 0")
-        _range(s.t_range, where, "t_range", 0, 999)
-        _range(s.perceptual_t, where, "perceptual_t", 0, 999)
+        _range(s.t_range, where, "t_range", 0)  # the top: the teacher's T, in check_timesteps
+        _range(s.perceptual_t, where, "perceptual_t", 0)
         if not s.sample_steps or any(k < 1 for k in s.sample_steps):
             raise HypersdError(f"{where}: sample_steps must list step counts >= 1, got {s.sample_steps}")
         _rank(s.rank, where, "rank", "the recipe's lora_rank")
@@ -402,9 +405,9 @@ def _validate_stage(s: Stage, where: str) -> None:
     if isinstance(s, MergeStage):
         _rank(s.rank, where, "rank", "the exact merge")
     if isinstance(s, DMDStage):
-        _range(s.t_range, where, "t_range", 0, 999)
-        if not 0 <= s.generator_t <= 999:
-            raise HypersdError(f"{where}: generator_t must be a timestep in [0, 999], got {s.generator_t}")
+        _range(s.t_range, where, "t_range", 0)
+        if not 0 <= s.generator_t:
+            raise HypersdError(f"{where}: generator_t must be a timestep >= 0, got {s.generator_t}")
         if s.fake_updates < 1 or s.fake_warmup < 0 or s.reg_pool < 1 or s.reg_batch < 1:
             raise HypersdError(f"{where}: fake_updates, reg_pool and reg_batch must be >= 1, fake_warmup >= 0")
         if not 0 <= s.generator_ema < 1:
