@@ -54,7 +54,21 @@ def flow_call_args(plan: Plan, schedule) -> dict:
     if plan.eta > 0:
         raise HypersdError(f"--eta {plan.eta:g}: SD3 and FLUX generate with the Euler sampler only (eta 0); "
                            f"pass --eta 0")
+    if plan.sigmas is not None:
+        return {"sigmas": list(plan.sigmas)}
     return {"sigmas": [float(schedule.u[t + 1]) for t in plan.timesteps]}
+
+
+def stock_flow_sigmas(backbone: str, k: int, schedule) -> list[float]:
+    """The unshifted sigmas (u) the stock pipeline samples k steps on, which the published Hyper-SD3
+    and Hyper-FLUX recipes ran: FluxPipeline's default ``linspace(1, 1/k, k)``;
+    StableDiffusion3Pipeline's scheduler's ``set_timesteps(k)``, a linspace of u from 1 to the
+    scheduler's sigma_min (which hypersd's SD3 schedule holds as its u at t = 0)."""
+    import numpy as np
+
+    if backbone == "flux":
+        return [float(u) for u in np.linspace(1.0, 1.0 / k, k)]
+    return [float(u) for u in np.linspace(1.0, float(schedule.u[1]), k)]
 
 
 _TCD = None
