@@ -108,8 +108,8 @@ def test_flow_files_outside_the_release_get_no_recipe():
 
 def test_the_lora_scale_is_the_recipes_unless_given():
     recipe = published_recipe("Hyper-SD3-8steps-CFG-lora.safetensors")
-    kw = dict(model="m", backbone="sd3", lora="Hyper-SD3-8steps-CFG-lora.safetensors", T=841, default_guidance=7.0,
-              spacing="inclusive")
+    kw = {"model": "m", "backbone": "sd3", "lora": "Hyper-SD3-8steps-CFG-lora.safetensors", "T": 841,
+          "default_guidance": 7.0, "spacing": "inclusive"}
     plan = resolve(recipe, **kw)
     assert plan.lora_scale == 0.125 and plan.lora_scale_from.startswith("published Hyper-SD recipe")
     plan = resolve(recipe, lora_scale=0.25, **kw)
