@@ -25,7 +25,10 @@ class FlowBackbone(SDBackbone):
         if not recipe.teacher:
             raise HypersdError(f"backbone {self.name!r} needs a model: pass a hub id, a local diffusers folder or a "
                                f".safetensors checkpoint")
-        return load_teacher(self.name, recipe.teacher, device=device, dtype=dtype, **self.teacher_options(recipe))
+        options = self.teacher_options(recipe)
+        if recipe.teacher_config:
+            options["config"] = recipe.teacher_config
+        return load_teacher(self.name, recipe.teacher, device=device, dtype=dtype, **options)
 
     def lora_fields(self, teacher) -> dict:
         """The T5 length the LoRA was trained with: 'hypersd generate' encodes prompts at it."""

@@ -42,7 +42,7 @@ EMBEDDINGS = ("hidden", "text_embeds", "pooled_projections")  # what _read hands
 BACKBONES = ("sd15", "sdxl", "sd3", "flux")
 # What a resumed run must share with the one it continues.
 SETTINGS = ("backbone", "model", "vae", "data", "resolution", "crop", "seed", "dtype", "shard_size",
-            "image_column", "caption_column", "max_sequence_length", "no_t5_cache")
+            "image_column", "caption_column", "max_sequence_length", "no_t5_cache", "model_config")
 
 
 def shard_name(i: int) -> str:
@@ -58,12 +58,14 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
                 batch: int = 8, shard_size: int = 1000, crop: str = "center", seed: int = 0, vae: str | None = None,
                 dtype: str = "float16", image_column: str | None = None, caption_column: str | None = None,
                 device: str | None = None, force: bool = False, teacher=None, progress: bool = True,
-                max_sequence_length: int | None = None, t5: bool = True) -> dict:
+                max_sequence_length: int | None = None, t5: bool = True, model_config: str | None = None) -> dict:
     """Write (or continue) the cache of ``data`` for ``model``; returns its manifest.
 
     ``max_sequence_length``: SD3's and FLUX's T5 tokens (default the model's: 256, FLUX.1-dev 512);
     the manifest records the teacher's, and training loads its teacher with it. ``t5`` False
-    (``--no-t5-cache``): their T5 states are not stored but encoded at each training step."""
+    (``--no-t5-cache``): their T5 states are not stored but encoded at each training step.
+    ``model_config``: for an SD3 / FLUX ``model`` that is one .safetensors file, its diffusers folder
+    (the recipe's ``teacher_config``)."""
     from tqdm.auto import tqdm
 
     if backbone not in BACKBONES:
@@ -77,12 +79,16 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
         raise HypersdError(f"--max-sequence-length is T5's length, for sd3 and flux; {backbone} has no T5")
     if not t5 and backbone not in ("sd3", "flux"):
         raise HypersdError(f"--no-t5-cache is for sd3 and flux; {backbone} has no T5")
+    if model_config is not None and backbone not in ("sd3", "flux"):
+        raise HypersdError(f"--model-config is for an sd3 or flux checkpoint file; {backbone} caches from a diffusers "
+                           f"folder or hub id")
     out = Path(out)
     source = open_source(data, image_column, caption_column)
     settings = {"backbone": backbone, "model": str(model), "vae": vae, "data": str(Path(data).expanduser().resolve()),
                 "resolution": resolution, "crop": crop, "seed": seed, "dtype": dtype, "shard_size": shard_size,
                 "image_column": image_column, "caption_column": caption_column,
-                "max_sequence_length": max_sequence_length, "no_t5_cache": None if t5 else True}
+                "max_sequence_length": max_sequence_length, "no_t5_cache": None if t5 else True,
+                "model_config": model_config}
     manifest = _start(out, settings, force)  # refuses what it must before a model is loaded
     if teacher is None:
         from hypersd.teachers import load_teacher
@@ -91,6 +97,8 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
         options = {"resolution": resolution} if backbone == "flux" and resolution else {}
         if max_sequence_length is not None:
             options["max_sequence_length"] = max_sequence_length
+        if model_config is not None:
+            options["config"] = model_config
         teacher = load_teacher(backbone, model, device=resolve_device(device), **options)
     if vae:
         from hypersd.teachers.sd import replace_vae
