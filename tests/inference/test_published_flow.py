@@ -226,3 +226,17 @@ def test_cli_says_where_the_lora_scale_came_from(folders, tmp_path, capsys):
     assert "lora scale 0.125 [published Hyper-SD recipe for Hyper-FLUX.1-dev-8steps-lora]" in out
     assert main([*args, "--lora-scale", "0.5", "--out", str(tmp_path / "b")]) in (0, None)
     assert "lora scale 0.5 [--lora-scale]" in capsys.readouterr().out
+
+
+def test_lora_inspect_and_convert_read_a_hyper_flux_file(folders, tmp_path, capsys):
+    state, _ = _random_peft("flux", folders["flux"])
+    path = diffusers_file(tmp_path / "Hyper-FLUX.1-dev-16steps-lora.safetensors", state, ALPHA)
+    assert main(["lora", "inspect", str(path)]) in (0, None)
+    out = capsys.readouterr().out
+    assert f"diffusers layout, {len(state) // 2} layers of a transformer (SD3 / FLUX), rank 4, alpha 8" in out
+    assert "Hyper-FLUX.1-dev-16steps-lora: flux, 16 steps, guidance 3.5, LoRA scale 0.125" in out
+    kohya = tmp_path / "kohya.safetensors"
+    assert main(["lora", "convert", str(path), str(kohya), "--to", "kohya", "--backbone", "flux"]) in (0, None)
+    back, meta = read_any(kohya)
+    assert meta["rank"] == RANK and meta["alpha"] == ALPHA and set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)  # B·A as the file had it, bit for bit

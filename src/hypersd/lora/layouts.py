@@ -242,6 +242,11 @@ def read_any(path: str | Path, layers_per_block: int = 2) -> tuple[dict[str, tor
     return state, meta
 
 
+def read_layout(path: str | Path, layers_per_block: int = 2) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """``read_any``'s (state, meta) and the layout the file was in."""
+    return _read(path, layers_per_block)
+
+
 def detect_format(keys) -> str:
     """Which of the three layouts a file's tensor names are in."""
     keys = list(keys)
@@ -267,7 +272,8 @@ def detect_format(keys) -> str:
     fits = [(k.startswith(KOHYA_PREFIX) and k.endswith(_KOHYA_PARTS)) or k.endswith(_PEFT_PARTS) for k in keys]
     odd = next((k for k, fit in zip(keys, fits) if not fit), keys[0])
     raise HypersdError(f"unknown LoRA layout (e.g. key {odd}); hypersd reads its own files (peft keys), "
-                       f"diffusers' (unet.* or transformer.*, .lora_A/lora_B) and kohya's (lora_unet_*.lora_down/lora_up/alpha)")
+                       f"diffusers' (unet.* or transformer.*, .lora_A/lora_B, optionally .alpha) and kohya's "
+                       f"(lora_unet_*.lora_down/lora_up/alpha)")
 
 
 def _read(path, layers_per_block: int) -> tuple[dict, dict, str]:
