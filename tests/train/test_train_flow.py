@@ -260,6 +260,11 @@ def test_a_single_file_teacher_trains_with_its_config_named_in_the_recipe(kind, 
         Distiller(from_dict({**r, "teacher_config": None}), tmp_path / "run2", progress=False)
     with pytest.raises(HypersdError, match="neither in the hub cache.*teacher_config"):
         Distiller(from_dict({**r, "teacher_config": "nobody/no-such-model"}), tmp_path / "run3", progress=False)
+    with pytest.raises(HypersdError, match="is no file"):  # a folder has its own configs: nothing to name
+        Distiller(from_dict({**r, "teacher": model}), tmp_path / "run5", progress=False)
+    with pytest.raises(HypersdError, match="drop teacher_config"):
+        get_backbone("sd15").load_teacher(from_dict({**r, "backbone": "sd15", "stages": [{"name": "t"}]}), "cpu",
+                                          None)
     (tmp_path / "empty" / "transformer").mkdir(parents=True)
     with pytest.raises(HypersdError, match="no readable transformer/config.json.*teacher_config"):
         Distiller(from_dict({**r, "teacher_config": str(tmp_path / "empty")}), tmp_path / "run4", progress=False)
