@@ -33,11 +33,16 @@ def folders(tmp_path_factory):
     return {kind: save_flow_tiny(kind, root / kind) for kind in ("sd3", "flux")}
 
 
-def _random_peft(kind, folder, seed=2):
-    """(state, meta): a random LoRA of rank 4, alpha 8 on the transformer preset of the tiny model."""
+def _random_peft(kind, folder, seed=2, every_linear=False):
+    """(state, meta): a random LoRA of rank 4, alpha 8 on the tiny model's transformer preset, or on
+    every linear layer: the published Hyper-FLUX file adapts context_embedder, norm_out.linear,
+    proj_out and the single blocks' norm.linear too (its key list in kohya-ss/sd-scripts#1585)."""
     cls = StableDiffusion3Pipeline if kind == "sd3" else FluxPipeline
     net = cls.from_pretrained(str(folder)).transformer
-    lora.add_lora(net, lora.lora_config(RANK, ALPHA, "transformer"), "ref")
+    targets = "transformer"
+    if every_linear:
+        targets = [name for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    lora.add_lora(net, lora.lora_config(RANK, ALPHA, targets), "ref")
     g = torch.Generator().manual_seed(seed)
     # large enough that a wrong scale (1 instead of 0.125) or a lost alpha moves the images
     state = {k: torch.randn(v.shape, generator=g) * (1.0 if ".lora_B." in k else 2.0)
@@ -165,9 +170,13 @@ def test_hyper_sd3_file_in_generate_is_the_model_cards_run(folders, tmp_path):
 
 @pytest.mark.parametrize("alpha", [None, ALPHA])
 def test_hyper_flux_file_in_generate_is_the_model_cards_run(folders, tmp_path, alpha):
-    """A Hyper-FLUX.1-dev-named file in diffusers' layout, with and without per-layer ``.alpha``
-    tensors (diffusers' FLUX loader reads both): 8 steps, embedded guidance 3.5, scale 0.125."""
-    state, _ = _random_peft("flux", folders["flux"])
+    """A Hyper-FLUX.1-dev-named file in diffusers' layout on every linear layer, as the published
+    file's keys are (``transformer.context_embedder.lora_A.weight``, ...: kohya-ss/sd-scripts#1585),
+    with and without per-layer ``.alpha`` tensors (diffusers' FLUX loader reads both): 8 steps,
+    embedded guidance 3.5, scale 0.125."""
+    state, _ = _random_peft("flux", folders["flux"], every_linear=True)
+    assert {"context_embedder.lora_A.weight", "norm_out.linear.lora_A.weight", "proj_out.lora_A.weight",
+            "single_transformer_blocks.0.norm.linear.lora_A.weight"} <= set(state)
     path = diffusers_file(tmp_path / "Hyper-FLUX.1-dev-8steps-lora.safetensors", state, alpha)
     gen, images = generated(folders["flux"], path)
     assert (gen.plan.steps, gen.plan.guidance, gen.plan.lora_scale) == (8, 3.5, 0.125)
