@@ -263,3 +263,62 @@ def test_a_cache_without_t5_encodes_it_each_step(kind, setup, tmp_path, monkeypa
          "stages": [{"name": "t", "segments": 2}]}
     d = Distiller(from_dict(r), tmp_path / "run", progress=False, teacher=t)
     assert d.run() and calls.count(2) >= 2  # each training batch's T5 states
+
+
+def _single_file(kind, path):
+    """Another tiny transformer of the kind (seed 1) as one .safetensors checkpoint (diffusers' key
+    names, which from_single_file takes as they are): its configs and text encoders must come from
+    a config folder."""
+    from flow_tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+    from safetensors.torch import save_file
+
+    net = (tiny_sd3_pipeline if kind == "sd3" else tiny_flux_pipeline)(seed=1).transformer
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path, net
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_single_file_teacher_trains_with_its_config_named_in_the_recipe(kind, setup, tmp_path):
+    """teacher: one checkpoint, teacher_config: the diffusers folder it lacks (offline, diffusers
+    cannot fetch one); without it, or with a config found nowhere, one line naming teacher_config."""
+    from hypersd.errors import HypersdError
+
+    model, cache = setup[kind]
+    file, net = _single_file(kind, tmp_path / "model.safetensors")
+    r = {"backbone": kind, "teacher": str(file), "teacher_config": model, "data": str(cache), "resolution": SIDE,
+         "lora_rank": 4, "grid_every_stage": False, "eval_steps": [1],
+         "stages": [{"name": "t", "segments": 2, "steps": 1, "batch": 2,
+                     **({"solver_steps": 43} if kind == "sd3" else {})}]}
+    d = Distiller(from_dict(r), tmp_path / "run", progress=False)
+    got = d.teacher.unet.norm_out.linear.weight  # a layer no LoRA adapts: the file's, not the folder's
+    assert torch.equal(got, net.norm_out.linear.weight)
+    assert not torch.equal(got, teacher_of(kind, model).unet.norm_out.linear.weight)
+    assert d.run() and (tmp_path / "run" / "stages" / "t" / "lora.safetensors").is_file()
+    with pytest.raises(HypersdError, match="teacher_config"):
+        Distiller(from_dict({**r, "teacher_config": None}), tmp_path / "run2", progress=False)
+    with pytest.raises(HypersdError, match="neither in the hub cache.*teacher_config"):
+        Distiller(from_dict({**r, "teacher_config": "nobody/no-such-model"}), tmp_path / "run3", progress=False)
+    with pytest.raises(HypersdError, match="is no file"):  # a folder has its own configs: nothing to name
+        Distiller(from_dict({**r, "teacher": model}), tmp_path / "run5", progress=False)
+    with pytest.raises(HypersdError, match="drop teacher_config"):
+        get_backbone("sd15").load_teacher(from_dict({**r, "backbone": "sd15", "stages": [{"name": "t"}]}), "cpu",
+                                          None)
+    (tmp_path / "empty" / "transformer").mkdir(parents=True)
+    with pytest.raises(HypersdError, match="no readable transformer/config.json.*teacher_config"):
+        Distiller(from_dict({**r, "teacher_config": str(tmp_path / "empty")}), tmp_path / "run4", progress=False)
+
+
+def test_cache_of_a_single_file_model_takes_its_config(setup, tmp_path):
+    from hypersd.errors import HypersdError
+
+    model, _ = setup["flux"]
+    file, _ = _single_file("flux", tmp_path / "flux.safetensors")
+    images = tmp_path / "images"
+    write_folder(images, n_good=2)
+    args = ["cache", "--backbone", "flux", "--model", str(file), "--data", str(images), "--resolution", str(SIDE),
+            "--max-sequence-length", str(T5_LENGTH), "--device", "cpu", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "c"), "--model-config", model]) in (0, None)
+    m = read_manifest(tmp_path / "c")
+    assert m["written"] == 2 and m["model_config"] == model
+    with pytest.raises(HypersdError, match="--model-config"):
+        build_cache("flux", str(file), str(images), tmp_path / "d", resolution=SIDE, progress=False)

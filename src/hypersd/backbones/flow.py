@@ -8,6 +8,8 @@ so ``named_schedule`` is None and the trainer checks the recipe's grids on the t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypersd.backbones.sd import SDBackbone
 from hypersd.errors import HypersdError
 
@@ -25,7 +27,14 @@ class FlowBackbone(SDBackbone):
         if not recipe.teacher:
             raise HypersdError(f"backbone {self.name!r} needs a model: pass a hub id, a local diffusers folder or a "
                                f".safetensors checkpoint")
-        return load_teacher(self.name, recipe.teacher, device=device, dtype=dtype, **self.teacher_options(recipe))
+        options = self.teacher_options(recipe)
+        if recipe.teacher_config:
+            if not Path(str(recipe.teacher)).expanduser().is_file():
+                raise HypersdError(f"teacher_config names the diffusers folder of a single-file teacher, but teacher "
+                                   f"{recipe.teacher} is no file (a folder or hub id holds its own configs): drop "
+                                   f"teacher_config")
+            options["config"] = recipe.teacher_config
+        return load_teacher(self.name, recipe.teacher, device=device, dtype=dtype, **options)
 
     def lora_fields(self, teacher) -> dict:
         """The T5 length the LoRA was trained with: 'hypersd generate' encodes prompts at it."""

@@ -34,6 +34,9 @@ class SDBackbone(Backbone):
 
         if not recipe.teacher:
             raise HypersdError(f"backbone {self.name!r} needs a model: pass a hub id or a local diffusers folder")
+        if recipe.teacher_config:
+            raise HypersdError(f"teacher_config names the diffusers folder of an sd3 or flux checkpoint file; "
+                               f"{self.name} distils from a diffusers folder or hub id: drop teacher_config")
         return load_sd(self.name, recipe.teacher, device=device, dtype=dtype)
 
     def adapt_teacher(self, recipe, teacher) -> None:

@@ -186,7 +186,8 @@ def cmd_cache(a) -> None:
                     shard_size=a.shard_size, crop=a.crop, seed=a.seed, vae=a.vae, dtype=a.dtype,
                     image_column=a.image_column, caption_column=a.caption_column, device=a.device, force=a.force,
                     progress=not a.quiet, max_sequence_length=a.max_sequence_length, t5=not a.no_t5_cache,
-                    buckets=a.buckets, bucket_step=a.bucket_step, bucket_max_ratio=a.bucket_max_ratio)
+                    buckets=a.buckets, bucket_step=a.bucket_step, bucket_max_ratio=a.bucket_max_ratio,
+                    model_config=a.model_config)
     print(f"wrote {m['written']} items at {m['resolution']}px in {len(m['shards'])} shards to {a.out}; "
           f"skipped {sum(m['skipped'].values())} ({describe_skips(m['skipped'])}); "
           f"{m.get('bytes_per_item', 0) / 2**20:.2f} MiB an item")
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "when run again with the same arguments. See docs/DATA.md.")
     c.add_argument("--backbone", required=True, choices=["sd15", "sdxl", "sd3", "flux"])
     c.add_argument("--model", required=True, help="the teacher: a diffusers folder or hub id (the recipe's teacher)")
+    c.add_argument("--model-config", default=None,
+                   help="sd3, flux: for a single .safetensors --model, its diffusers folder (text encoders, "
+                        "tokenizers, configs; the recipe's teacher_config)")
     c.add_argument("--data", required=True, help="image folder, .tar shard or folder of them, or datasets folder")
     c.add_argument("--out", required=True, help="cache folder")
     c.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")

@@ -32,7 +32,9 @@ def add_sampling_args(p, shared: tuple[str, ...] = ()) -> None:
     if "--guidance" not in shared:
         p.add_argument("--guidance", type=float, default=None,
                        help="CFG scale; 0 or 1: none (default: the LoRA's recipe; the model's own without a LoRA)")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the LoRA's effect")
+    p.add_argument("--lora-scale", type=float, default=None,
+                   help="multiplies the LoRA's effect (default: the LoRA's recipe, e.g. 0.125 for the published "
+                        "Hyper-SD3 and Hyper-FLUX files; else 1)")
     p.add_argument("--negative-prompt", default=None, help="the unconditional prompt when guidance > 1")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's own)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's own)")
@@ -69,7 +71,7 @@ def cmd_generate(a) -> None:
     p = gen.plan
     print(f"{p.backbone} {p.model}" + (f" + {p.lora}" if p.lora else "") +
           f": {p.steps} steps {p.scheduler} (timesteps {p.timesteps}), eta {p.eta:g}, guidance {p.guidance:g} "
-          f"[{p.recipe}]")
+          f"[{p.recipe}]" + (f"; lora scale {p.lora_scale:g} [{p.lora_scale_from}]" if p.lora else ""))
     written = run_jobs(gen, jobs, a.batch_size, progress=not a.quiet)
     print(f"wrote {len(written)} images to {a.out}; path: {gen.path_note}")
 

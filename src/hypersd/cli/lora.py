@@ -25,6 +25,32 @@ def cmd_convert(a) -> None:
     print(f"wrote {path} ({a.to}, rank {meta['rank']}, {len(state) // 2} layers)")
 
 
+def cmd_inspect(a) -> None:
+    print("\n".join(describe(a.src)))
+
+
+def describe(path) -> list[str]:
+    """What a LoRA file is, read as every action reads it: its layout, what it adapts, rank and
+    alpha, the hypersd metadata or the published recipe its name carries."""
+    from hypersd.inference.recipes import published_recipe
+    from hypersd.lora.layouts import read_layout
+    from hypersd.lora.transformer_layouts import is_transformer
+
+    state, meta, fmt = read_layout(path)
+    layers = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    network = "transformer (SD3 / FLUX)" if is_transformer(layers) else "UNet (SD1.5 / SDXL)"
+    lines = [f"{path}: {fmt} layout, {len(layers)} layers of a {network}, rank {meta['rank']}, alpha {meta['alpha']:g}",
+             f"  e.g. {', '.join(layers[:3])}"]
+    ours = {k: v for k, v in meta.items() if k not in ("rank", "alpha", "targets")}
+    if ours:
+        lines.append(f"  hypersd metadata: {json.dumps(ours, sort_keys=True)}")
+    recipe = published_recipe(path)
+    if recipe is not None:
+        scale = f", LoRA scale {recipe.lora_scale:g}" if recipe.lora_scale is not None else ""
+        lines.append(f"  {recipe.source}: {recipe.backbone}, {recipe.steps} steps, guidance {recipe.guidance:g}{scale}")
+    return lines
+
+
 def cmd_merge(a) -> None:
     from hypersd.lora.algebra import merge_states
     from hypersd.lora.layouts import read_any, write
@@ -111,7 +137,7 @@ def _replace_folder(new: Path, out: Path) -> None:
 
 def add_parser(sub) -> None:
     """The ``lora`` command and its actions, on the main parser's subcommands."""
-    p = sub.add_parser("lora", help="convert LoRA files between hypersd, diffusers and kohya layouts; merge; fuse",
+    p = sub.add_parser("lora", help="convert LoRA files between hypersd, diffusers and kohya layouts; inspect; merge; fuse",
                        description="LoRA files for every tool: hypersd's own (peft keys), diffusers' "
                                    "(pipe.load_lora_weights) and kohya's (ComfyUI, AUTOMATIC1111). Every "
                                    "action reads any of the three.")
@@ -126,6 +152,10 @@ def add_parser(sub) -> None:
                                       "kohya's layout names SD3's and FLUX's layers differently")
     c.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     c.set_defaults(fn=cmd_convert)
+
+    i = actions.add_parser("inspect", help="say what a LoRA file is: its layout, layers, rank, alpha, recipe")
+    i.add_argument("src", metavar="IN", help="LoRA .safetensors in any layout")
+    i.set_defaults(fn=cmd_inspect)
 
     m = actions.add_parser("merge", help="one LoRA equal to A + R·B, exactly (the ranks add up)")
     m.add_argument("a", metavar="A", help="LoRA .safetensors; the merged LoRA keeps its metadata")

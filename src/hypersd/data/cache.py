@@ -54,7 +54,8 @@ EMBEDDINGS = ("hidden", "text_embeds", "pooled_projections")  # what _read hands
 BACKBONES = ("sd15", "sdxl", "sd3", "flux")
 # What a resumed run must share with the one it continues.
 SETTINGS = ("backbone", "model", "vae", "data", "resolution", "crop", "seed", "dtype", "shard_size",
-            "image_column", "caption_column", "max_sequence_length", "no_t5_cache", "bucketing")
+            "image_column", "caption_column", "max_sequence_length", "no_t5_cache", "bucketing",
+            "model_config")
 
 
 def shard_name(i: int) -> str:
@@ -71,7 +72,8 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
                 dtype: str = "float16", image_column: str | None = None, caption_column: str | None = None,
                 device: str | None = None, force: bool = False, teacher=None, progress: bool = True,
                 max_sequence_length: int | None = None, t5: bool = True, buckets: bool = False,
-                bucket_step: int | None = None, bucket_max_ratio: float | None = None) -> dict:
+                bucket_step: int | None = None, bucket_max_ratio: float | None = None,
+                model_config: str | None = None) -> dict:
     """Write (or continue) the cache of ``data`` for ``model``; returns its manifest.
 
     ``max_sequence_length``: SD3's and FLUX's T5 tokens (default the model's: 256, FLUX.1-dev 512);
@@ -79,7 +81,9 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
     (``--no-t5-cache``): their T5 states are not stored but encoded at each training step.
     ``buckets``: each image goes to the aspect-ratio bucket nearest its own (``data.buckets``), of
     about the square's area, sides multiples of ``bucket_step`` pixels (64), ratios up to
-    ``bucket_max_ratio`` (2); else every image is cut to the square."""
+    ``bucket_max_ratio`` (2); else every image is cut to the square.
+    ``model_config``: for an SD3 / FLUX ``model`` that is one .safetensors file, its diffusers folder
+    (the recipe's ``teacher_config``)."""
     from tqdm.auto import tqdm
 
     if backbone not in BACKBONES:
@@ -95,6 +99,9 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
         raise HypersdError(f"--no-t5-cache is for sd3 and flux; {backbone} has no T5")
     if not buckets and (bucket_step is not None or bucket_max_ratio is not None):
         raise HypersdError("--bucket-step and --bucket-max-ratio shape the aspect-ratio buckets; pass --buckets too")
+    if model_config is not None and backbone not in ("sd3", "flux"):
+        raise HypersdError(f"--model-config is for an sd3 or flux checkpoint file; {backbone} caches from a diffusers "
+                           f"folder or hub id")
     out = Path(out)
     source = open_source(data, image_column, caption_column)
     settings = {"backbone": backbone, "model": str(model), "vae": vae, "data": str(Path(data).expanduser().resolve()),
@@ -102,7 +109,8 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
                 "image_column": image_column, "caption_column": caption_column,
                 "max_sequence_length": max_sequence_length, "no_t5_cache": None if t5 else True,
                 "bucketing": {"step": bucket_step or DEFAULT_STEP, "max_ratio": float(bucket_max_ratio or DEFAULT_MAX_RATIO)}
-                if buckets else None}
+                if buckets else None,
+                "model_config": model_config}
     manifest = _start(out, settings, force)  # refuses what it must before a model is loaded
     if teacher is None:
         from hypersd.teachers import load_teacher
@@ -111,6 +119,8 @@ def build_cache(backbone: str, model: str, data: str, out: str | Path, *, resolu
         options = {"resolution": resolution} if backbone == "flux" and resolution else {}
         if max_sequence_length is not None:
             options["max_sequence_length"] = max_sequence_length
+        if model_config is not None:
+            options["config"] = model_config
         teacher = load_teacher(backbone, model, device=resolve_device(device), **options)
     if vae:
         from hypersd.teachers.sd import replace_vae

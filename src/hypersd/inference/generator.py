@@ -21,7 +21,7 @@ class Generator:
     """A loaded model, its LoRA and its plan: ``images(prompts, seeds)`` in [-1, 1]."""
 
     def __init__(self, model: str, lora: str | None = None, *, backbone: str | None = None, steps=None,
-                 scheduler=None, eta=None, guidance=None, lora_scale: float = 1.0, negative_prompt=None,
+                 scheduler=None, eta=None, guidance=None, lora_scale: float | None = None, negative_prompt=None,
                  device: str = "auto", dtype: str = "auto", config: str | None = None, compile: bool = False,
                  compile_backend="inductor", width: int | None = None, height: int | None = None):
         device = resolve_device(device)
@@ -45,12 +45,13 @@ class Generator:
         self.plan = resolve(recipe, model=model, backbone=backbone, lora=lora, T=self.teacher.T,
                             default_guidance=self.teacher.default_guidance, steps=steps, scheduler=scheduler,
                             eta=eta, guidance=guidance, lora_scale=lora_scale, negative_prompt=negative_prompt,
-                            dtype=dtype, spacing=self.teacher.schedule.spacing)
+                            dtype=dtype, spacing=self.teacher.schedule.spacing,
+                            flow=self.teacher.schedule if self.teacher.prediction_type == "flow" else None)
         self.latent_shape = self._latent_shape(width, height)
         self.plan.height, self.plan.width = (v * self.teacher.vae_scale_factor for v in self.latent_shape[1:])
         self.pipe = build_pipeline(self.teacher, backbone)
         if lora:
-            attach_lora(self.pipe, lora, meta, lora_scale)
+            attach_lora(self.pipe, lora, meta, self.plan.lora_scale, backbone)
         # a flow teacher's pipeline runs Euler (or hypersd's TCD step, eta > 0) on its sigmas;
         # SD1.5/SDXL's DDIM or TCD on its timesteps
         self.flow = self.teacher.schedule if self.teacher.prediction_type == "flow" else None
@@ -184,7 +185,12 @@ class Generator:
         if not flux:  # FLUX's negative prompt is "true CFG", which a guidance-distilled model does not use
             kwargs["negative_prompt"] = negative
         latents = self.pipe(**kwargs).images
-        want = self.flow.sigma(torch.tensor(plan.timesteps))
+        if plan.sigmas is not None:
+            from hypersd.core.noise import shift_sigma
+
+            want = shift_sigma(torch.tensor(plan.sigmas, dtype=torch.float64), self.flow.shift).float()
+        else:
+            want = self.flow.sigma(torch.tensor(plan.timesteps))
         ran = self.pipe.scheduler.sigmas[:-1].cpu()
         if ran.shape != want.shape or (ran - want).abs().max() > 1e-6:  # never sample on other sigmas silently
             raise HypersdError(f"the flow scheduler ran sigmas {ran.tolist()}, not the teacher's {want.tolist()}")

@@ -62,14 +62,16 @@ def _flow_pipeline(teacher, backbone: str):
     return pipe
 
 
-def attach_lora(pipe, path: str | Path, hypersd_meta: dict | None, scale: float = 1.0) -> None:
+def attach_lora(pipe, path: str | Path, hypersd_meta: dict | None, scale: float = 1.0,
+                backbone: str | None = None) -> None:
     """Load a LoRA file into the pipeline and fuse it (one UNet pass per step, as without LoRA).
 
-    hypersd's files are converted by ``lora.layouts`` (diffusers assumes alpha = rank); any other
-    file (the published Hyper-SD ones, kohya's, diffusers') goes to diffusers' own converters."""
+    hypersd's files, and every file for an SD3 or FLUX transformer, are read by ``lora.layouts``
+    (diffusers assumes alpha = rank, and reads no kohya SD3 file); any other SD1.5/SDXL file (the
+    published Hyper-SD15/SDXL ones, kohya's, diffusers') goes to diffusers' own converters."""
     from safetensors.torch import load_file
 
-    if hypersd_meta is not None:
+    if hypersd_meta is not None or backbone in ("sd3", "flux"):
         from hypersd.lora.layouts import read_any, to_diffusers
 
         state = to_diffusers(*read_any(path))

@@ -26,17 +26,23 @@ class Plan:
     timesteps: list[int]
     one_step_t: int | None = None
     lora_scale: float = 1.0
+    lora_scale_from: str = "default"  # where lora_scale came from: --lora-scale, the recipe, or the default 1
     negative_prompt: str | None = None
     recipe: str = "model defaults"
     dtype: str = "float32"
     width: int | None = None  # the image size; None: the model's own
     height: int | None = None
+    # a flow pipeline's unshifted sigmas (u) where they are the stock scheduler's, not the teacher's
+    # boundaries (a published Hyper-SD3 / Hyper-FLUX recipe); None: ``timesteps``' own
+    sigmas: list[float] | None = None
 
 
 def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: int, default_guidance: float,
-            steps=None, scheduler=None, eta=None, guidance=None, lora_scale: float = 1.0,
-            negative_prompt: str | None = None, dtype: str = "float32", spacing: str = "trailing") -> Plan:
-    """The command line's choices over the LoRA's recipe over the model's defaults."""
+            steps=None, scheduler=None, eta=None, guidance=None, lora_scale: float | None = None,
+            negative_prompt: str | None = None, dtype: str = "float32", spacing: str = "trailing",
+            flow=None) -> Plan:
+    """The command line's choices over the LoRA's recipe over the model's defaults. ``flow``: a
+    flow teacher's ``FlowSchedule``, whose stock pipeline sigmas a published flow recipe samples on."""
     if recipe.backbone and recipe.backbone != backbone:
         raise HypersdError(f"{Path(lora).name} is an {recipe.backbone} LoRA but {model} is an {backbone} model; "
                            f"pass a {recipe.backbone} model or a LoRA trained on this one")
@@ -64,11 +70,27 @@ def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: i
     if one_step_t is not None and scheduler == "ddim":
         raise HypersdError(f"this LoRA's one step starts at t={one_step_t}, which diffusers' DDIM cannot start at; "
                            f"use --scheduler tcd (with --eta 0 it is the same sampler)")
-    timesteps = sampler_timesteps(steps, T, one_step_t, exact=recipe.on_boundaries, spacing=spacing)
+    sigmas = None
+    if recipe.stock_sigmas and flow is not None:
+        from hypersd.inference.schedulers import stock_flow_sigmas
+
+        if eta > 0:  # TCD's re-noising runs on hypersd's boundaries, which these sigmas are not
+            raise HypersdError(f"{recipe.source} samples with the stock pipeline's Euler on its own sigmas; "
+                               f"--eta {eta:g} needs hypersd's boundaries: pass --eta 0")
+
+        sigmas = stock_flow_sigmas(backbone, steps, flow)
+        timesteps = [int((flow.u[1:] - u).abs().argmin()) for u in sigmas]  # the nearest grid point, as a record
+    else:
+        timesteps = sampler_timesteps(steps, T, one_step_t, exact=recipe.on_boundaries, spacing=spacing)
+    scale, scale_from = lora_scale, "--lora-scale"
+    if scale is None:
+        scale, scale_from = ((recipe.lora_scale, recipe.source) if recipe.lora_scale is not None else
+                             (1.0, "default"))
     return Plan(model=str(model), backbone=backbone, lora=None if lora is None else str(lora), steps=steps,
                 scheduler=scheduler, eta=float(eta), guidance=float(guidance), timesteps=timesteps,
-                one_step_t=one_step_t, lora_scale=lora_scale, negative_prompt=negative_prompt, recipe=recipe.source,
-                dtype=dtype)
+                one_step_t=one_step_t, lora_scale=float(scale), lora_scale_from=scale_from,
+                negative_prompt=negative_prompt, recipe=recipe.source,
+                dtype=dtype, sigmas=sigmas)
 
 
 def sampler_timesteps(k: int, T: int, one_step_t: int | None = None, exact: bool = True,

@@ -10,6 +10,16 @@ from hypersd.errors import HypersdError
 
 # Hyper-SD's released LoRA files: Hyper-SD15-1step-lora, Hyper-SDXL-8steps-CFG-lora, ...
 _PUBLISHED = re.compile(r"hyper-sd(15|xl)-(\d+)steps?(-cfg)?-lora", re.IGNORECASE)
+# ... and the flow ones: Hyper-SD3-{4,8,16}steps-CFG-lora, Hyper-FLUX.1-dev-{8,16}steps-lora
+_PUBLISHED_FLOW = re.compile(r"hyper-(sd3|flux\.1-dev)-(\d+)steps?(-cfg)?-lora", re.IGNORECASE)
+# The release's model card (huggingface.co/ByteDance/Hyper-SD, README news of Aug 19 and Aug 26, 2024):
+# SD3 CFG LoRAs at "guidance scale 3.0/5.0/7.0 at 4/8/16-steps", fused "with a relatively small scale
+# (e.g. 0.125 that is adaptive with training)"; FLUX.1-dev LoRAs at "LoRA scales around 0.125" with
+# "guidance scale ... kept on 3.5". Its diffusers examples keep the pipeline's own
+# FlowMatchEulerDiscreteScheduler (no scheduler is swapped in), so the pipelines' default sigmas.
+_SD3_GUIDANCE = {4: 3.0, 8: 5.0, 16: 7.0}
+FLOW_LORA_SCALE = 0.125
+FLUX_GUIDANCE = 3.5
 
 
 @dataclass
@@ -27,6 +37,10 @@ class Recipe:
     source: str = "model defaults"
     # trained on hypersd's segment boundaries: a step count without boundaries is refused
     on_boundaries: bool = False
+    # the scale the LoRA is fused at when --lora-scale is not given (None: 1)
+    lora_scale: float | None = None
+    # a flow model's pipeline sigmas as its stock scheduler spaces them, not hypersd's boundaries
+    stock_sigmas: bool = False
 
 
 def published_recipe(path: str | Path) -> Recipe | None:
@@ -36,7 +50,7 @@ def published_recipe(path: str | Path) -> Recipe | None:
     of 1 to 8 steps. The CFG LoRAs keep classifier-free guidance: 5 (they publish 5 to 8)."""
     m = _PUBLISHED.search(Path(path).name)
     if not m:
-        return None
+        return _published_flow_recipe(path)
     backbone = "sd15" if m.group(1) == "15" else "sdxl"
     steps, cfg = int(m.group(2)), bool(m.group(3))
     source = f"published Hyper-SD recipe for {m.group(0)}"
@@ -47,12 +61,29 @@ def published_recipe(path: str | Path) -> Recipe | None:
     return Recipe(steps, "ddim", 0.0, 0.0, backbone, source=source)
 
 
+def _published_flow_recipe(path: str | Path) -> Recipe | None:
+    """Hyper-SD3 (CFG, 4/8/16 steps) and Hyper-FLUX.1-dev (8/16 steps): Euler on the stock sigmas,
+    LoRA scale 0.125; SD3 with its published CFG per step count, FLUX with embedded guidance 3.5."""
+    m = _PUBLISHED_FLOW.search(Path(path).name)
+    if not m:
+        return None
+    steps, source = int(m.group(2)), f"published Hyper-SD recipe for {m.group(0)}"
+    if m.group(1).lower() == "sd3":
+        if steps not in _SD3_GUIDANCE or not m.group(3):
+            return None  # not a file of the release: no recipe is known for it
+        return Recipe(steps, "ddim", 0.0, _SD3_GUIDANCE[steps], "sd3", source=source,
+                      lora_scale=FLOW_LORA_SCALE, stock_sigmas=True)
+    if steps not in (8, 16) or m.group(3):
+        return None
+    return Recipe(steps, "ddim", 0.0, FLUX_GUIDANCE, "flux", source=source, lora_scale=FLOW_LORA_SCALE,
+                  stock_sigmas=True)
+
+
 def hypersd_recipe(meta: dict, path) -> Recipe:
     """A hypersd LoRA's own metadata: its guidance, its one-step timestep, TCD form."""
     return Recipe(scheduler="tcd", eta=0.0, guidance=meta.get("guidance"), backbone=meta.get("backbone"),
                   one_step_t=meta.get("one_step_t"), etas=meta.get("recommended_eta"),
                   source=f"hypersd LoRA metadata of {Path(path).name}", on_boundaries=True)
-
 
 
 def lora_recipe(path: str | Path) -> tuple[Recipe, dict | None]:

@@ -56,6 +56,8 @@ def make_flow_scheduler(config: dict, shift: float, eta: float = 0.0, schedule=N
 def flow_call_args(plan: Plan, schedule) -> dict:
     """The pipeline arguments that put a flow scheduler on ``plan.timesteps``: the unshifted u of
     each boundary, as ``FlowSchedule.pipeline_sigmas`` gives them (the scheduler applies the shift)."""
+    if plan.sigmas is not None:  # a published recipe: the stock pipeline's own sigmas
+        return {"sigmas": list(plan.sigmas)}
     return {"sigmas": [float(schedule.u[t + 1]) for t in plan.timesteps]}
 
 
@@ -96,6 +98,18 @@ def _flow_tcd_class():
 
         _FLOW_TCD = HypersdFlowTCDScheduler
     return _FLOW_TCD
+
+
+def stock_flow_sigmas(backbone: str, k: int, schedule) -> list[float]:
+    """The unshifted sigmas (u) the stock pipeline samples k steps on, which the published Hyper-SD3
+    and Hyper-FLUX recipes ran: FluxPipeline's default ``linspace(1, 1/k, k)``;
+    StableDiffusion3Pipeline's scheduler's ``set_timesteps(k)``, a linspace of u from 1 to the
+    scheduler's sigma_min (which hypersd's SD3 schedule holds as its u at t = 0)."""
+    import numpy as np
+
+    if backbone == "flux":
+        return [float(u) for u in np.linspace(1.0, 1.0 / k, k)]
+    return [float(u) for u in np.linspace(1.0, float(schedule.u[1]), k)]
 
 
 _TCD = None

@@ -242,6 +242,11 @@ def read_any(path: str | Path, layers_per_block: int = 2) -> tuple[dict[str, tor
     return state, meta
 
 
+def read_layout(path: str | Path, layers_per_block: int = 2) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """``read_any``'s (state, meta) and the layout the file was in."""
+    return _read(path, layers_per_block)
+
+
 def detect_format(keys) -> str:
     """Which of the three layouts a file's tensor names are in."""
     keys = list(keys)
@@ -259,10 +264,16 @@ def detect_format(keys) -> str:
                 return "diffusers"
         if not any(k.startswith((DIFFUSERS_PREFIX, TRANSFORMER_PREFIX)) for k in keys):
             return "hypersd"
+    # diffusers' layout with an alpha per layer (``transformer.<module>.alpha``), which diffusers' FLUX
+    # loader reads as the layer's alpha (the files of some FLUX trainers)
+    for prefix in (DIFFUSERS_PREFIX, TRANSFORMER_PREFIX):
+        if all(k.startswith(prefix) and k.endswith((*_PEFT_PARTS, ".alpha")) for k in keys):
+            return "diffusers"
     fits = [(k.startswith(KOHYA_PREFIX) and k.endswith(_KOHYA_PARTS)) or k.endswith(_PEFT_PARTS) for k in keys]
     odd = next((k for k, fit in zip(keys, fits) if not fit), keys[0])
     raise HypersdError(f"unknown LoRA layout (e.g. key {odd}); hypersd reads its own files (peft keys), "
-                       f"diffusers' (unet.* or transformer.*, .lora_A/lora_B) and kohya's (lora_unet_*.lora_down/lora_up/alpha)")
+                       f"diffusers' (unet.* or transformer.*, .lora_A/lora_B, optionally .alpha) and kohya's "
+                       f"(lora_unet_*.lora_down/lora_up/alpha)")
 
 
 def _read(path, layers_per_block: int) -> tuple[dict, dict, str]:
@@ -302,10 +313,16 @@ def _read(path, layers_per_block: int) -> tuple[dict, dict, str]:
 def _peft_layers(raw: dict, fmt: str, ours: dict, header: dict) -> dict:
     """(A, B, alpha) per module of a hypersd or diffusers file."""
     prefix = TRANSFORMER_PREFIX if next(iter(raw)).startswith(TRANSFORMER_PREFIX) else DIFFUSERS_PREFIX
+    alphas = {}
     if fmt == "diffusers":
         raw = {k[len(prefix):]: v for k, v in raw.items()}
+        alphas = {k[:-len(".alpha")]: v for k, v in raw.items() if k.endswith(".alpha")}
+        raw = {k: v for k, v in raw.items() if not k.endswith(".alpha")}
     modules = _modules(raw)
-    alpha_of = _diffusers_alphas(header, prefix) if fmt == "diffusers" else None
+    stray = sorted(set(alphas) - set(modules))
+    if stray:
+        raise HypersdError(f"LoRA alpha {prefix}{stray[0]}.alpha belongs to no layer of the file; the file is damaged")
+    alpha_of = _diffusers_alphas(header, prefix, alphas) if fmt == "diffusers" else None
     layers = {}
     for module, pair in modules.items():
         r = pair["A"].shape[0]
@@ -317,9 +334,10 @@ def _peft_layers(raw: dict, fmt: str, ours: dict, header: dict) -> dict:
     return layers
 
 
-def _diffusers_alphas(header: dict, prefix: str = DIFFUSERS_PREFIX):
-    """alpha per module for a diffusers file: from the adapter config diffusers may store in
-    ``lora_adapter_metadata`` (its own saves), else alpha = rank (what its loader assumes)."""
+def _diffusers_alphas(header: dict, prefix: str = DIFFUSERS_PREFIX, tensors: dict | None = None):
+    """alpha per module for a diffusers file: the layer's own ``.alpha`` tensor where the file has
+    one; else from the adapter config diffusers may store in ``lora_adapter_metadata`` (its own
+    saves); else alpha = rank (what its loader assumes)."""
     try:
         cfg = json.loads(header.get("lora_adapter_metadata") or "{}")
     except json.JSONDecodeError:
@@ -328,6 +346,12 @@ def _diffusers_alphas(header: dict, prefix: str = DIFFUSERS_PREFIX):
     patterns = cfg.get("alpha_pattern") or {}
 
     def alpha(module: str, rank: int) -> float:
+        if tensors and module in tensors:
+            value = tensors[module]
+            if value.numel() != 1 or not value.is_floating_point():
+                raise HypersdError(f"LoRA alpha {prefix}{module}.alpha is not one float (shape "
+                                   f"{tuple(value.shape)}, {value.dtype}); the file is damaged")
+            return float(value)
         for key, value in patterns.items():  # peft's rule: the pattern matches the path's tail
             if re.match(rf"(.*\.)?({key})$", module):
                 return float(value)

@@ -106,9 +106,9 @@ def single_file(backbone: str, file: Path, components: dict, config: str | None)
         raise HypersdError(f"{file} is not a .safetensors checkpoint; hypersd loads single files in safetensors "
                            f"only (convert a .ckpt once with a trusted tool)")
     if config is None:
-        raise HypersdError(f"{file} is one checkpoint; pass a diffusers {backbone} folder or hub id as its config "
-                           f"(--model-config) for the text encoders, tokenizers and scheduler")
-    source = model_source(config, ["transformer"], backbone)
+        raise HypersdError(f"{file} is one checkpoint; name a diffusers {backbone} folder (or cached hub id) as its "
+                           f"config for the text encoders, tokenizers and scheduler: {CONFIG_FIX}")
+    source = _config_source(config, backbone)
     check_transformer(backbone, _load(SD3Transformer2DModel.load_config, source, "transformer"), source)
     try:
         with safe_open(str(file), "pt") as f:
@@ -125,8 +125,27 @@ def single_file(backbone: str, file: Path, components: dict, config: str | None)
         except Exception as e:  # diffusers' converters raise many kinds on a checkpoint of another model
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise HypersdError(f"cannot load the {name} of {file} as a {backbone} checkpoint ({reason}); pass a "
-                               f"{backbone} checkpoint, and its diffusers folder as --model-config") from None
+                               f"{backbone} checkpoint, and its diffusers folder as its config: {CONFIG_FIX}") from None
     return parts, dict(_load(FlowMatchEulerDiscreteScheduler.load_config, source, "scheduler"))
+
+
+CONFIG_FIX = "--model-config DIR (generate, cache), or teacher_config: DIR in the recipe (--set teacher_config=DIR)"
+
+
+def _config_source(config: str, backbone: str) -> str:
+    """A single file's config as ``from_pretrained`` takes it; one that is neither a complete local
+    folder nor readable from the hub cache is refused naming the fix (offline, nothing is fetched)."""
+    source = model_source(config, ["transformer"], backbone)
+    try:
+        SD3Transformer2DModel.load_config(source, subfolder="transformer")
+    except (OSError, ValueError) as e:
+        if Path(source).is_dir():
+            raise HypersdError(f"config folder {source} has no readable transformer/config.json ({type(e).__name__}); "
+                               f"pass a complete diffusers {backbone} folder: {CONFIG_FIX}") from None
+        raise HypersdError(f"config {source} is not a local folder and is neither in the hub cache nor downloadable "
+                           f"(offline?); download the {backbone} model's diffusers folder once and name it: "
+                           f"{CONFIG_FIX}") from None
+    return source
 
 
 def token_ids(tokenizer, prompts: list[str], length: int, device) -> torch.Tensor:

@@ -154,6 +154,9 @@ class Recipe:
     stages: list[Stage]
     backbone: str = "digits"
     teacher: str | None = None
+    # a single-file teacher's diffusers folder (or cached hub id): the configs, text encoders and
+    # tokenizers the checkpoint lacks; offline, diffusers cannot fetch them itself
+    teacher_config: str | None = None
     data: str | None = None  # sd15/sdxl: the folder written by hypersd cache (docs/DATA.md)
     resolution: int | None = None  # sd15/sdxl: the training resolution the cache must have been made at
     vae: str | None = None  # sd15/sdxl: a VAE in place of the model's own (e.g. SDXL's fp16-safe one)
@@ -189,7 +192,7 @@ class Recipe:
         # Before the sections, grid_every_stage counted, at its default true in nearly every run:
         # hashed as that constant, those runs' checkpoints keep their fingerprints and resume.
         d["grid_every_stage"] = True
-        for k in ("data", "resolution", "vae"):  # unset, they leave the fingerprints of earlier runs as they were
+        for k in ("data", "resolution", "vae", "teacher_config"):  # unset, they leave the fingerprints of earlier runs as they were
             if d[k] is None:
                 d.pop(k)
         for s in d["stages"]:  # likewise a merge's unset rank and DMD without a generator average
