@@ -124,6 +124,18 @@ def test_the_lora_scale_is_the_recipes_unless_given():
     assert (plan.lora_scale, plan.lora_scale_from) == (1.0, "default")
 
 
+def test_a_published_flow_recipe_refuses_eta_it_cannot_sample_with():
+    from hypersd.core.noise import FlowSchedule
+
+    flow = FlowSchedule(shift=3.0, spacing="inclusive", T=841)
+    kw = {"model": "m", "backbone": "sd3", "lora": "Hyper-SD3-8steps-CFG-lora.safetensors", "T": 841,
+          "default_guidance": 7.0, "spacing": "inclusive", "flow": flow}
+    recipe = published_recipe(kw["lora"])
+    assert resolve(recipe, **kw).sigmas is not None  # Euler on the stock sigmas
+    with pytest.raises(HypersdError, match="pass --eta 0"):
+        resolve(recipe, scheduler="tcd", eta=0.3, **kw)
+
+
 @pytest.mark.parametrize("kind, k", [("sd3", 4), ("sd3", 8), ("sd3", 16), ("sd3", 12), ("flux", 8), ("flux", 16)])
 def test_stock_sigmas_are_the_pipelines_own(folders, kind, k):
     """The published recipes run the pipeline's default sigmas: SD3's scheduler set_timesteps(k),
