@@ -6,12 +6,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from cache_kill import killed_after_flushes
 import torch
 from PIL import Image
 from safetensors import safe_open
 from sd_tiny import save_tiny
 
-from hypersd.data import cache as cache_mod
 from hypersd.data.buckets import BucketBatches, make_buckets, nearest_bucket
 from hypersd.data.cache import CachedData, build_cache, read_manifest
 from hypersd.data.images import resize_and_crop
@@ -156,18 +156,8 @@ def test_bucket_batches_draw_items_as_often_as_a_uniform_draw():
 
 def test_a_killed_bucketed_cache_resumes_to_the_same_shards(world, tmp_path, monkeypatch):
     full = _bucketed("sd15", world, tmp_path / "full", shard_size=2, batch=2, crop="random")
-    real_flush, calls = cache_mod._Writer.flush, []
-
-    def flush_then_die(self):
-        real_flush(self)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(cache_mod._Writer, "flush", flush_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_flushes(monkeypatch):
         _bucketed("sd15", world, tmp_path / "part", shard_size=2, batch=2, crop="random")
-    monkeypatch.setattr(cache_mod._Writer, "flush", real_flush)
     with pytest.raises(HypersdError, match=r"other settings \(bucketing\)"):
         build_cache("sd15", world[2]["sd15"], str(world[1]), tmp_path / "part", teacher=world[3]["sd15"],
                     progress=False, shard_size=2, batch=2, crop="random")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from cache_kill import killed_after_flushes
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -10,7 +11,6 @@ from sd_tiny import LATENT_SIZE, save_tiny
 from test_imagedata import BAD_REASONS, write_folder, write_shards
 
 from hypersd.cli import main
-from hypersd.data import cache as cache_mod
 from hypersd.data.cache import CachedData, build_cache, read_manifest
 from hypersd.data.images import FolderSource, crop_rng, resize_and_crop
 from hypersd.errors import HypersdError
@@ -105,19 +105,8 @@ def test_cache_command_on_tar_shards_reports_counts(models, tmp_path, capsys):
 
 def test_a_killed_cache_resumes_to_the_same_shards(models, teachers, data, tmp_path, monkeypatch):
     _cache("sd15", models, teachers, data, tmp_path / "full", shard_size=2, crop="random")
-    real_flush = cache_mod._Writer.flush
-    calls = []
-
-    def flush_then_die(self):
-        real_flush(self)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(cache_mod._Writer, "flush", flush_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_flushes(monkeypatch):
         _cache("sd15", models, teachers, data, tmp_path / "part", shard_size=2, crop="random")
-    monkeypatch.setattr(cache_mod._Writer, "flush", real_flush)
     part = read_manifest(tmp_path / "part", complete=False)
     assert not part["complete"] and len(part["shards"]) == 2
     save_file({"latents": torch.zeros(1)}, str(tmp_path / "part" / "shard-00002.safetensors"))  # a stray file
