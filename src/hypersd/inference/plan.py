@@ -31,6 +31,13 @@ class Plan:
     dtype: str = "float32"
     width: int | None = None  # the image size; None: the model's own
     height: int | None = None
+    cfg: str | None = None  # the LoRA's: "preserve" for a CFG LoRA (recipes.Recipe.cfg)
+
+    @property
+    def passes(self) -> int:
+        """Network passes a step: two (conditional and unconditional, the negative prompt's) with
+        real CFG, one without it or with FLUX's embedded guidance."""
+        return 2 if self.guidance > 1 and self.backbone != "flux" else 1
 
 
 def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: int, default_guidance: float,
@@ -68,7 +75,7 @@ def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: i
     return Plan(model=str(model), backbone=backbone, lora=None if lora is None else str(lora), steps=steps,
                 scheduler=scheduler, eta=float(eta), guidance=float(guidance), timesteps=timesteps,
                 one_step_t=one_step_t, lora_scale=lora_scale, negative_prompt=negative_prompt, recipe=recipe.source,
-                dtype=dtype)
+                dtype=dtype, cfg=recipe.cfg)
 
 
 def sampler_timesteps(k: int, T: int, one_step_t: int | None = None, exact: bool = True,

@@ -27,6 +27,9 @@ class Recipe:
     source: str = "model defaults"
     # trained on hypersd's segment boundaries: a step count without boundaries is refused
     on_boundaries: bool = False
+    # "preserve": a CFG LoRA, made to be sampled with classifier-free guidance (two passes a step, the
+    # negative prompt in the unconditional one); "bake": guidance distilled in; None: not known
+    cfg: str | None = None
 
 
 def published_recipe(path: str | Path) -> Recipe | None:
@@ -41,17 +44,18 @@ def published_recipe(path: str | Path) -> Recipe | None:
     steps, cfg = int(m.group(2)), bool(m.group(3))
     source = f"published Hyper-SD recipe for {m.group(0)}"
     if cfg:
-        return Recipe(steps, "ddim", 0.0, 5.0, backbone, source=source)
+        return Recipe(steps, "ddim", 0.0, 5.0, backbone, source=source, cfg="preserve")
     if steps == 1:
         return Recipe(1, "tcd", 1.0, 0.0, backbone, source=source)
     return Recipe(steps, "ddim", 0.0, 0.0, backbone, source=source)
 
 
 def hypersd_recipe(meta: dict, path) -> Recipe:
-    """A hypersd LoRA's own metadata: its guidance, its one-step timestep, TCD form."""
+    """A hypersd LoRA's own metadata: its guidance (a CFG LoRA's: the one it was trained for), its
+    one-step timestep, TCD form."""
     return Recipe(scheduler="tcd", eta=0.0, guidance=meta.get("guidance"), backbone=meta.get("backbone"),
                   one_step_t=meta.get("one_step_t"), etas=meta.get("recommended_eta"),
-                  source=f"hypersd LoRA metadata of {Path(path).name}", on_boundaries=True)
+                  source=f"hypersd LoRA metadata of {Path(path).name}", on_boundaries=True, cfg=meta.get("cfg"))
 
 
 
