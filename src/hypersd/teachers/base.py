@@ -51,7 +51,7 @@ class Cond:
             rows.added["time_ids"] = self.added["time_ids"]
         return rows
 
-    def where(self, keep: torch.Tensor, other: "Cond") -> "Cond":
+    def where(self, keep: torch.Tensor, other: Cond) -> Cond:
         """Row i of this batch where ``keep[i]``, else row i of ``other`` (a batch of the same size)."""
         def pick(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
             return torch.where(keep.to(mine.device).view(-1, *[1] * (mine.dim() - 1)), mine, theirs)
