@@ -168,3 +168,12 @@ def test_preserve_needs_a_guidance_above_one(tmp_path, random_teacher_file):
     with pytest.raises(HypersdError, match="set cfg_guidance"):
         Distiller(_recipe(random_teacher_file, [{"name": "t", "segments": 2}], cfg="preserve"), tmp_path,
                   progress=False, teacher=teacher).stage_context()
+
+
+def test_the_packaged_cfg_recipes_preserve_cfg():
+    from hypersd.train.recipe import load_recipe
+
+    sdxl, digits = load_recipe("sdxl-cfg"), load_recipe("digits-cfg")
+    assert (sdxl.cfg, sdxl.cfg_guidance, sdxl.cfg_dropout, [s.segments for s in sdxl.stages]) == ("preserve", 5.0, 0.1, [8])
+    assert (digits.cfg, digits.backbone) == ("preserve", "digits")
+    assert load_recipe("sd15", ["cfg=preserve", "cfg_guidance=5"]).cfg == "preserve"  # the documented override
