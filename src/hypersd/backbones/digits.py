@@ -97,8 +97,8 @@ def recommended_etas(d, state: dict, meta: dict) -> dict[str, float]:
             meta["recommended_from"] = had_meta["recommended_from"]
             return had_meta["recommended_eta"]
     bench = DigitsBench(d.teacher, n=ev.n, seeds=range(ev.seeds), progress=d.progress)
-    picks, scan = recommend_etas(bench, ev.steps, ev.etas, meta.get("guidance", 1.0), one_step_t=meta.get("one_step_t"),
-                                 n=min(ETA_TUNE_N, ev.n))
+    picks, scan = recommend_etas(bench, ev.steps, ev.etas, meta.get("guidance", 1.0),  # a CFG LoRA's, else 1
+                                 one_step_t=meta.get("one_step_t"), n=min(ETA_TUNE_N, ev.n))
     meta["recommended_from"] = list(ev.etas)
     d.stats["eta_scan"] = {str(k): v for k, v in scan.items()}
     return {str(k): v for k, v in picks.items()}
