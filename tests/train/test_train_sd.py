@@ -97,6 +97,16 @@ def test_training_steps_take_the_prompts_conditioning_from_the_cache(setup, tmp_
     assert any(c.added["time_ids"][:, :4].ne(torch.tensor([16.0, 16, 0, 0])).any() for c in seen)
 
 
+def test_a_cfg_preserving_sdxl_run_trains_and_records_its_guidance(setup, tmp_path):
+    """cfg: preserve on SDXL: dropped rows take the pipeline's empty prompt (zeros) with their own size ids."""
+    recipe = from_dict(_recipe("sdxl", setup, cfg="preserve", cfg_guidance=5.0, cfg_dropout=0.5))
+    d = Distiller(recipe, tmp_path, progress=False)
+    assert d.run()
+    state, meta = lora.read_lora(d.finish())
+    assert (meta["cfg"], meta["guidance"]) == ("preserve", 5.0)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # it learned
+
+
 def test_sd_recipes_refuse_wrong_or_missing_data(setup, tmp_path):
     with pytest.raises(HypersdError, match="needs its data pipeline: set data:"):
         Distiller(from_dict({**_recipe("sd15", setup), "data": None}), tmp_path)

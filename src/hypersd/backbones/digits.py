@@ -97,8 +97,8 @@ def recommended_etas(d, state: dict, meta: dict) -> dict[str, float]:
             meta["recommended_from"] = had_meta["recommended_from"]
             return had_meta["recommended_eta"]
     bench = DigitsBench(d.teacher, n=ev.n, seeds=range(ev.seeds), progress=d.progress)
-    picks, scan = recommend_etas(bench, ev.steps, ev.etas, one_step_t=meta.get("one_step_t"),
-                                 n=min(ETA_TUNE_N, ev.n))
+    picks, scan = recommend_etas(bench, ev.steps, ev.etas, meta.get("guidance", 1.0),  # a CFG LoRA's, else 1
+                                 one_step_t=meta.get("one_step_t"), n=min(ETA_TUNE_N, ev.n))
     meta["recommended_from"] = list(ev.etas)
     d.stats["eta_scan"] = {str(k): v for k, v in scan.items()}
     return {str(k): v for k, v in picks.items()}
@@ -118,7 +118,8 @@ def compare_grid(d, path, etas: dict[int, float], one_step_t: int | None, n: int
         blocks = [(f"teacher {t.schedule.sampler}\n{ref} steps", t.decode(sample_prompts(t, prompts, ref, seed=0)))]
     with lora.fused(t.unet):
         for k in d.recipe.eval.steps:
-            x = sample_prompts(t, prompts, k, guidance=1.0, eta=etas.get(k, 0.0), seed=0, one_step_t=one_step_t)
+            x = sample_prompts(t, prompts, k, guidance=d.student_guidance(), eta=etas.get(k, 0.0), seed=0,
+                               one_step_t=one_step_t)
             blocks.append((f"LoRA\n{k} step{'s' * (k > 1)}\neta {etas.get(k, 0.0):g}", t.decode(x)))
     return save_rows(blocks, path)
 

@@ -47,6 +47,16 @@ class FlowBackbone(SDBackbone):
 
 
 class FluxBackbone(FlowBackbone):
+    def check_recipe(self, recipe, source: str) -> None:
+        """No ``cfg: preserve``: FLUX.1-dev has no real CFG to keep (its guidance is an embedding it
+        was distilled into, it has no trained unconditional branch), and schnell none at all."""
+        super().check_recipe(recipe, source)
+        if recipe.cfg == "preserve":
+            raise HypersdError(f"{source}: cfg: preserve trains a LoRA to be sampled with real classifier-free "
+                               f"guidance, which FLUX.1 does not use (dev takes guidance as an embedding in one "
+                               f"pass, schnell takes none); use cfg: bake, with the stages' guidance range for "
+                               f"dev's embedding (docs/METHOD.md, 'CFG-preserving LoRAs')")
+
     def teacher_options(self, recipe) -> dict:
         # the shift is that of the training images' token count: the cache's resolution
         resolution = recipe.resolution or _manifest(recipe)["resolution"]

@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teacher_args(s)
     s.add_argument("--steps", type=int, required=True, help="sampling steps (a divisor of 1000)")
     s.add_argument("--lora", default=None, help="a hypersd LoRA .safetensors (without: the teacher, DDIM trailing)")
-    s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: teacher's measured default; 1 with --lora)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (default: teacher's measured default; with --lora the LoRA's recorded one: 1, "
+                        "or a CFG LoRA's)")
     s.add_argument("--eta", type=float, default=None,
                    help="TCD gamma: 0 is DDIM, up to 1 (default: the LoRA's recommended eta at --steps, else 0)")
     s.add_argument("--n", type=int, default=100)

@@ -71,7 +71,8 @@ def cmd_generate(a) -> None:
     p = gen.plan
     print(f"{p.backbone} {p.model}" + (f" + {p.lora}" if p.lora else "") +
           f": {p.steps} steps {p.scheduler} (timesteps {p.timesteps}), eta {p.eta:g}, guidance {p.guidance:g} "
-          f"[{p.recipe}]" + (f"; lora scale {p.lora_scale:g} [{p.lora_scale_from}]" if p.lora else ""))
+          f"({p.passes} pass{'es' * (p.passes > 1)} a step{', a CFG LoRA' * (p.cfg == 'preserve')}) [{p.recipe}]"
+          + (f"; lora scale {p.lora_scale:g} [{p.lora_scale_from}]" if p.lora else ""))
     written = run_jobs(gen, jobs, a.batch_size, progress=not a.quiet)
     print(f"wrote {len(written)} images to {a.out}; path: {gen.path_note}")
 

@@ -26,7 +26,7 @@ from hypersd.eval.metrics import (
     worse_on,
 )
 from hypersd.lora import adapters_disabled
-from hypersd.outputs import write_text
+from hypersd.outputs import read_metadata, write_text
 
 REFERENCE_STEPS = 40
 # The recommended eta of a LoRA is measured on a seed no table reports, so that the tables do
@@ -267,14 +267,15 @@ def recommend_etas(bench: DigitsBench, steps, etas, guidance: float = 1.0, one_s
     return picks, scan
 
 
-def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=None, guidance: float = 1.0,
+def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=None, guidance: float | None = None,
                  loras: dict | None = None) -> list[dict]:
     """Rows for the UNet's student adapter at each step count.
 
     ``etas`` None: each step count at the eta its LoRA file recommends (0 without one). Else each
     step count at the eta of ``etas`` that ``pick_eta`` prefers, picked on the very samples the
     row reports (so a little optimistic). ``loras`` maps a step count to the LoRA file trained for
-    it (a stage's); other step counts use the adapter as it is.
+    it (a stage's); other step counts use the adapter as it is. ``guidance`` None: the one a LoRA
+    file records (a CFG LoRA's), else 1 (no CFG).
     """
     from hypersd import lora
 
@@ -300,7 +301,8 @@ def student_rows(bench: DigitsBench, method: str, steps=(1, 2, 4, 8), etas=None,
             put_back()
         # One step never re-noises, so every eta gives the same samples there.
         tried = [recorded_eta(meta, k)] if etas is None else list(etas if k > 1 else etas[:1])
-        scored = {eta: bench.score(lora_sampler(bench.teacher, k, eta, guidance, meta.get("one_step_t")),
+        w = meta.get("guidance", 1.0) if guidance is None else guidance
+        scored = {eta: bench.score(lora_sampler(bench.teacher, k, eta, w, meta.get("one_step_t")),
                                    desc=f"{method} {k} steps eta {eta:g}") for eta in tried}
         best = pick_eta(scored, bench.teacher40()) if len(scored) > 1 else tried[0]
         row = {"method": method, "steps": k, "eta": best, **scored[best]}
@@ -346,7 +348,8 @@ def distill_report(teacher, final: str | Path, out: str | Path, ev) -> str:
     bench = DigitsBench(teacher, n=ev.n, seeds=range(ev.seeds))
     rows, verdicts = distill_rows(bench, final, ev.steps)
     meta = {"lora": str(final), "samples per seed": ev.n, "seeds": ev.seeds, "judges": JUDGES,
-            "student guidance": 1.0, "LoRA eta": f"its recommended eta, picked of {ev.etas} on seed {ETA_TUNE_SEED}"}
+            "student guidance": read_metadata(final, "LoRA").get("guidance", 1.0),
+            "LoRA eta": f"its recommended eta, picked of {ev.etas} on seed {ETA_TUNE_SEED}"}
     js, md = write_report(rows, out, "metrics", "Distilled LoRA beside its teacher (digits world)", meta,
                           extra=verdicts)
     return (f"{md.read_text()}\nwrote {js} and {md}; {out}/compare.png shows the teacher's 40 steps above the "

@@ -35,6 +35,13 @@ class Plan:
     # a flow pipeline's unshifted sigmas (u) where they are the stock scheduler's, not the teacher's
     # boundaries (a published Hyper-SD3 / Hyper-FLUX recipe); None: ``timesteps``' own
     sigmas: list[float] | None = None
+    cfg: str | None = None  # the LoRA's: "preserve" for a CFG LoRA (recipes.Recipe.cfg)
+
+    @property
+    def passes(self) -> int:
+        """Network passes a step: two (conditional and unconditional, the negative prompt's) with
+        real CFG, one without it or with FLUX's embedded guidance."""
+        return 2 if self.guidance > 1 and self.backbone != "flux" else 1
 
 
 def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: int, default_guidance: float,
@@ -90,7 +97,7 @@ def resolve(recipe: Recipe, *, model: str, backbone: str, lora: str | None, T: i
                 scheduler=scheduler, eta=float(eta), guidance=float(guidance), timesteps=timesteps,
                 one_step_t=one_step_t, lora_scale=float(scale), lora_scale_from=scale_from,
                 negative_prompt=negative_prompt, recipe=recipe.source,
-                dtype=dtype, sigmas=sigmas)
+                dtype=dtype, sigmas=sigmas, cfg=recipe.cfg)
 
 
 def sampler_timesteps(k: int, T: int, one_step_t: int | None = None, exact: bool = True,

@@ -41,6 +41,9 @@ class Recipe:
     lora_scale: float | None = None
     # a flow model's pipeline sigmas as its stock scheduler spaces them, not hypersd's boundaries
     stock_sigmas: bool = False
+    # "preserve": a CFG LoRA, made to be sampled with classifier-free guidance (two passes a step, the
+    # negative prompt in the unconditional one); "bake": guidance distilled in; None: not known
+    cfg: str | None = None
 
 
 def published_recipe(path: str | Path) -> Recipe | None:
@@ -55,7 +58,7 @@ def published_recipe(path: str | Path) -> Recipe | None:
     steps, cfg = int(m.group(2)), bool(m.group(3))
     source = f"published Hyper-SD recipe for {m.group(0)}"
     if cfg:
-        return Recipe(steps, "ddim", 0.0, 5.0, backbone, source=source)
+        return Recipe(steps, "ddim", 0.0, 5.0, backbone, source=source, cfg="preserve")
     if steps == 1:
         return Recipe(1, "tcd", 1.0, 0.0, backbone, source=source)
     return Recipe(steps, "ddim", 0.0, 0.0, backbone, source=source)
@@ -80,10 +83,11 @@ def _published_flow_recipe(path: str | Path) -> Recipe | None:
 
 
 def hypersd_recipe(meta: dict, path) -> Recipe:
-    """A hypersd LoRA's own metadata: its guidance, its one-step timestep, TCD form."""
+    """A hypersd LoRA's own metadata: its guidance (a CFG LoRA's: the one it was trained for), its
+    one-step timestep, TCD form."""
     return Recipe(scheduler="tcd", eta=0.0, guidance=meta.get("guidance"), backbone=meta.get("backbone"),
                   one_step_t=meta.get("one_step_t"), etas=meta.get("recommended_eta"),
-                  source=f"hypersd LoRA metadata of {Path(path).name}", on_boundaries=True)
+                  source=f"hypersd LoRA metadata of {Path(path).name}", on_boundaries=True, cfg=meta.get("cfg"))
 
 
 def lora_recipe(path: str | Path) -> tuple[Recipe, dict | None]:

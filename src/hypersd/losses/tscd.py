@@ -21,7 +21,9 @@ class ConsistencyConfig:
     segments: int = 8
     end: str = "segment"  # "segment": t_end ~ U[t_b, t_{n-1}]; "boundary": t_end = t_b
     boundary_prob: float = 0.0  # with "segment": this share of draws goes to t_b itself
-    guidance: tuple[float, float] = (1.0, 1.0)  # ω ~ U[min, max] for the teacher step
+    # ω ~ U[min, max] for the teacher step; None: the conditional teacher alone, one pass with no
+    # unconditional rows (a CFG-preserving LoRA's target, PCM's --not_apply_cfg_solver)
+    guidance: tuple[float, float] | None = (1.0, 1.0)
     distance: str = "mse"  # or "huber" (pseudo-Huber)
     huber_c: float = 0.03
     offset_noise: float = 0.0
@@ -77,10 +79,8 @@ class ConsistencyStep:
         if cfg.offset_noise:
             noise = noise + cfg.offset_noise * torch.randn((n, z.shape[1], 1, 1), generator=generator).to(dev)
         x_t = sched.add_noise(z, noise, t_n)
-        w = torch.empty(n).uniform_(*cfg.guidance, generator=generator).to(dev)
-
         with torch.no_grad():
-            x_hat = sched.jump(x_t, roles.teacher.cfg(x_t, t_n, cond, uncond, w), t_n, t_prev)
+            x_hat = sched.jump(x_t, self._teacher(x_t, t_n, cond, uncond, generator), t_n, t_prev)
             eps_ema = roles.ema(x_hat, t_prev.clamp(min=0), cond)
             tgt = sched.jump(x_hat, eps_ema, t_prev, t_end)
             # Already at t_end (or at the clean end) there is nothing left to jump.
@@ -89,6 +89,12 @@ class ConsistencyStep:
 
         pred = sched.jump(x_t, roles.student(x_t, t_n, cond), t_n, t_end)
         return pred, tgt, t_end
+
+    def _teacher(self, x_t, t_n, cond: Cond, uncond: Cond, generator) -> torch.Tensor:
+        if self.cfg.guidance is None:
+            return self.roles.teacher(x_t, t_n, cond)
+        w = torch.empty(len(x_t)).uniform_(*self.cfg.guidance, generator=generator).to(x_t.device)
+        return self.roles.teacher.cfg(x_t, t_n, cond, uncond, w)
 
     def loss(self, pred, tgt) -> torch.Tensor:
         return distance(pred, tgt.detach(), self.cfg.distance, self.cfg.huber_c).mean()

@@ -51,6 +51,13 @@ class Cond:
             rows.added["time_ids"] = self.added["time_ids"]
         return rows
 
+    def where(self, keep: torch.Tensor, other: Cond) -> Cond:
+        """Row i of this batch where ``keep[i]``, else row i of ``other`` (a batch of the same size)."""
+        def pick(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            return torch.where(keep.to(mine.device).view(-1, *[1] * (mine.dim() - 1)), mine, theirs)
+
+        return Cond(pick(self.hidden, other.hidden), {k: pick(v, other.added[k]) for k, v in self.added.items()})
+
     @staticmethod
     def cat(conds: list["Cond"]) -> "Cond":
         first = conds[0]

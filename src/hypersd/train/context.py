@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from hypersd.core.noise import NoiseSchedule
+from hypersd.errors import HypersdError
 from hypersd.nets.roles import Roles
 from hypersd.teachers.base import Cond, Teacher
 from hypersd.train.runtime import Runtime
@@ -42,6 +43,11 @@ class StageContext:
     lora_rank: int = 32  # the recipe defaults
     lora_alpha: float | None = None
     grad_clip: float | None = 1.0
+    # the recipe's cfg: "bake", or "preserve" with the share of prompts dropped and the guidance the
+    # student is sampled at (``preserved_cfg``)
+    cfg: str = "bake"
+    cfg_dropout: float = 0.0
+    cfg_guidance: float | None = None
 
     def __post_init__(self):
         self.roles = Roles(self.teacher) if self.roles is None else self.roles
@@ -64,5 +70,20 @@ class StageContext:
         keys = ("seed", "stages", "lora_rank", "lora_alpha", "grad_clip")
         settings = {} if recipe is None else {k: getattr(recipe, k) for k in keys if hasattr(recipe, k)}
         settings |= {k: getattr(source, k) for k in ("batch", "lora_meta", "out", "progress") if hasattr(source, k)}
+        if recipe is not None:
+            settings |= preserved_cfg(recipe, source.teacher)
         return cls(source.teacher, source.generator, source.uncond_row, getattr(source, "rt", None) or Runtime(),
                    **settings)
+
+
+def preserved_cfg(recipe, teacher: Teacher) -> dict:
+    """The context's cfg settings for a recipe: under ``cfg: preserve`` its dropout and its guidance
+    (the teacher's default where unset); under ``bake`` none (no prompt is dropped, and the student
+    is sampled as its backbone says)."""
+    if getattr(recipe, "cfg", "bake") != "preserve":
+        return {}
+    w = recipe.cfg_guidance if recipe.cfg_guidance is not None else teacher.default_guidance
+    if w <= 1:
+        raise HypersdError(f"cfg: preserve needs a guidance above 1 to sample the LoRA at, and the teacher's default "
+                           f"is {w:g}; set cfg_guidance")
+    return {"cfg": "preserve", "cfg_dropout": recipe.cfg_dropout, "cfg_guidance": float(w)}

@@ -166,6 +166,13 @@ class Recipe:
     lora_alpha: float | None = None
     lora_targets: str | list[str] = "all"
     grad_clip: float = 1.0
+    # "bake": the teacher's CFG is distilled into the student, sampled at guidance 1 (the paper's N-step
+    # and unified LoRAs). "preserve": a LoRA sampled WITH classifier-free guidance at cfg_guidance, its
+    # negative prompt working (the published CFG LoRAs): a conditional teacher step and prompt dropout
+    # (docs/METHOD.md, "CFG-preserving LoRAs").
+    cfg: str = "bake"
+    cfg_dropout: float = 0.1  # preserve: the share of training prompts replaced by the empty prompt
+    cfg_guidance: float | None = None  # preserve: the guidance it is trained for and sampled at; None: the teacher's
     run: RunSettings = field(default_factory=RunSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
@@ -194,6 +201,9 @@ class Recipe:
         d["grid_every_stage"] = True
         for k in ("data", "resolution", "vae", "teacher_config"):  # unset, they leave the fingerprints of earlier runs as they were
             if d[k] is None:
+                d.pop(k)
+        if d["cfg"] == "bake":  # so do baked CFG (every run before the option) and the settings it ignores
+            for k in ("cfg", "cfg_dropout", "cfg_guidance"):
                 d.pop(k)
         for s in d["stages"]:  # likewise a merge's unset rank and DMD without a generator average
             if s["kind"] == "merge" and s.get("rank", 0) is None:
@@ -458,8 +468,23 @@ def _validate_settings(r: Recipe, source: str) -> None:
             raise HypersdError(f"{source}: {key} must be >= {lo}, got {getattr(r, key)}")
     if r.grad_clip <= 0:
         raise HypersdError(f"{source}: grad_clip must be > 0, got {r.grad_clip}")
+    _validate_cfg(r, source)
     if any(not 0 <= eta <= 1 for eta in r.eval.etas):
         raise HypersdError(f"{source}: eval_etas must lie in [0, 1], got {r.eval.etas}")
+
+
+def _validate_cfg(r: Recipe, source: str) -> None:
+    if r.cfg not in ("bake", "preserve"):
+        raise HypersdError(f"{source}: cfg must be 'bake' (guidance distilled in, sampled at guidance 1) or "
+                           f"'preserve' (a LoRA sampled with CFG), got {r.cfg!r}")
+    if r.cfg == "bake":
+        return
+    if not 0 < r.cfg_dropout < 1:
+        raise HypersdError(f"{source}: cfg_dropout must be in (0, 1) with cfg: preserve (the student's unconditional "
+                           f"prediction is learnt from the dropped prompts; 0.1 is PCM's), got {r.cfg_dropout}")
+    if r.cfg_guidance is not None and r.cfg_guidance <= 1:
+        raise HypersdError(f"{source}: cfg_guidance {r.cfg_guidance:g} is no classifier-free guidance; set it above 1 "
+                           f"(5 for SD1.5/SDXL/SD3), or use cfg: bake for a LoRA sampled without CFG")
 
 
 def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> None:

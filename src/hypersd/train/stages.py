@@ -76,6 +76,21 @@ class StageRun:
         """Write the stage's LoRA: the student as it stands after the stage."""
         lora.save_lora(folder / "lora.safetensors", self.unet, self.ctx.lora_meta(self.stage))
 
+    def student_fn(self, role, cond: Cond):
+        """``role``'s model_fn on ``cond`` as the LoRA is sampled: with its own CFG at the recorded
+        guidance under ``cfg: preserve`` (the unconditional rows the empty prompt), else conditional alone."""
+        if self.ctx.cfg != "preserve":
+            return role.fn(cond)
+        return role.fn(cond, cond.unconditional(self.ctx.uncond_row), self.ctx.cfg_guidance)
+
+    def drop_prompts(self, cond: Cond) -> Cond:
+        """Under ``cfg: preserve``, each row replaced by the empty prompt with probability
+        ``cfg_dropout``, so that the student's unconditional prediction is a trained one."""
+        if self.ctx.cfg != "preserve":
+            return cond
+        keep = torch.rand(len(cond), generator=self.ctx.generator) >= self.ctx.cfg_dropout
+        return cond.where(keep, cond.unconditional(self.ctx.uncond_row))
+
     def _rank_alpha(self, rank: int | None) -> tuple[int, float]:
         rank = rank or self.ctx.lora_rank
         return rank, self.ctx.lora_alpha or rank
@@ -86,9 +101,11 @@ class TSCDRun(StageRun):
 
     def __init__(self, ctx, stage: TSCDStage):
         super().__init__(ctx, stage)
-        guidance = stage.guidance or default_guidance_range(self.teacher)
+        # preserve: the conditional teacher alone unless the stage asks for a guidance range
+        guidance = stage.guidance or (None if self.ctx.cfg == "preserve" else default_guidance_range(self.teacher))
         self.step = ConsistencyStep(self.teacher, ConsistencyConfig(
-            segments=stage.segments, end=stage.end, boundary_prob=stage.boundary_prob, guidance=tuple(guidance),
+            segments=stage.segments, end=stage.end, boundary_prob=stage.boundary_prob,
+            guidance=None if guidance is None else tuple(guidance),
             distance=stage.distance, huber_c=stage.huber_c, offset_noise=stage.offset_noise,
             solver_steps=stage.solver_steps), self.roles)
         self.disc = self.d_opt = None
@@ -108,6 +125,7 @@ class TSCDRun(StageRun):
 
     def loss(self, z, prompts, cond):
         s = self.stage
+        cond = self.drop_prompts(cond)
         pred, tgt, t_end = self.step(z, cond, cond.unconditional(self.ctx.uncond_row), self.ctx.generator)
         mse = self.step.loss(pred, tgt)
         loss, logs = s.mse_weight * mse, {"mse": mse}
@@ -161,7 +179,7 @@ class FeedbackRun(StageRun):
         self.params = lora.adapter_params(self.unet, lora.FEEDBACK)
 
     def loss(self, z, prompts, cond):
-        s, g, eps_fn = self.stage, self.ctx.generator, self.roles.feedback.fn(cond)
+        s, g, eps_fn = self.stage, self.ctx.generator, self.student_fn(self.roles.feedback, cond)
         loss, logs = z.new_zeros(()), {}
         if self.terms:
             noise = torch.randn(z.shape, generator=g).to(z.device)
@@ -223,7 +241,8 @@ class DMDRun(StageRun):
     def __init__(self, ctx, stage: DMDStage):
         super().__init__(ctx, stage)
         self.terms = load_terms(stage.rewards, self.teacher.device)
-        self.w_real = stage.guidance or self.teacher.default_guidance
+        # preserve: the student's CFG samples at its guidance follow the teacher's at the same guidance
+        self.w_real = stage.guidance or self.ctx.cfg_guidance or self.teacher.default_guidance
 
     def enter(self, fresh: bool) -> None:
         s, unet = self.stage, self.unet
@@ -263,13 +282,13 @@ class DMDRun(StageRun):
         g = torch.Generator().manual_seed(self.ctx.stage_seed(s, 7919))
         _, _, cond = self.ctx.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
         noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device)  # float32: the network call casts its own input
-        uncond = t.empty_cond(1)
+        uncond, w = t.empty_cond(1), self.ctx.cfg_guidance or t.default_guidance
         timesteps = self.schedule.inference_timesteps(s.reg_steps)
         out, teacher = [], self.roles.teacher
         with teacher.running():  # one switch for the whole ODE
             for i in range(0, s.reg_pool, 256):
                 c = cond[i:i + 256]
-                eps = teacher.fn(c, c.unconditional(uncond), t.default_guidance)
+                eps = teacher.fn(c, c.unconditional(uncond), w)
                 out.append(sample_tcd(eps, noise[i:i + 256], timesteps, self.schedule))
         self.pool = (noise, cond, torch.cat(out))
 
@@ -277,7 +296,7 @@ class DMDRun(StageRun):
         t = self.teacher
         noise = torch.randn((len(cond), *t.latent_shape), generator=self.ctx.generator).to(t.device)
         with torch.no_grad():
-            return generate(self.roles.student.fn(cond), noise, self.stage.generator_t, self.schedule)
+            return generate(self.student_fn(self.roles.student, cond), noise, self.stage.generator_t, self.schedule)
 
     def _fake_update(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         g, fake = self.ctx.generator, self.roles.fake
@@ -299,11 +318,13 @@ class DMDRun(StageRun):
         idx = torch.randint(len(pool_noise), (s.reg_batch,), generator=g).to(pool_noise.device)
         if noise.shape[1:] == pool_noise.shape[1:]:  # one generator pass for both
             both = Cond.cat([cond, pool_cond[idx]])
-            x_all = generate(roles.student.fn(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.schedule)
+            x_all = generate(self.student_fn(roles.student, both), torch.cat([noise, pool_noise[idx]]), s.generator_t,
+                             self.schedule)
             x, x_reg = x_all[:n], x_all[n:]
         else:  # the pool is square
-            x = generate(roles.student.fn(cond), noise, s.generator_t, self.schedule)
-            x_reg = generate(roles.student.fn(pool_cond[idx]), pool_noise[idx], s.generator_t, self.schedule)
+            x = generate(self.student_fn(roles.student, cond), noise, s.generator_t, self.schedule)
+            x_reg = generate(self.student_fn(roles.student, pool_cond[idx]), pool_noise[idx], s.generator_t,
+                             self.schedule)
 
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
         noise_t = torch.randn(x.shape, generator=g).to(x.device)
@@ -315,7 +336,7 @@ class DMDRun(StageRun):
                 "reg": (x_reg - pool_out[idx]).pow(2).mean()}
         loss = s.dmd_weight * logs["dmd"] + s.reg_weight * logs["reg"]
         if s.keep_weight > 0:
-            logs["keep"] = self._keep_loss(z[:s.keep_batch], cond[:s.keep_batch])
+            logs["keep"] = self._keep_loss(z[:s.keep_batch], self.drop_prompts(cond[:s.keep_batch]))
             loss = loss + s.keep_weight * logs["keep"]
         if self.terms:
             r_loss, r_logs = reward_loss(self.terms, t_.decode(x), prompts)

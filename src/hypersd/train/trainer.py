@@ -30,7 +30,7 @@ from hypersd.train.checkpoint import (
     saved_pieces,
     split_states,
 )
-from hypersd.train.context import StageContext
+from hypersd.train.context import StageContext, preserved_cfg
 from hypersd.train.recipe import Recipe, Stage, check_timesteps
 from hypersd.train.runlog import RunLog
 from hypersd.train.runtime import RANK_SEED, RandomStreams, Runtime
@@ -145,7 +145,7 @@ class Distiller:
             self._context = StageContext(
                 self.teacher, self.generator, self.uncond_row, self.rt, batch=self.batch, lora_meta=self.lora_meta,
                 out=self.out, progress=self.progress, seed=r.seed, stages=r.stages, lora_rank=r.lora_rank,
-                lora_alpha=r.lora_alpha, grad_clip=r.grad_clip)
+                lora_alpha=r.lora_alpha, grad_clip=r.grad_clip, **preserved_cfg(r, self.teacher))
         return self._context
 
     # -- state -----------------------------------------------------------------------------
@@ -305,6 +305,10 @@ class Distiller:
         meta = {"kind": "hypersd-lora", "stage": stage.name, "stage_kind": stage.kind, "guidance": 1.0,
                 "backbone": self.recipe.backbone, "recipe": self.recipe.fingerprint(),
                 **self.backbone.lora_fields(self.teacher)}  # FLUX: its guidance embedding, resolution
+        ctx = self.stage_context()
+        meta["cfg"] = ctx.cfg  # preserve: a CFG LoRA, sampled (two passes a step) at its guidance
+        if ctx.cfg == "preserve":
+            meta["guidance"] = ctx.cfg_guidance
         if hasattr(stage, "segments"):
             meta["segments"] = stage.segments
         one_step_t = self.one_step_t(stage)
@@ -319,6 +323,10 @@ class Distiller:
         t = dmd[-1].generator_t if dmd else None
         return None if t is None or t == self.teacher.T - 1 else t
 
+    def student_guidance(self) -> float:
+        """What the student is sampled at: its CFG guidance under ``cfg: preserve``, else the backbone's."""
+        return self.stage_context().cfg_guidance or self.backbone.student_guidance(self.teacher)
+
     @torch.no_grad()
     def sample_grid(self, path, steps: int, eta: float = 0.0, n: int | None = None, one_step_t: int | None = None):
         """The student's samples at ``steps`` on ``n`` of the backbone's grid prompts (its default count)."""
@@ -326,7 +334,7 @@ class Distiller:
 
         prompts = self.backbone.grid_prompts(self.data, n or self.backbone.grid_samples)
         with lora.fused(self.teacher.unet):
-            x = sample_prompts(self.teacher, prompts, steps, guidance=self.backbone.student_guidance(self.teacher),
+            x = sample_prompts(self.teacher, prompts, steps, guidance=self.student_guidance(),
                                eta=eta, seed=0, one_step_t=one_step_t)
         return self.backbone.save_grid(self.teacher, x, prompts, path)
 
