@@ -237,3 +237,11 @@ def test_distill_quantizes_the_base_before_the_lora(tmp_path, random_teacher_fil
     assert not quant.is_quantized(plain.unet) and meta["rank"] == 4
     got = lora.get_state(plain.unet)
     assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_an_fsdp_launch_is_refused_rather_than_left_unsharded(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(HypersdError, match="does not shard the frozen base with FSDP.*quantize_base"):
+        Runtime.create("cpu")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert Runtime.create("cpu").world == 1
