@@ -245,3 +245,14 @@ def test_an_fsdp_launch_is_refused_rather_than_left_unsharded(monkeypatch):
         Runtime.create("cpu")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert Runtime.create("cpu").world == 1
+
+
+def test_text_encoders_quantize_with_the_base_and_still_encode():
+    t = make_teacher("flux")
+    want = t.encode_prompt(["a red square"])
+    quant.quantize_teacher(t, "int8", "cpu", text_encoders=True)
+    assert quant.is_quantized(t.unet) and quant.is_quantized(t.text_encoder) and quant.is_quantized(t.text_encoder_2)
+    got = t.encode_prompt(["a red square"])
+    assert got.hidden.dtype == want.hidden.dtype and got.hidden.shape == want.hidden.shape
+    assert (got.hidden - want.hidden).norm() < 0.05 * want.hidden.norm()
+    assert not quant.is_quantized(t.vae)  # only the encoders and the denoiser
