@@ -256,3 +256,20 @@ def test_text_encoders_quantize_with_the_base_and_still_encode():
     assert got.hidden.dtype == want.hidden.dtype and got.hidden.shape == want.hidden.shape
     assert (got.hidden - want.hidden).norm() < 0.05 * want.hidden.norm()
     assert not quant.is_quantized(t.vae)  # only the encoders and the denoiser
+
+
+def test_a_plain_run_resumes_on_a_quantized_base(tmp_path, random_teacher_file):
+    """quantize_base is a run key: a run checkpointed on the plain base goes on quantized (a smaller card)."""
+    def make(**run):
+        recipe = _recipe(checkpoint_every=1, **run)
+        recipe.teacher = str(random_teacher_file)
+        return Distiller(recipe, tmp_path, progress=False)
+
+    first = make()
+    assert first.run(max_steps=1) is False
+    saved = [p.detach().clone() for p in first.student]
+    again = make(quantize_base="int8")
+    assert quant.is_quantized(again.teacher.unet)
+    assert again.run(resume=True)
+    assert any(type(m).__name__ == "TorchaoLoraLinear" for m in again.teacher.unet.modules())
+    assert any(not torch.equal(a, b) for a, b in zip(saved, again.student))  # it trained on
