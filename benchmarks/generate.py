@@ -15,8 +15,16 @@ no LoRA matmuls at inference). Token ids are given: tokenising is CPU work outsi
 
 Each fast variant is checked against eager on the same inputs (max |Δ| of the image in [-1, 1]).
 
+SD3-medium, SD3.5-large and FLUX.1-dev (``--flow-models``; 1024 px, bf16, random weights of the
+released configs): the text encoders (CLIP(s) and T5-XXL on given token ids), k transformer steps of
+hypersd's sampler on the model's own boundaries, and the 16-channel VAE's decode, per
+``--flow-options`` entry: the transformer in bf16 with a rank-64 LoRA fused into it, or its linear
+weights quantized (int8, fp8, nf4) with the LoRA beside them, unfused (as hypersd runs a LoRA on a
+quantized base: nets/quant.py), the image's max |Δ| against bf16's and the resident GiB.
+
   python benchmarks/generate.py [--models sd15,sdxl] [--steps 1,4] [--budget 240] [--json out.json]
-  python benchmarks/generate.py --tiny      # CPU check that the sampler matches hypersd's
+  python benchmarks/generate.py --models '' --flow-models sd3,flux --flow-options bf16,int8,nf4
+  python benchmarks/generate.py --tiny      # CPU check that the sampler matches hypersd's (also --dry)
 """
 
 from __future__ import annotations
@@ -139,7 +147,8 @@ def run(a):
     if cuda:
         speed.enable_tf32()
         print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
-    for backbone in a.models.split(","):
+    flow_rows(a, record, device, dtype)
+    for backbone in [m for m in a.models.split(",") if m]:
         p = Pipeline(backbone, device, dtype, tiny=a.tiny)
         speed.channels_last(p.unet)
         speed.channels_last(p.vae)
@@ -189,7 +198,7 @@ def run(a):
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['steps']} | {r['variant']} | {r.get('ms', r.get('error', ''))} "
-              f"| {r.get('max_abs_diff', '')} |")
+              f"| {r.get('max_abs_diff', '')} |" + (f" resident {r['resident_gib']} GiB |" if "resident_gib" in r else ""))
     return rows
 
 
@@ -235,6 +244,101 @@ def pipeline_rows(p: Pipeline, steps_list, ref, a, record, compile: bool) -> Non
             t_c = time.perf_counter()
 
 
+class FlowPipeline:
+    """Token ids and noise in, image out: a flow model's encoders, transformer steps and decode."""
+
+    def __init__(self, name: str, device, dtype, tiny: bool, quantize: str):
+        from flow_models import flow_teacher
+        from transformers import T5Config, T5EncoderModel
+
+        from hypersd import lora
+        from hypersd.teachers.base import Cond
+
+        self.cond_cls = Cond
+        self.t = flow_teacher(name, device, dtype, tiny=tiny, quantize=quantize)
+        unet = self.t.unet
+        lora.add_lora(unet, lora.lora_config(4 if tiny else 64, None, "transformer"), lora.STUDENT)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in lora.adapter_params(unet, lora.STUDENT):
+                p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.device))
+        lora.activate(unet, lora.STUDENT)
+        self.lora = lora
+        cfg = unet.config
+        if tiny:
+            from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+            clip = dict(vocab_size=100, hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                        num_attention_heads=4, projection_dim=cfg.pooled_projection_dim // (1 if name == "flux" else 2),
+                        max_position_embeddings=8)
+            n_clip = 1 if name == "flux" else 2
+            self.clips = [CLIPTextModelWithProjection(CLIPTextConfig(**clip)).to(device, dtype).eval()
+                          for _ in range(n_clip)]
+            self.t5 = T5EncoderModel(T5Config(vocab_size=100, d_model=cfg.joint_attention_dim, d_kv=8, d_ff=37,
+                                              num_layers=2, num_heads=4)).to(device, dtype).eval()
+            self.vae = archs.vae("sd15", device, dtype, **TINY_VAE, latent_channels=16)
+        else:
+            *self.clips, self.t5 = archs.flow_text_encoders(name, device, dtype)
+            self.vae = archs.vae("sd15", device, dtype, **(archs.FLOW_VAE | {"scaling_factor": 1.0}))
+        self.tiny, self.name = tiny, name
+        clip_len = 8 if tiny else archs.TOKENS
+        self.clip_ids = torch.randint(1, 90 if tiny else 49000, (1, clip_len), device=device)
+        self.t5_ids = torch.randint(1, 90 if tiny else 32000, (1, self.t.max_sequence_length), device=device)
+        self.noise = torch.randn((1, *self.t.latent_shape), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def encode(self):
+        hidden = self.t5(self.t5_ids)[0]
+        outs = [c(self.clip_ids, output_hidden_states=True) for c in self.clips]
+        pooled = torch.cat([o.text_embeds for o in outs], dim=-1)
+        if self.name != "flux":  # SD3: the CLIPs' penultimate states side by side, zero-padded, then T5's
+            clip = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+            clip = torch.nn.functional.pad(clip, (0, hidden.shape[-1] - clip.shape[-1]))
+            hidden = torch.cat([clip, hidden], dim=-2)
+        return self.cond_cls(hidden.to(self.t.dtype), {"pooled_projections": pooled.to(self.t.dtype)})
+
+    def __call__(self, steps: int) -> torch.Tensor:
+        from hypersd.core.sampling import sample_tcd
+
+        t = self.t
+        cond = self.encode()
+        timesteps = inference_timesteps(steps, t.T, spacing=t.schedule.spacing)
+        with self.lora.fused(t.unet):  # merged into bf16 weights; left beside quantized ones
+            x = sample_tcd(lambda x, s: t.eps(x, s, cond), self.noise, timesteps, t.schedule)
+        return self.vae.decode(x.to(t.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def flow_rows(a, record, device, dtype) -> None:
+    """Each flow model per option (bf16 with the LoRA fused; quantized with the LoRA beside)."""
+    from hypersd.errors import HypersdError
+
+    cuda = device.type == "cuda"
+    for name in a.flow_models:
+        ref = {}
+        for option in a.flow_options:
+            kind = "none" if option == "bf16" else option
+            if cuda:
+                torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+            try:
+                p = FlowPipeline(name, device, dtype, a.tiny, kind)
+            except HypersdError as e:
+                record({"model": name, "steps": "", "variant": option, "error": str(e)})
+                continue
+            resident = round(torch.cuda.memory_allocated() / 2**30 - before, 2) if cuda else float("nan")
+            _time_flow(p, a, record, ref, option, resident)
+            p = None  # freed before the next option's weights are built
+
+
+def _time_flow(p: FlowPipeline, a, record, ref: dict, option: str, resident: float) -> None:
+    for k in [int(s) for s in a.steps.split(",")]:
+        image = p(k).float()
+        ref.setdefault(k, image)  # the first option's (bf16) image is the reference
+        ms = 1000 * timed(lambda k=k: p(k), 1, a.iters, p.t.device)[0]
+        record({"model": p.name, "steps": k, "variant": option, "ms": round(ms, 2),
+                "max_abs_diff": (image - ref[k]).abs().max().item(), "resident_gib": resident})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="sd15,sdxl")
@@ -243,9 +347,14 @@ def main(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--budget", type=float, default=240, help="seconds; compile parts are skipped past it")
     p.add_argument("--compile-reserve", type=float, default=60)
-    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--tiny", "--dry", action="store_true")
+    p.add_argument("--flow-models", default="", help="any of sd3, sd35-large, flux (comma-separated)")
+    p.add_argument("--flow-options", default="bf16,int8,nf4", help="the transformer's weights: bf16, int8, fp8, nf4")
     p.add_argument("--json", default=None)
-    return run(p.parse_args(argv))
+    a = p.parse_args(argv)
+    a.flow_models = [m for m in a.flow_models.split(",") if m]
+    a.flow_options = [o for o in a.flow_options.split(",") if o]
+    return run(a)
 
 
 if __name__ == "__main__":

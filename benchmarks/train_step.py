@@ -21,8 +21,15 @@ step with the adversarial term at batch 1 and a DMD step at batch 2, with gradie
 with ``--options``, the TSCD + adversarial step's peak as each memory option is added (float32,
 bf16, + gradient checkpointing, + 8-bit AdamW).
 
+SD3-medium, SD3.5-large and FLUX.1-dev (``--flow-models``; 1024 px, batch 1, rank-64 LoRA on the
+transformer preset, bf16): hypersd's TSCD and DMD steps under each ``--flow-options`` entry, a
+quantized base (bf16, int8, fp8, nf4: run.quantize_base) with or without gradient checkpointing
+(``+ckpt``), with the resident GiB (weights and LoRA before the step) beside the step's peak.
+
   python benchmarks/train_step.py [--models sd15,sdxl] [--budget 420] [--json out.json]
-  python benchmarks/train_step.py --tiny      # a CPU smoke run on tiny UNets
+  python benchmarks/train_step.py --models '' --flow-models flux --flow-options bf16+ckpt,nf4+ckpt
+  python benchmarks/train_step.py --tiny      # a CPU smoke run on tiny UNets (also --dry)
+  python benchmarks/train_step.py --dry --models '' --flow-models sd3,flux   # the same on tiny transformers
   python benchmarks/train_step.py --flop-split   # where a forward's FLOPs go (meta device, seconds)
 """
 
@@ -46,7 +53,7 @@ from hypersd import lora  # noqa: E402
 from hypersd.core.schedule import SolverGrid  # noqa: E402
 from hypersd.core.solver import add_noise, cfg, ddim_jump  # noqa: E402
 from hypersd.errors import HypersdError  # noqa: E402
-from hypersd.nets import archs, fp8, speed
+from hypersd.nets import archs, fp8, quant, speed
 from hypersd.teachers.base import Cond, Teacher  # noqa: E402
 from hypersd.train.context import StageContext  # noqa: E402
 from hypersd.train.recipe import DMDStage, TSCDStage  # noqa: E402
@@ -379,6 +386,72 @@ def memory_options(b: Bench):
         print(f"  sdxl tscd-adv batch 1, {name}: peak {row['peak_gib']} GiB", flush=True)
 
 
+FLOW_OPTIONS = "bf16,bf16+ckpt,int8+ckpt,nf4+ckpt"
+
+
+def flow_stage(kind: str, teacher, batch: int):
+    """The TSCD or DMD stage of a flow teacher (its own grid: SD3's T = 841, FLUX's 1000)."""
+    from flow_models import SOLVER_STEPS
+
+    solver = 43 if teacher.T == 841 else SOLVER_STEPS["flux"]
+    if kind == "tscd":
+        return TSCDStage(name="tscd", segments=4, batch=batch, lr=1e-4, solver_steps=solver)
+    last = teacher.T - 1
+    return DMDStage(name="dmd", batch=batch, lr=1e-4, fake_warmup=0, generator_t=last, t_range=[20, last - 20],
+                    reg_pool=4, reg_steps=4, reg_batch=1, keep_weight=1.0, keep_batch=1)
+
+
+def flow_row(b: Bench, name: str, option: str, kind: str) -> None:
+    """One flow model's step under one option: its own freshly built (and quantized) transformer."""
+    from flow_models import flow_teacher
+
+    qkind, _, extra = option.partition("+")
+    qkind = "none" if qkind == "bf16" else qkind
+    cuda = b.device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    variant = f"{kind} {option}"
+    try:
+        teacher = flow_teacher(name, b.device, dtype, tiny=b.a.tiny, quantize=qkind)
+    except HypersdError as e:  # a quantization package missing here: say so, measure the rest
+        b.record({"model": name, "variant": variant, "batch": 1, "error": str(e)})
+        return
+    unet = teacher.unet
+    lora.add_lora(unet, lora.lora_config(4 if b.a.tiny else RANK, None, "transformer"), lora.STUDENT)
+    lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
+    if qkind != "none":
+        quant.check_wrapped(unet)
+    if extra == "ckpt":
+        speed.gradient_checkpointing(unet)
+    z = torch.randn((1, *teacher.latent_shape)).to(b.device)
+    cond = teacher.encode_prompt(["p"])
+    stage = flow_stage(kind, teacher, 1)
+    d = distiller(teacher, stage, "bf16" if cuda else "no")
+    with d.rt.autocast():
+        run = (DMDRun if kind == "dmd" else TSCDRun)(d, stage)
+        run.enter(fresh=True)
+    opt = speed.optimizer(run.params, stage.lr)
+    resident = torch.cuda.memory_allocated() / 2**30 - before if cuda else float("nan")
+    note = f"{quant.BYTES_PER_WEIGHT[qkind]:.2f} B/linear weight" + (", gradient checkpointing" if extra else "")
+    row = b.measure(name, variant, 1, lambda: hypersd_step(run, opt, z, ["p"], cond), note=note, reps=(1, 2))
+    row["peak_gib"] = round(row["peak_gib"] - before, 2)
+    row["resident_gib"] = round(resident, 2)
+    b.save()
+
+
+def flow_rows(b: Bench) -> None:
+    for name in b.a.flow_models:
+        for option in b.a.flow_options:
+            for kind in b.a.flow_variants:
+                if b.left() < 30:
+                    print(f"  {name} {kind} {option} skipped ({b.left():.0f} s left)", flush=True)
+                    return
+                flow_row(b, name, option, kind)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="sd15,sdxl")
@@ -393,13 +466,21 @@ def main(argv=None):
                    help="also the peak memory of each memory option on an SDXL TSCD + adversarial step at batch 1")
     p.add_argument("--budget", type=float, default=420, help="seconds; later parts are skipped past it")
     p.add_argument("--compile-reserve", type=float, default=90, help="seconds a model's compile parts need")
-    p.add_argument("--tiny", action="store_true", help="tiny UNets: a CPU check that every step runs")
+    p.add_argument("--tiny", "--dry", action="store_true",
+                   help="tiny UNets and transformers: a CPU rehearsal that every step runs")
+    p.add_argument("--flow-models", default="", help="any of sd3, sd35-large, flux (comma-separated)")
+    p.add_argument("--flow-options", default=FLOW_OPTIONS,
+                   help="quantize_base (bf16, int8, fp8, nf4), each with +ckpt for gradient checkpointing")
+    p.add_argument("--flow-variants", default="tscd,dmd")
     p.add_argument("--flop-split", action="store_true",
                    help="only print where a UNet forward's FLOPs go (linear / conv / attention); no GPU needed")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     a.variants = [v for v in a.variants.split(",") if v]
     a.fp8_variants = [v for v in a.fp8_variants.split(",") if v]
+    a.flow_models = [m for m in a.flow_models.split(",") if m]
+    a.flow_options = [o for o in a.flow_options.split(",") if o]
+    a.flow_variants = [v for v in a.flow_variants.split(",") if v]
     if a.flop_split:
         rows = [flop_split(m, a.tiny) for m in a.models.split(",")]
         print("| model | TFLOP / forward | linear | conv | attention | other |\n|---|---|---|---|---|---|")
@@ -412,7 +493,8 @@ def main(argv=None):
         print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
     b = Bench(a, device)
     # cheap first: every eager number and the memory checks, then what compiling adds
-    states = [run_model(b, backbone) for backbone in a.models.split(",")]
+    states = [run_model(b, backbone) for backbone in a.models.split(",") if backbone]
+    flow_rows(b)
     if a.memory:
         memory_checks(b)
     if a.options:
@@ -420,11 +502,13 @@ def main(argv=None):
     if a.compile:
         for state in states:
             run_compiled(b, state)
-    print("\n| model | variant | batch | samples/s | vs reference | peak GiB | TFLOP/step | TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | variant | batch | samples/s | vs reference | resident GiB | peak GiB | TFLOP/step | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in (r for r in b.rows if "error" not in r):
         print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['samples_per_s']} | {r.get('vs_reference', '')} "
-              f"| {r['peak_gib']} | {r['tflop_per_step']} | {r['tflops']} |")
+              f"| {r.get('resident_gib', '')} | {r['peak_gib']} | {r['tflop_per_step']} | {r['tflops']} |")
+    for r in (r for r in b.rows if "error" in r):
+        print(f"| {r['model']} | {r['variant']} | error: {r['error'][:120]} |")
     return b.rows
 
 

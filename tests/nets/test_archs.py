@@ -37,3 +37,12 @@ def test_schedule_is_the_scaled_linear_one():
     assert acp.shape == (1000,)
     assert abs(acp[0].item() - (1 - 0.00085)) < 1e-6
     assert torch.all(acp[1:] < acp[:-1])
+
+
+def test_flow_transformers_and_t5_have_the_released_parameter_counts():
+    assert _count(archs.transformer("sd3", device="meta")) == 2_028_328_000
+    assert _count(archs.transformer("sd35-large", device="meta")) == 8_056_627_520
+    assert _count(archs.transformer("flux", device="meta")) == 11_901_408_320
+    *clips, t5 = archs.flow_text_encoders("flux", device="meta")
+    assert _count(t5) == 4_762_310_656 and [_count(c) for c in clips] == [123_060_480]
+    assert archs.flow_tokens("flux") == (4096, 512) and archs.flow_tokens("sd3") == (4096, 256 + 77)

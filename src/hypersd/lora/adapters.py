@@ -78,6 +78,8 @@ def has_adapters(unet: torch.nn.Module) -> bool:
 def add_lora(unet, config: LoraConfig, name: str = STUDENT) -> None:
     with warnings.catch_warnings():  # peft warns on every second adapter; several are the design
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        # on a torchao-quantized base peft warns that merging would fail: hypersd never merges there (fused)
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
         unet.add_adapter(config, adapter_name=name)
     # peft makes an adapter in the base weights' dtype; LoRA weights train in float32 (updates
     # of 1e-4 relative size vanish in bf16), and autocast runs their matmuls in low precision anyway.
@@ -225,8 +227,13 @@ def adapter(unet, name: str):
 def fused(unet: torch.nn.Module):
     """The active adapters folded into the base weights, for sampling without LoRA's extra matmuls
     (on small UNets they cost as much as the UNet). The base weights are restored bit for bit after:
-    peft's own unmerge subtracts, which would drift a little with every use."""
-    if not has_adapters(unet):
+    peft's own unmerge subtracts, which would drift a little with every use.
+
+    On a quantized base the adapters stay unmerged: folded into 8- or 4-bit weights, a LoRA's
+    delta is rounded back onto the same grid points and lost (diffusers #10392, ``nets/quant.py``)."""
+    from hypersd.nets.quant import is_quantized
+
+    if not has_adapters(unet) or is_quantized(unet):
         yield unet
         return
     layers = _tuner_layers(unet)

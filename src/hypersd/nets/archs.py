@@ -1,9 +1,10 @@
-"""The real SD1.5 and SDXL architectures as configs, built with random weights.
+"""The real SD1.5, SDXL, SD3 / SD3.5 and FLUX.1 architectures as configs, built with random weights.
 
 Compute does not depend on weight values, so these measure what distilling or sampling the real
 models costs without downloading them (``benchmarks/``). The numbers are those of the released
 models' config files (SD1.5: CLIP ViT-L/14 text encoder, 4-level UNet; SDXL: ViT-L/14 + OpenCLIP
-ViT-bigG/14, 3-level UNet with 2 and 10 transformer layers, size/crop micro-conditioning).
+ViT-bigG/14, 3-level UNet with 2 and 10 transformer layers, size/crop micro-conditioning; SD3-medium,
+SD3.5-large and FLUX.1-dev: their transformers' configs, T5-XXL's encoder, the 16-channel VAE).
 """
 
 from __future__ import annotations
@@ -93,3 +94,67 @@ def prompt_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
     if backbone == "sdxl":
         shapes |= {"text_embeds": (TEXT_ENCODERS["clip-bigg"]["projection_dim"],), "time_ids": (6,)}
     return shapes
+
+
+# The flow models' transformers, as their released transformer/config.json files give them.
+TRANSFORMERS = {
+    "sd3": ("SD3Transformer2DModel", dict(  # stable-diffusion-3-medium
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192)),
+    "sd35-large": ("SD3Transformer2DModel", dict(  # stable-diffusion-3.5-large
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+        pos_embed_max_size=192, qk_norm="rms_norm")),
+    "flux": ("FluxTransformer2DModel", dict(  # FLUX.1-dev
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+}
+# their text encoders: CLIP-L (and SD3's CLIP-G, both with projection) and T5-XXL's encoder, with
+# the T5 length each pipeline encodes at; the CLIPs' 77 tokens come first in SD3's sequence
+FLOW_TEXT = {"sd3": (("clip-l", "clip-bigg"), 256), "sd35-large": (("clip-l", "clip-bigg"), 256),
+             "flux": (("clip-l",), 512)}
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+FLOW_VAE = VAE | dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def transformer(name: str, device=None, dtype=torch.float32, **overrides):
+    """A randomly initialised SD3 / SD3.5 / FLUX.1 transformer of ``name``'s released config."""
+    import diffusers
+
+    cls, config = TRANSFORMERS[name]
+    with torch.device(device or "cpu"):
+        model = getattr(diffusers, cls)(**(config | overrides))
+    return _cast(model, dtype).requires_grad_(False)
+
+
+def t5_encoder(device=None, dtype=torch.float32, **overrides):
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device(device or "cpu"):
+        model = T5EncoderModel(T5Config(**(T5_XXL | overrides)))
+    return model.to(dtype=dtype).requires_grad_(False).eval()
+
+
+def flow_text_encoders(name: str, device=None, dtype=torch.float32) -> list:
+    """The CLIP encoder(s) (with projection) and T5-XXL's encoder of a flow model."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    clips, _ = FLOW_TEXT[name]
+    cls = CLIPTextModel if name == "flux" else CLIPTextModelWithProjection
+    out = []
+    for kind in clips:
+        with torch.device(device or "cpu"):
+            model = cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=TOKENS, **TEXT_ENCODERS[kind]))
+        out.append(model.to(dtype=dtype).requires_grad_(False).eval())
+    return [*out, t5_encoder(device, dtype)]
+
+
+def flow_tokens(name: str, resolution: int = 1024) -> tuple[int, int]:
+    """(image tokens, text tokens) of one sample at ``resolution`` pixels: 2x2 latent patches
+    of the VAE's 1/8 latents, and the text sequence the transformer attends to beside them."""
+    _, t5 = FLOW_TEXT[name]
+    image = (resolution // 8 // 2) ** 2
+    return image, t5 + (TOKENS if name != "flux" else 0)

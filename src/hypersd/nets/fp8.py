@@ -68,8 +68,10 @@ class Float8Linear(torch.nn.Linear):
 
 def _eligible(name: str, module: torch.nn.Module) -> bool:
     # matrix dimensions of multiples of 16 are what the FP8 kernels take; LoRA's own A/B layers
-    # (trained, or EMA copies) never run in a teacher pass
+    # (trained, or EMA copies) never run in a teacher pass; a weight stored quantized already
+    # (quantize_base) has no 16-bit values to copy
     return (type(module) is torch.nn.Linear and "lora_" not in name and not module.weight.requires_grad
+            and type(module.weight) is torch.nn.Parameter
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 

@@ -96,7 +96,8 @@ class Teacher:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        # the first floating weight's: a 4-bit quantized one is stored as bytes (nets/quant.py)
+        return next(p.dtype for p in self.unet.parameters() if p.is_floating_point())
 
     # -- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> Cond:

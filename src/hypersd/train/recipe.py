@@ -122,6 +122,10 @@ class RunSettings:
     tf32: bool = True
     optimizer: str = "adamw"  # or adamw8bit (bitsandbytes)
     fp8_teacher: bool = False  # the teacher passes' frozen linear layers in FP8 (compute capability 8.9+)
+    # the frozen base's linear weights stored quantized under the float32 LoRA (docs/MEMORY.md):
+    # none, int8 or fp8 (torchao, weight-only), nf4 (bitsandbytes, 4-bit)
+    quantize_base: str = "none"
+    quantize_text_encoders: bool = False  # the same for the teacher's text encoders (T5: 4.8 B weights)
     checkpoint_every: int = 200
     checkpoint_keep: int = 2
     # an optimizer's non-finite steps are skipped; this many in a row (of one optimizer) stop the run
@@ -352,8 +356,9 @@ def _typed(d: dict, hints: dict, where: str) -> dict:
 
 def _validate_runtime(recipe: Recipe, source: str) -> None:
     from hypersd.backbones import get_backbone
+    from hypersd.nets.quant import KINDS
 
-    choices = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adamw", "adamw8bit")}
+    choices = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adamw", "adamw8bit"), "quantize_base": KINDS}
     for key, allowed in choices.items():
         if getattr(recipe.run, key) not in allowed:
             raise HypersdError(f"{source}: {key} {getattr(recipe.run, key)!r} is not one of {', '.join(allowed)}")
@@ -361,6 +366,13 @@ def _validate_runtime(recipe: Recipe, source: str) -> None:
     for key in switches:
         if not isinstance(getattr(recipe.run, key), bool):  # YAML's "maybe" or 1 would read as on
             raise HypersdError(f"{source}: {key} must be true or false, got {getattr(recipe.run, key)!r}")
+    if recipe.run.quantize_base != "none" and recipe.run.fp8_teacher:
+        raise HypersdError(f"{source}: fp8_teacher and quantize_base {recipe.run.quantize_base} both change the frozen "
+                           f"weights the teacher runs on (an FP8 copy beside them, or the weights themselves "
+                           f"quantized); keep one: fp8_teacher: false, or quantize_base: none")
+    if recipe.run.quantize_text_encoders and recipe.run.quantize_base == "none":
+        raise HypersdError(f"{source}: quantize_text_encoders quantizes them as quantize_base says, which is none; "
+                           f"set quantize_base: int8, fp8 or nf4, or quantize_text_encoders: false")
     get_backbone(recipe.backbone).check_recipe(recipe, source)
 
 

@@ -118,6 +118,12 @@ class Runtime:
     @classmethod
     def create(cls, device: str = "auto", precision: str = "no") -> Runtime:
         """One process, or this process of an ``accelerate launch`` (WORLD_SIZE set by the launcher)."""
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            # the transformer is never wrapped (its adapters switch within a step): nothing would be sharded
+            raise HypersdError("hypersd does not shard the frozen base with FSDP: under this accelerate config every "
+                               "process would still hold all of it. Launch without FSDP (accelerate launch "
+                               "--multi_gpu: hypersd's data parallel), and set quantize_base (int8, fp8, nf4) to "
+                               "fit the base on each card (docs/MEMORY.md)")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 

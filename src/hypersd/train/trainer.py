@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from hypersd import lora
 from hypersd.backbones import get_backbone
 from hypersd.errors import HypersdError
-from hypersd.nets import fp8, speed
+from hypersd.nets import fp8, quant, speed
 from hypersd.outputs import write_text
 from hypersd.train.checkpoint import (
     FORMAT,
@@ -89,11 +89,17 @@ class Distiller:
         self.log = RunLog(self.out, self.rt.is_main, log_with)  # a missing tracker package: refused now
         self.rt.guard.limit = recipe.run.max_bad_steps
         dtype = self.backbone.teacher_dtype(self.rt)
-        self.teacher = teacher or self.backbone.load_teacher(recipe, self.rt.device, dtype)
+        quantized = recipe.run.quantize_base != "none"
+        # a base to quantize loads on the CPU and reaches the GPU layer by layer, already quantized
+        load_on = torch.device("cpu") if quantized else self.rt.device
+        self.teacher = teacher or self.backbone.load_teacher(recipe, load_on, dtype)
         self.backbone.adapt_teacher(recipe, self.teacher)  # a given teacher too: the recipe's VAE, say
         check_timesteps(recipe, "recipe", self.teacher.schedule)  # on its own T and spacing (flow: σ grid)
         unet = self.teacher.unet
         unet.requires_grad_(False)
+        if quantized:  # before any LoRA: peft picks its quantization-aware layer when an adapter is made
+            quant.quantize_teacher(self.teacher, recipe.run.quantize_base, self.rt.device,
+                                   recipe.run.quantize_text_encoders)
         check_rewards(recipe)
         torch.manual_seed(recipe.seed)  # LoRA A matrices start random: the same seed, the same run
         if recipe.init_lora:
@@ -102,6 +108,8 @@ class Distiller:
             targets = lora.preset_for(unet, recipe.lora_targets)  # default "all" on a transformer: its preset
             lora.add_lora(unet, lora.lora_config(recipe.lora_rank, recipe.lora_alpha, targets), lora.STUDENT)
         lora.activate(unet, lora.STUDENT, trainable=(lora.STUDENT,))
+        if quantized:
+            quant.check_wrapped(unet)
         self._speed_up(unet)
         self.data = self.backbone.training_data(opened, self.teacher)
         # each process draws its own batches and noise; process 0 draws what a single process would
