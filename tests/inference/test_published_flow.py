@@ -103,6 +103,8 @@ def test_published_flow_recipes(name, want):
     r = published_recipe(name)
     assert (r.steps, r.guidance, r.backbone) == want
     assert r.lora_scale == 0.125 and r.stock_sigmas and not r.on_boundaries
+    # SD3's are CFG LoRAs (two passes a step), as Hyper-SDXL's CFG files; FLUX's guidance is its embedding
+    assert r.cfg == ("preserve" if r.backbone == "sd3" else None)
 
 
 def test_flow_files_outside_the_release_get_no_recipe():
