@@ -103,6 +103,8 @@ def test_published_flow_recipes(name, want):
     r = published_recipe(name)
     assert (r.steps, r.guidance, r.backbone) == want
     assert r.lora_scale == 0.125 and r.stock_sigmas and not r.on_boundaries
+    # SD3's are CFG LoRAs (two passes a step), as Hyper-SDXL's CFG files; FLUX's guidance is its embedding
+    assert r.cfg == ("preserve" if r.backbone == "sd3" else None)
 
 
 def test_flow_files_outside_the_release_get_no_recipe():
@@ -139,7 +141,7 @@ def test_a_published_flow_recipe_refuses_eta_it_cannot_sample_with():
 @pytest.mark.parametrize("kind, k", [("sd3", 4), ("sd3", 8), ("sd3", 16), ("sd3", 12), ("flux", 8), ("flux", 16)])
 def test_stock_sigmas_are_the_pipelines_own(folders, kind, k):
     """The published recipes run the pipeline's default sigmas: SD3's scheduler set_timesteps(k),
-    FluxPipeline's linspace(1, 1/k, k) (FLUX's 16 steps lie off hypersd's 1000-point grid)."""
+    FluxPipeline's linspace(1, 1/k, k) (at 8 and 16 steps the boundaries of FLUX_T = 1200)."""
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift

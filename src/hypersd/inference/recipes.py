@@ -75,7 +75,7 @@ def _published_flow_recipe(path: str | Path) -> Recipe | None:
         if steps not in _SD3_GUIDANCE or not m.group(3):
             return None  # not a file of the release: no recipe is known for it
         return Recipe(steps, "ddim", 0.0, _SD3_GUIDANCE[steps], "sd3", source=source,
-                      lora_scale=FLOW_LORA_SCALE, stock_sigmas=True)
+                      lora_scale=FLOW_LORA_SCALE, stock_sigmas=True, cfg="preserve")
     if steps not in (8, 16) or m.group(3):
         return None
     return Recipe(steps, "ddim", 0.0, FLUX_GUIDANCE, "flux", source=source, lora_scale=FLOW_LORA_SCALE,

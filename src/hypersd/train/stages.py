@@ -269,9 +269,9 @@ class DMDRun(StageRun):
         if fresh and s.fake_warmup:
             for _ in tqdm(range(s.fake_warmup), desc=f"{s.name} fake-score warm-up", disable=not self.ctx.progress,
                           leave=False):
-                _, _, cond = self.ctx.batch(s.batch)
+                z, _, cond = self.ctx.batch(s.batch)
                 with self.ctx.rt.autocast():  # the generator's pass too: SD's frozen weights are in fp16/bf16
-                    self._fake_update(self._sample(cond), cond)
+                    self._fake_update(self._sample(cond, z.shape), cond)
 
     @torch.no_grad()
     def _make_pool(self) -> None:
@@ -280,8 +280,10 @@ class DMDRun(StageRun):
         Its own seed, so a resumed run rebuilds the same pool instead of storing it."""
         s, t = self.stage, self.teacher
         g = torch.Generator().manual_seed(self.ctx.stage_seed(s, 7919))
-        _, _, cond = self.ctx.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
-        noise = torch.randn((s.reg_pool, *t.latent_shape), generator=g).to(t.device)  # float32: the network call casts its own input
+        z, _, cond = self.ctx.batch(s.reg_pool, g)  # from the cache where there is one: no text encoder
+        # the draw's latent size (a bucketed cache's draw is one bucket, whose size SDXL's time ids name);
+        # float32: the network call casts its own input
+        noise = torch.randn(z.shape, generator=g).to(t.device)
         uncond, w = t.empty_cond(1), self.ctx.cfg_guidance or t.default_guidance
         timesteps = self.schedule.inference_timesteps(s.reg_steps)
         out, teacher = [], self.roles.teacher
@@ -292,9 +294,10 @@ class DMDRun(StageRun):
                 out.append(sample_tcd(eps, noise[i:i + 256], timesteps, self.schedule))
         self.pool = (noise, cond, torch.cat(out))
 
-    def _sample(self, cond: Cond) -> torch.Tensor:
+    def _sample(self, cond: Cond, shape) -> torch.Tensor:
+        """The student's one-step samples for ``cond`` at the latent ``shape`` of its batch (its bucket's)."""
         t = self.teacher
-        noise = torch.randn((len(cond), *t.latent_shape), generator=self.ctx.generator).to(t.device)
+        noise = torch.randn(shape, generator=self.ctx.generator).to(t.device)
         with torch.no_grad():
             return generate(self.student_fn(self.roles.student, cond), noise, self.stage.generator_t, self.schedule)
 
