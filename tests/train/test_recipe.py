@@ -229,3 +229,16 @@ def test_the_resolved_recipe_shows_its_sections_and_loads_back(tmp_path, capsys)
     main(["distill", "--config", str(cfg), "--dry-run"])  # what is printed before a run
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["run"] == printed["run"] and shown["eval"] == printed["eval"]
+
+
+def test_a_flux_dmd_stage_left_at_the_t1000_generator_t_is_refused_with_its_first_step():
+    from hypersd.core import FlowSchedule
+    from hypersd.core.noise import FLUX_T
+    from hypersd.train.recipe import check_timesteps
+
+    flux = FlowSchedule(shift=3.0, timestep_scale=1.0, spacing="trailing", T=FLUX_T)
+    dmd = {"name": "d", "kind": "dmd", "t_range": [20, 1180], "reg_steps": 8}
+    with pytest.raises(HypersdError, match=f"set generator_t: {FLUX_T - 1}"):
+        check_timesteps(_flow_recipe({"name": "t", "segments": 8}, dmd, eval_steps=[1, 8]), "recipe", flux)
+    check_timesteps(_flow_recipe({"name": "t", "segments": 8}, {**dmd, "generator_t": FLUX_T - 1}, eval_steps=[1, 8]),
+                    "recipe", flux)

@@ -550,6 +550,9 @@ def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> No
         if isinstance(s, DMDStage):
             within(s.t_range, where, "t_range")
             within(s.generator_t, where, "generator_t")
+            if s.generator_t == 999 and T - 1 != 999:  # the T = 1000 default, left unset on another T (FLUX's 1200)
+                raise HypersdError(f"{where}: generator_t 999 is the first step of a T=1000 schedule; on {family} "
+                                   f"the first step is {T - 1}: set generator_t: {T - 1} (or the timestep you mean)")
             timesteps(s.reg_steps, where, "reg_steps")
             keep = {t for k in s.keep_steps for t in timesteps(k, where, "keep_steps")} - {s.generator_t}
             if s.keep_weight > 0 and not keep:
