@@ -2,6 +2,7 @@
 ``accelerate launch``: a TSCD stage trains the LoRA the unsharded data parallel trains, and what a
 sharded base cannot run is refused before any model loads."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from flow_tiny import LATENT_SIZE, T5_LENGTH, save_flow_tiny
 from test_imagedata import write_folder
 
@@ -17,6 +19,7 @@ from hypersd.data.cache import build_cache
 from hypersd.errors import HypersdError
 from hypersd.nets.shard import check_shardable
 from hypersd.teachers import load_teacher
+from hypersd.train.checkpoint import list_checkpoints
 from hypersd.train.recipe import from_dict
 
 SIDE = 2 * LATENT_SIZE
@@ -73,15 +76,13 @@ def test_a_sharded_base_trains_the_lora_the_unsharded_one_does(recipe_file, tmp_
     plain, _ = lora.read_lora(tmp_path / "plain" / "lora.safetensors")
     sharded, meta = lora.read_lora(tmp_path / "sharded" / "lora.safetensors")
     assert set(plain) == set(sharded) and any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)
+    stats = json.loads((tmp_path / "sharded" / "stats.json").read_text())
+    # FLUX's blocks and the rest of it: each process holds about half of the frozen weights
+    assert stats["shard_base"]["blocks"] > 0 and stats["shard_base"]["held"] < 0.55
+    assert "shard_base" not in json.loads((tmp_path / "plain" / "stats.json").read_text())
     assert max((plain[k] - sharded[k]).abs().max().item() for k in plain) < 1e-5
     assert all((tmp_path / "sharded" / p).stat().st_size > 0 for p in ("samples-1step.png", "stages/t2/samples-2step.png"))
     # the checkpoint's LoRA is the whole adapter too, not a process's shard
-    from hypersd.train.checkpoint import list_checkpoints
-
     last = list_checkpoints(tmp_path / "sharded" / "checkpoints")[-1]
-    from safetensors.torch import load_file
-
-    saved = load_file(str(last / "tensors.safetensors")) if (last / "tensors.safetensors").exists() else None
-    if saved is not None:
-        got = {k.removeprefix("lora-student."): v for k, v in saved.items() if k.startswith("lora-student")}
-        assert got and all(torch.equal(got[k], sharded[k]) for k in got)
+    saved = load_file(str(last / "lora-student.safetensors"))
+    assert set(saved) == set(sharded) and all(torch.equal(saved[k], sharded[k]) for k in saved)

@@ -60,9 +60,10 @@ def is_sharded(unet: torch.nn.Module) -> bool:
     return isinstance(unet, FSDPModule)
 
 
-def shard_teacher(teacher, device: torch.device, world: int) -> int:
+def shard_teacher(teacher, device: torch.device, world: int) -> dict:
     """The teacher's denoiser sharded onto ``device`` (loaded on the CPU: no process holds all of it
-    there), its LoRA weights and every other part of it (text encoders, VAE) moved there whole."""
+    there), its LoRA weights and every other part of it (text encoders, VAE) moved there whole.
+    Returns the blocks sharded and the share of the frozen weights this process holds."""
     n = shard_base(teacher.unet, device, world)
     with torch.no_grad():  # FSDP2 moves what it shards; the LoRA weights it leaves out stay where they were
         for name, p in teacher.unet.named_parameters():
@@ -71,4 +72,19 @@ def shard_teacher(teacher, device: torch.device, world: int) -> int:
     for part in vars(teacher).values():
         if isinstance(part, torch.nn.Module) and part is not teacher.unet:
             part.to(device)
-    return n
+    return {"blocks": n, "processes": world, "held": round(held_share(teacher.unet), 4)}
+
+
+def held_share(unet: torch.nn.Module) -> float:
+    """The share of ``unet``'s frozen weights this process holds (1/N of them sharded over N)."""
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
+    return local / max(1, sum(p.numel() for p in frozen))
+
+
+def reshard(unet: torch.nn.Module) -> None:
+    """After calls without a backward (sampling): FSDP2 keeps the root's weights gathered after
+    its forward, and reading process 0's state dict then reshards them there alone, so the next
+    call would all-gather on process 0 but not on the others. Resharded on every process alike."""
+    if is_sharded(unet):
+        unet.reshard()

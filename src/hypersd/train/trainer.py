@@ -113,8 +113,9 @@ class Distiller:
         if quantized:
             quant.check_wrapped(unet)
         self._speed_up(unet)
+        sharded = None
         if recipe.run.shard_base:  # after the LoRA is attached: its weights stay out of the shards
-            shard.shard_teacher(self.teacher, self.rt.device, self.rt.world)
+            sharded = shard.shard_teacher(self.teacher, self.rt.device, self.rt.world)
         self.data = self.backbone.training_data(opened, self.teacher)
         # each process draws its own batches and noise; process 0 draws what a single process would
         self.generator = torch.Generator().manual_seed(recipe.seed + RANK_SEED * self.rt.rank)
@@ -127,6 +128,8 @@ class Distiller:
         with torch.no_grad():
             self.uncond_row = self.teacher.empty_cond(1)
         self.stats: dict = {"nan_skipped": 0, "stages": {}}
+        if sharded:
+            self.stats["shard_base"] = sharded
         data_stats, message = self.backbone.data_report(recipe, self.data)  # what the data could not serve
         if data_stats is not None:
             self.stats["data"] = data_stats
@@ -349,6 +352,7 @@ class Distiller:
         with lora.fused(self.teacher.unet):
             x = sample_prompts(self.teacher, prompts, steps, guidance=self.student_guidance(),
                                eta=eta, seed=0, one_step_t=one_step_t)
+        shard.reshard(self.teacher.unet)
         if not self.rt.is_main:  # a sharded base's other processes: they sampled along, process 0 writes
             return path
         return self.backbone.save_grid(self.teacher, x, prompts, path)
