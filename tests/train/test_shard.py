@@ -49,10 +49,11 @@ def recipe_file(tmp_path_factory):
     teacher = load_teacher("flux", model, max_sequence_length=T5_LENGTH, resolution=SIDE)
     build_cache("flux", model, str(root / "images"), root / "cache", resolution=SIDE, max_sequence_length=T5_LENGTH,
                 teacher=teacher, progress=False)
-    # the grids at the stage's end and the run's: every process must sample them on a sharded base
+    # the grids at the stage's end and the run's: every process must sample them on a sharded base;
+    # gradient checkpointing as the sd3 and flux recipes have it (each block all-gathers again in the backward)
     recipe = {"backbone": "flux", "teacher": model, "data": str(root / "cache"), "resolution": SIDE, "lora_rank": 4,
-              "device": "cpu", "grid_every_stage": True, "eval_steps": [1], "checkpoint_every": 100,
-              "stages": [{"name": "t2", "segments": 2, "batch": 2, "steps": 3}]}
+              "device": "cpu", "gradient_checkpointing": True, "grid_every_stage": True, "eval_steps": [1], "checkpoint_every": 100,
+              "stages": [{"name": "t2", "segments": 2, "batch": 2, "steps": 3, "adv_weight": 0.5}]}
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

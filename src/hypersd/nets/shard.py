@@ -88,3 +88,12 @@ def reshard(unet: torch.nn.Module) -> None:
     call would all-gather on process 0 but not on the others. Resharded on every process alike."""
     if is_sharded(unet):
         unet.reshard()
+
+
+def unshard_root(unet: torch.nn.Module) -> None:
+    """Gather the weights outside the blocks (embeddings, final norm) for code that calls the
+    network's parts rather than its forward (the discriminator's feature read): the blocks, FSDP
+    modules of their own, gather themselves. Left gathered until ``reshard`` (the root's own
+    post-backward, the next sample grid or checkpoint): every process does the same."""
+    if is_sharded(unet):
+        unet.unshard()

@@ -166,6 +166,7 @@ class Distiller:
     # -- state -----------------------------------------------------------------------------
     def _save(self, stage_idx: int, step: int, global_step: int) -> None:
         states = self.pieces.state_dict()  # on every process: the random streams gather each one's own
+        shard.reshard(self.teacher.unet)  # process 0's state dict below would reshard there alone
         if self.rt.is_main:  # the processes hold the same weights: one writes them
             self._write_checkpoint(stage_idx, step, global_step, states)
         self.rt.barrier()
