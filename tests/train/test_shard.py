@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from flow_tiny import LATENT_SIZE, T5_LENGTH, save_flow_tiny
+from safetensors.torch import load_file
 from test_imagedata import write_folder
 
 from hypersd import lora
@@ -66,7 +66,8 @@ def _launch(recipe, out, shard: bool):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hypersd", "distill",
            "--config", str(path), "--out", str(out), "--quiet", "--no-eval"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600,
+                          check=False)
     assert done.returncode == 0, done.stdout[-2000:] + "\n---\n" + done.stderr[-3000:]
 
 
@@ -75,7 +76,7 @@ def test_a_sharded_base_trains_the_lora_the_unsharded_one_does(recipe_file, tmp_
     _launch(recipe_file, tmp_path / "plain", shard=False)
     _launch(recipe_file, tmp_path / "sharded", shard=True)
     plain, _ = lora.read_lora(tmp_path / "plain" / "lora.safetensors")
-    sharded, meta = lora.read_lora(tmp_path / "sharded" / "lora.safetensors")
+    sharded, _ = lora.read_lora(tmp_path / "sharded" / "lora.safetensors")
     assert set(plain) == set(sharded) and any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)
     stats = json.loads((tmp_path / "sharded" / "stats.json").read_text())
     # FLUX's blocks and the rest of it: each process holds about half of the frozen weights
