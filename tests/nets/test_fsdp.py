@@ -2,7 +2,7 @@
 processes (gloo) shards a tiny FLUX teacher's blocks with the LoRA weights left out of the shards,
 and hypersd's adapter switches (the teacher pass with adapters off, another adapter added after
 sharding, as a stage adds its EMA target) work on it, with the LoRA's gradients unchanged.
-hypersd's trainer does not shard yet (an FSDP launch is refused); this is what it would build on."""
+The trainer's ``shard_base`` builds on this (tests/train/test_shard.py)."""
 
 import os
 import subprocess

@@ -241,7 +241,7 @@ def test_distill_quantizes_the_base_before_the_lora(tmp_path, random_teacher_fil
 
 def test_an_fsdp_launch_is_refused_rather_than_left_unsharded(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(HypersdError, match="does not shard the frozen base with FSDP.*quantize_base"):
+    with pytest.raises(HypersdError, match="does not run under accelerate's FSDP.*shard_base: true.*quantize_base"):
         Runtime.create("cpu")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert Runtime.create("cpu").world == 1

@@ -38,6 +38,8 @@ class DigitsBackbone(Backbone):
         if recipe.run.mixed_precision not in self.mixed_precisions:
             raise HypersdError(f"{source}: the {self.name} teacher trains in float32 or bf16; use mixed_precision: "
                                f"bf16 or no")
+        if recipe.run.shard_base:  # its judges and compare grids run the student on process 0 alone
+            raise HypersdError(f"{source}: the {self.name} teacher is not sharded (it fits any card); set shard_base: false")
 
     def open_data(self, recipe):
         if recipe.data or recipe.resolution or recipe.vae:

@@ -230,10 +230,12 @@ def fused(unet: torch.nn.Module):
     peft's own unmerge subtracts, which would drift a little with every use.
 
     On a quantized base the adapters stay unmerged: folded into 8- or 4-bit weights, a LoRA's
-    delta is rounded back onto the same grid points and lost (diffusers #10392, ``nets/quant.py``)."""
+    delta is rounded back onto the same grid points and lost (diffusers #10392, ``nets/quant.py``).
+    On a sharded base too: each process holds a slice of the weights a merge would add to."""
     from hypersd.nets.quant import is_quantized
+    from hypersd.nets.shard import is_sharded
 
-    if not has_adapters(unet) or is_quantized(unet):
+    if not has_adapters(unet) or is_quantized(unet) or is_sharded(unet):
         yield unet
         return
     layers = _tuner_layers(unet)

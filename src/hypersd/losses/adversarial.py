@@ -117,6 +117,9 @@ def _backbone(net):
 def encoder_features(net, inputs: dict) -> list[torch.Tensor]:
     """The backbone's feature levels, in float32, for the network's own keyword inputs
     (``Teacher.network_inputs``, already in the network's dtype)."""
+    from hypersd.nets.shard import unshard_root
+
+    unshard_root(net)  # it calls the network's parts, not its forward, whose hook would gather them
     return [f.float() for f in _backbone(net)[0](net, **inputs)]
 
 

@@ -126,6 +126,7 @@ class RunSettings:
     # none, int8 or fp8 (torchao, weight-only), nf4 (bitsandbytes, 4-bit)
     quantize_base: str = "none"
     quantize_text_encoders: bool = False  # the same for the teacher's text encoders (T5: 4.8 B weights)
+    shard_base: bool = False  # the frozen base sharded over the processes with FSDP2, the LoRA whole (nets/shard.py)
     checkpoint_every: int = 200
     checkpoint_keep: int = 2
     # an optimizer's non-finite steps are skipped; this many in a row (of one optimizer) stop the run

@@ -119,11 +119,11 @@ class Runtime:
     def create(cls, device: str = "auto", precision: str = "no") -> Runtime:
         """One process, or this process of an ``accelerate launch`` (WORLD_SIZE set by the launcher)."""
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-            # the transformer is never wrapped (its adapters switch within a step): nothing would be sharded
-            raise HypersdError("hypersd does not shard the frozen base with FSDP: under this accelerate config every "
-                               "process would still hold all of it. Launch without FSDP (accelerate launch "
-                               "--multi_gpu: hypersd's data parallel), and set quantize_base (int8, fp8, nf4) to "
-                               "fit the base on each card (docs/MEMORY.md)")
+            # hypersd never hands its network to accelerate's FSDP (adapters switch within a step): it shards itself
+            raise HypersdError("hypersd does not run under accelerate's FSDP config (it would shard nothing). Launch "
+                               "with accelerate launch --multi_gpu (hypersd's data parallel) and set shard_base: true "
+                               "to shard the frozen base over the processes, or quantize_base (int8, fp8, nf4) to "
+                               "fit it on each card (docs/MEMORY.md)")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from hypersd import lora
 from hypersd.backbones import get_backbone
 from hypersd.errors import HypersdError
-from hypersd.nets import fp8, quant, speed
+from hypersd.nets import fp8, quant, shard, speed
 from hypersd.outputs import write_text
 from hypersd.train.checkpoint import (
     FORMAT,
@@ -90,8 +90,10 @@ class Distiller:
         self.rt.guard.limit = recipe.run.max_bad_steps
         dtype = self.backbone.teacher_dtype(self.rt)
         quantized = recipe.run.quantize_base != "none"
-        # a base to quantize loads on the CPU and reaches the GPU layer by layer, already quantized
-        load_on = torch.device("cpu") if quantized else self.rt.device
+        if recipe.run.shard_base:
+            shard.check_shardable(recipe, self.rt.world)
+        # a base to quantize (or shard) loads on the CPU and reaches the GPU layer by layer, quantized (sharded)
+        load_on = torch.device("cpu") if quantized or recipe.run.shard_base else self.rt.device
         self.teacher = teacher or self.backbone.load_teacher(recipe, load_on, dtype)
         self.backbone.adapt_teacher(recipe, self.teacher)  # a given teacher too: the recipe's VAE, say
         check_timesteps(recipe, "recipe", self.teacher.schedule)  # on its own T and spacing (flow: σ grid)
@@ -111,6 +113,9 @@ class Distiller:
         if quantized:
             quant.check_wrapped(unet)
         self._speed_up(unet)
+        sharded = None
+        if recipe.run.shard_base:  # after the LoRA is attached: its weights stay out of the shards
+            sharded = shard.shard_teacher(self.teacher, self.rt.device, self.rt.world)
         self.data = self.backbone.training_data(opened, self.teacher)
         # each process draws its own batches and noise; process 0 draws what a single process would
         self.generator = torch.Generator().manual_seed(recipe.seed + RANK_SEED * self.rt.rank)
@@ -123,6 +128,8 @@ class Distiller:
         with torch.no_grad():
             self.uncond_row = self.teacher.empty_cond(1)
         self.stats: dict = {"nan_skipped": 0, "stages": {}}
+        if sharded:
+            self.stats["shard_base"] = sharded
         data_stats, message = self.backbone.data_report(recipe, self.data)  # what the data could not serve
         if data_stats is not None:
             self.stats["data"] = data_stats
@@ -159,6 +166,7 @@ class Distiller:
     # -- state -----------------------------------------------------------------------------
     def _save(self, stage_idx: int, step: int, global_step: int) -> None:
         states = self.pieces.state_dict()  # on every process: the random streams gather each one's own
+        shard.reshard(self.teacher.unet)  # process 0's state dict below would reshard there alone
         if self.rt.is_main:  # the processes hold the same weights: one writes them
             self._write_checkpoint(stage_idx, step, global_step, states)
         self.rt.barrier()
@@ -304,7 +312,8 @@ class Distiller:
     def _finish_stage(self, stage: Stage, run: StageRun) -> None:
         d = self.out / "stages" / stage.name
         run.finish(d)  # on every process: a merge changes the adapters (the files written are identical)
-        if self.recipe.eval.grid_every_stage and self.rt.is_main:
+        # a sharded base: every process makes the grids' network calls (each all-gathers); process 0 writes
+        if self.recipe.eval.grid_every_stage and (self.rt.is_main or shard.is_sharded(self.teacher.unet)):
             k = getattr(stage, "segments", 1)
             grid = self.sample_grid(d / f"samples-{k}step.png", k, one_step_t=self.one_step_t(stage))
             self.log.write("samples", stage=stage.name, steps=k, path=str(grid))
@@ -344,6 +353,9 @@ class Distiller:
         with lora.fused(self.teacher.unet):
             x = sample_prompts(self.teacher, prompts, steps, guidance=self.student_guidance(),
                                eta=eta, seed=0, one_step_t=one_step_t)
+        shard.reshard(self.teacher.unet)
+        if not self.rt.is_main:  # a sharded base's other processes: they sampled along, process 0 writes
+            return path
         return self.backbone.save_grid(self.teacher, x, prompts, path)
 
     def finish(self) -> Path:
@@ -355,6 +367,9 @@ class Distiller:
                                    f"report this with the recipe (hypersd distill --dry-run)")
             self.stats["processes"] = self.rt.world
         if not self.rt.is_main:
+            if shard.is_sharded(self.teacher.unet):  # process 0's grids all-gather the base's shards from every process
+                for k in self.recipe.eval.steps:
+                    self.sample_grid(self.out / f"samples-{k}step.png", k, one_step_t=self.one_step_t(last))
             return self.out / "lora.safetensors"
         state, spec = current_lora(self.teacher.unet)
         meta = {**self.lora_meta(last), **spec}
