@@ -28,13 +28,29 @@ def sample_tcd(model_fn: EpsFn, x, timesteps, schedule, *, eta: float = 0.0, gen
     schedule = as_schedule(schedule)
     timesteps = [int(t) for t in timesteps]
     for i, t in enumerate(timesteps):
-        out = model_fn(x, t)
         t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
-        s = schedule.tcd_point(t_next, eta)
-        x = schedule.jump(x, out, t, s)
-        if t_next != CLEAN and s != t_next:
-            noise = torch.randn(x.shape, generator=generator).to(x.device)
-            x = schedule.renoise(x, s, t_next, noise)
+        x = tcd_step(model_fn, x, t, t_next, schedule, eta, generator)
+    return x
+
+
+def sample_tcd_until(model_fn: EpsFn, x, timesteps, stop: int, schedule, *, eta: float = 0.0, generator=None):
+    """The first ``stop`` steps of ``sample_tcd``: x at timesteps[stop], where the rest of the
+    sampler would go on from (DMD's backward simulation of the student's own sampler)."""
+    schedule = as_schedule(schedule)
+    timesteps = [int(t) for t in timesteps]
+    for i in range(stop):
+        x = tcd_step(model_fn, x, timesteps[i], timesteps[i + 1], schedule, eta, generator)
+    return x
+
+
+def tcd_step(model_fn: EpsFn, x, t: int, t_next, schedule, eta: float = 0.0, generator=None):
+    """One step of the sampler: x at t to x at t_next (x0 when t_next is CLEAN)."""
+    out = model_fn(x, t)
+    s = schedule.tcd_point(t_next, eta)
+    x = schedule.jump(x, out, t, s)
+    if t_next != CLEAN and s != t_next:
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        x = schedule.renoise(x, s, t_next, noise)
     return x
 
 

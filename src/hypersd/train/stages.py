@@ -26,8 +26,10 @@ from hypersd.losses.dmd import (
     denoising_loss,
     dmd_gradient,
     dmd_loss,
+    draw_generator_step,
     generate,
     score_x0,
+    simulate,
 )
 from hypersd.losses.feedback import (
     draw_stop,
@@ -216,7 +218,8 @@ class MergeRun(StageRun):
 
 
 class DMDRun(StageRun):
-    """One-step DMD: the student generates at ``generator_t``; a ``fake`` LoRA tracks its samples."""
+    """DMD: the student generates at ``generator_t`` (or, with ``generator_steps``, at a step of its
+    own few-step sampler); a ``fake`` LoRA tracks its samples."""
 
     stage: DMDStage
 
@@ -277,7 +280,18 @@ class DMDRun(StageRun):
         t = self.teacher
         noise = torch.randn((len(cond), *t.latent_shape), generator=self.ctx.generator).to(t.device)
         with torch.no_grad():
-            return generate(self.roles.student.fn(cond), noise, self.stage.generator_t, self.schedule)
+            x_t, t_gen = self._generator_input(noise, cond)
+            return generate(self.roles.student.fn(cond), x_t, t_gen, self.schedule)
+
+    def _generator_input(self, noise: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, int]:
+        """Where this generator step starts: (x, t) at step i of a drawn k-step sampler (k = 1: the
+        noise at generator_t; ``generator_steps`` [1] always draws that one)."""
+        s = self.stage
+        k, i = draw_generator_step(s.generator_steps, self.ctx.generator)
+        timesteps = self.schedule.inference_timesteps(k, s.generator_t)
+        x_t = simulate(self.roles.student.fn(cond), noise, timesteps, i, self.schedule, eta=s.generator_eta,
+                       generator=self.ctx.generator)
+        return x_t, timesteps[i]
 
     def _fake_update(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         g, fake = self.ctx.generator, self.roles.fake
@@ -296,9 +310,14 @@ class DMDRun(StageRun):
         noise = torch.randn((n, *t_.latent_shape), generator=g).to(self.teacher.device)
         pool_noise, pool_cond, pool_out = self.pool
         idx = torch.randint(len(pool_noise), (s.reg_batch,), generator=g).to(pool_noise.device)
-        both = Cond.cat([cond, pool_cond[idx]])
-        x_all = generate(roles.student.fn(both), torch.cat([noise, pool_noise[idx]]), s.generator_t, self.schedule)
-        x, x_reg = x_all[:n], x_all[n:]
+        x_t, t_gen = self._generator_input(noise, cond)
+        if t_gen == s.generator_t:  # one student call for the batch and the regulariser's
+            both = Cond.cat([cond, pool_cond[idx]])
+            x_all = generate(roles.student.fn(both), torch.cat([x_t, pool_noise[idx]]), t_gen, self.schedule)
+            x, x_reg = x_all[:n], x_all[n:]
+        else:  # the regulariser holds the one-step generator, whatever step DMD trains now
+            x = generate(roles.student.fn(cond), x_t, t_gen, self.schedule)
+            x_reg = generate(roles.student.fn(pool_cond[idx]), pool_noise[idx], s.generator_t, self.schedule)
 
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
         noise_t = torch.randn(x.shape, generator=g).to(x.device)
