@@ -105,10 +105,11 @@ class DMDStage(Stage):
     # The generator's one-step samples swing with the fake score from step to step; > 0: the stage
     # hands on an EMA of the generator (this decay per step) instead of its last state.
     generator_ema: float = 0.0
-    # Multi-step DMD (DMD2's backward simulation): each generator step draws k of these and a step
-    # i of the student's k-step sampler, runs that sampler (at generator_eta) from noise without
-    # gradient to its i-th timestep, and trains the student's step there. k = 1 is the one-step
-    # generator at generator_t; [1] trains only that one (the stage as before the option).
+    # Multi-step DMD (DMD2's backward simulation): each generator step draws k of these (a repeated
+    # entry is drawn more often) and a step i of the student's k-step sampler, runs that sampler (at
+    # generator_eta) from noise without gradient to its i-th timestep, and trains the student's step
+    # there. k = 1 is the one-step generator at generator_t; [1] trains only that one (the stage as
+    # before the option).
     generator_steps: list[int] = field(default_factory=lambda: [1])
     generator_eta: float = 0.0  # the sampler's eta (TCD gamma) on the way to step i
 
