@@ -6,8 +6,10 @@ from hypersd.losses.dmd import (
     denoising_loss,
     dmd_gradient,
     dmd_loss,
+    draw_generator_step,
     generate,
     score_x0,
+    simulate,
 )
 from hypersd.teachers.digits import DigitsTeacher
 
@@ -39,3 +41,29 @@ def test_generator_and_scores_invert_the_noising():
     out = generate(lambda x, tt: 0.5 * x, noise, 999, ACP)
     want = predict_x0(noise, 0.5 * noise, ACP[999].expand(2))
     assert torch.allclose(out, want)
+
+
+def test_one_step_generator_draws_nothing_and_multi_step_draws_every_sampler_step():
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    assert {draw_generator_step([1], g) for _ in range(20)} == {(1, 0)}
+    assert torch.equal(g.get_state(), before)  # the one-step stage's random stream is as it was
+    drawn = {draw_generator_step([1, 2, 4], g) for _ in range(400)}
+    assert drawn == {(1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2), (4, 3)}
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_simulate_is_where_the_sampler_goes_on_from(eta):
+    """The backward simulation to step i, then the sampler's remaining steps: the whole sampler."""
+    from hypersd.core.sampling import sample_tcd
+
+    def eps_fn(x, t):
+        return 0.3 * x + 0.001 * t
+
+    timesteps, noise = [999, 749, 499, 249], torch.randn(2, 1, 4, 4)
+    whole = sample_tcd(eps_fn, noise, timesteps, ACP, eta=eta, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    x2 = simulate(eps_fn, noise, timesteps, 2, ACP, eta=eta, generator=g)
+    assert torch.equal(simulate(eps_fn, noise, timesteps, 0, ACP), noise)
+    assert not torch.allclose(x2, noise)
+    assert torch.allclose(sample_tcd(eps_fn, x2, timesteps[2:], ACP, eta=eta, generator=g), whole, atol=1e-6)

@@ -273,3 +273,55 @@ def test_tscd_discriminator_separates_data_from_jumps_in_a_few_steps(tmp_path, r
 def test_adv_real_must_be_target_or_data():
     with pytest.raises(HypersdError, match="adv_real must be 'target' or 'data'"):
         from_dict({"stages": [{"name": "t", "adv_weight": 0.1, "adv_real": "real"}]})
+
+
+@pytest.mark.parametrize("generator_steps", [[1], [1, 2, 4, 8]])
+def test_dmd_generator_steps_choose_where_the_generator_is_trained(tmp_path, random_teacher_file, monkeypatch,
+                                                                   generator_steps):
+    """[1]: every generator step at generator_t from the noise, in one call with the regulariser's
+    batch (the stage as before the option); [1, 2, 4, 8]: also at the other samplers' timesteps."""
+    import hypersd.train.stages
+
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "d", "kind": "dmd", "fake_warmup": 0, "reg_pool": 4, "reg_steps": 2, "reg_batch": 2,
+         "generator_t": 800, "generator_steps": generator_steps, "generator_eta": 0.5}])
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    calls = []
+
+    def spy(eps_fn, x, t, schedule):
+        out = hypersd.losses.dmd.generate(eps_fn, x, t, schedule)
+        calls.append((t, len(x), out))
+        return out
+
+    monkeypatch.setattr(hypersd.train.stages, "generate", spy)
+    trained = set()
+    for _ in range(12):
+        calls.clear()
+        z, prompts, cond = d.batch(4)
+        run.loss(z, prompts, cond)
+        t_gen, n, x = calls[0]  # the DMD batch's step, the one with the gradient
+        assert x.requires_grad and torch.equal(run._last[0], x[:4].detach())  # what the fake score learns
+        trained.add(t_gen)
+        if t_gen == 800:
+            assert n == 4 + 2 and len(calls) == 1
+        else:  # the regulariser still holds the one-step generator
+            assert [(t, n) for t, n, _ in calls[1:]] == [(800, 2)]
+    if generator_steps == [1]:
+        assert trained == {800}
+    else:
+        assert trained - {800} and trained <= {800, 999, 874, 749, 624, 499, 374, 249, 124}
+
+
+def test_dmd_generator_steps_are_checked_and_one_step_keeps_the_fingerprint():
+    stages = [{"name": "t"}, {"name": "d", "kind": "dmd"}]
+    plain = from_dict({"stages": stages}).fingerprint()
+    assert plain == from_dict({"stages": [stages[0], {**stages[1], "generator_steps": [1]}]}).fingerprint()
+    assert plain != from_dict({"stages": [stages[0], {**stages[1], "generator_steps": [1, 4]}]}).fingerprint()
+    for bad, match in (([], "generator_steps must list"), ([0], "generator_steps must list"),
+                       ([3], "generator_steps")):
+        with pytest.raises(HypersdError, match=match):
+            from_dict({"stages": [stages[0], {**stages[1], "generator_steps": bad}]})
+    with pytest.raises(HypersdError, match="generator_eta must be in"):
+        from_dict({"stages": [stages[0], {**stages[1], "generator_steps": [1, 2], "generator_eta": 2.0}]})

@@ -37,6 +37,20 @@ def sample_tcd(model_fn: EpsFn, x, timesteps, schedule, *, eta: float = 0.0, gen
     return x
 
 
+def sample_tcd_until(model_fn: EpsFn, x, timesteps, stop: int, schedule, *, eta: float = 0.0, generator=None):
+    """The first ``stop`` steps of ``sample_tcd``: x at timesteps[stop], where the rest of the
+    sampler would go on from (DMD's backward simulation of the student's own sampler)."""
+    schedule = as_schedule(schedule)
+    timesteps = [int(t) for t in timesteps]
+
+    def draw(x):
+        return torch.randn(x.shape, generator=generator).to(x.device)
+
+    for i in range(stop):
+        x = tcd_step(schedule, x, model_fn(x, timesteps[i]), timesteps[i], timesteps[i + 1], eta, draw)
+    return x
+
+
 def tcd_step(schedule, x, out, t: int, t_next: int, eta: float, draw):
     """One step of the TCD form from t with the network's output ``out``: jump to the TCD point s
     of t_next, then re-noise s → t_next with ``draw(x)`` (called only where noise is added: never at

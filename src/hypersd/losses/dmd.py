@@ -3,18 +3,41 @@
 The generator maps noise to x0 in one student call at ``generator_t``. The real score is the
 teacher with CFG; the fake score is a LoRA on the same UNet, trained by plain denoising on the
 generator's samples. The generator follows (x0_fake − x0_real), normalised per sample.
+
+Multi-step DMD (DMD2's backward simulation): the generator step may instead be step i of the
+student's own k-step sampler, taken from where that sampler, run from noise without gradient,
+puts x at its i-th timestep; the same gradient then applies to that step's x0.
 """
 
 from __future__ import annotations
 
 import torch
 
+from hypersd.core.sampling import sample_tcd_until
 from hypersd.core.solver import add_noise, as_schedule, denoise
 
 
 def generate(eps_fn, noise: torch.Tensor, t: int, alphas_cumprod) -> torch.Tensor:
     """x = x0(noise, f(noise, t), t): the one-step generator."""
     return denoise(eps_fn, noise, t, alphas_cumprod)
+
+
+def draw_generator_step(generator_steps: list[int], generator=None) -> tuple[int, int]:
+    """(k, i): a step count of ``generator_steps``, then one step of its sampler, each uniformly.
+
+    A list of one step count draws no k, and k = 1 draws no i: the one-step generator alone
+    ([1]) takes nothing from the random stream, so its runs repeat those made before the option."""
+    k = generator_steps[0] if len(generator_steps) == 1 else \
+        generator_steps[int(torch.randint(len(generator_steps), (1,), generator=generator))]
+    return k, 0 if k == 1 else int(torch.randint(k, (1,), generator=generator))
+
+
+@torch.no_grad()
+def simulate(eps_fn, noise: torch.Tensor, timesteps: list[int], stop: int, schedule, *, eta: float = 0.0,
+             generator=None) -> torch.Tensor:
+    """x at timesteps[stop]: the student's own sampler (at the eta it samples with) run from noise,
+    without gradient, for its first ``stop`` steps; the noise itself at stop 0."""
+    return sample_tcd_until(eps_fn, noise, timesteps, stop, schedule, eta=eta, generator=generator)
 
 
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:

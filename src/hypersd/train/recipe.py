@@ -105,6 +105,13 @@ class DMDStage(Stage):
     # The generator's one-step samples swing with the fake score from step to step; > 0: the stage
     # hands on an EMA of the generator (this decay per step) instead of its last state.
     generator_ema: float = 0.0
+    # Multi-step DMD (DMD2's backward simulation): each generator step draws k of these (a repeated
+    # entry is drawn more often) and a step i of the student's k-step sampler, runs that sampler (at
+    # generator_eta) from noise without gradient to its i-th timestep, and trains the student's step
+    # there. k = 1 is the one-step generator at generator_t; [1] trains only that one (the stage as
+    # before the option).
+    generator_steps: list[int] = field(default_factory=lambda: [1])
+    generator_eta: float = 0.0  # the sampler's eta (TCD gamma) on the way to step i
 
 
 STAGE_KINDS = {"tscd": TSCDStage, "feedback": FeedbackStage, "merge": MergeStage, "dmd": DMDStage}
@@ -215,6 +222,9 @@ class Recipe:
                 s.pop("rank")
             if s["kind"] == "dmd" and s.get("generator_ema") == 0:
                 s.pop("generator_ema")
+            if s["kind"] == "dmd" and s.get("generator_steps") == [1]:  # and one-step DMD
+                s.pop("generator_steps")
+                s.pop("generator_eta")
             if s["kind"] == "tscd" and s.get("adv_real") == "target":  # and TSCD's paper discriminator
                 s.pop("adv_real")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -441,6 +451,11 @@ def _validate_stage(s: Stage, where: str) -> None:
         _rank(s.fake_rank, where, "fake_rank", "the recipe's lora_rank")
         if s.keep_weight > 0 and s.keep_batch < 1:
             raise HypersdError(f"{where}: keep_batch must be >= 1 with keep_weight > 0, got {s.keep_batch}")
+        if not s.generator_steps or any(k < 1 for k in s.generator_steps):
+            raise HypersdError(f"{where}: generator_steps must list step counts >= 1 (1: the one-step generator), "
+                               f"got {s.generator_steps}")
+        if not 0 <= s.generator_eta <= 1:
+            raise HypersdError(f"{where}: generator_eta must be in [0, 1], got {s.generator_eta}")
 
 
 def _reward(r, where: str) -> dict:
@@ -555,6 +570,8 @@ def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> No
                 raise HypersdError(f"{where}: generator_t 999 is the first step of a T=1000 schedule; on {family} "
                                    f"the first step is {T - 1}: set generator_t: {T - 1} (or the timestep you mean)")
             timesteps(s.reg_steps, where, "reg_steps")
+            for k in s.generator_steps:
+                timesteps(k, where, "generator_steps")
             keep = {t for k in s.keep_steps for t in timesteps(k, where, "keep_steps")} - {s.generator_t}
             if s.keep_weight > 0 and not keep:
                 raise HypersdError(f"{where}: keep_steps {s.keep_steps} have no timestep but generator_t "

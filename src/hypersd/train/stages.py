@@ -26,8 +26,10 @@ from hypersd.losses.dmd import (
     denoising_loss,
     dmd_gradient,
     dmd_loss,
+    draw_generator_step,
     generate,
     score_x0,
+    simulate,
 )
 from hypersd.losses.feedback import (
     draw_stop,
@@ -234,7 +236,8 @@ class MergeRun(StageRun):
 
 
 class DMDRun(StageRun):
-    """One-step DMD: the student generates at ``generator_t``; a ``fake`` LoRA tracks its samples."""
+    """DMD: the student generates at ``generator_t`` (or, with ``generator_steps``, at a step of its
+    own few-step sampler); a ``fake`` LoRA tracks its samples."""
 
     stage: DMDStage
 
@@ -299,7 +302,18 @@ class DMDRun(StageRun):
         t = self.teacher
         noise = torch.randn(shape, generator=self.ctx.generator).to(t.device)
         with torch.no_grad():
-            return generate(self.student_fn(self.roles.student, cond), noise, self.stage.generator_t, self.schedule)
+            x_t, t_gen = self._generator_input(noise, cond)
+            return generate(self.student_fn(self.roles.student, cond), x_t, t_gen, self.schedule)
+
+    def _generator_input(self, noise: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, int]:
+        """Where this generator step starts: (x, t) at step i of a drawn k-step sampler (k = 1: the
+        noise at generator_t; ``generator_steps`` [1] always draws that one)."""
+        s = self.stage
+        k, i = draw_generator_step(s.generator_steps, self.ctx.generator)
+        timesteps = self.schedule.inference_timesteps(k, s.generator_t)
+        x_t = simulate(self.student_fn(self.roles.student, cond), noise, timesteps, i, self.schedule,
+                       eta=s.generator_eta, generator=self.ctx.generator)
+        return x_t, timesteps[i]
 
     def _fake_update(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         g, fake = self.ctx.generator, self.roles.fake
@@ -319,13 +333,15 @@ class DMDRun(StageRun):
         noise = torch.randn(z.shape, generator=g).to(self.teacher.device)
         pool_noise, pool_cond, pool_out = self.pool
         idx = torch.randint(len(pool_noise), (s.reg_batch,), generator=g).to(pool_noise.device)
-        if noise.shape[1:] == pool_noise.shape[1:]:  # one generator pass for both
+        x_t, t_gen = self._generator_input(noise, cond)
+        if t_gen == s.generator_t and noise.shape[1:] == pool_noise.shape[1:]:  # one student call for both
             both = Cond.cat([cond, pool_cond[idx]])
-            x_all = generate(self.student_fn(roles.student, both), torch.cat([noise, pool_noise[idx]]), s.generator_t,
+            x_all = generate(self.student_fn(roles.student, both), torch.cat([x_t, pool_noise[idx]]), t_gen,
                              self.schedule)
             x, x_reg = x_all[:n], x_all[n:]
-        else:  # the pool is square
-            x = generate(self.student_fn(roles.student, cond), noise, s.generator_t, self.schedule)
+        else:  # another step of a k-step sampler, or a bucket's size: the regulariser holds the one-step
+            # generator on its square pool in a call of its own
+            x = generate(self.student_fn(roles.student, cond), x_t, t_gen, self.schedule)
             x_reg = generate(self.student_fn(roles.student, pool_cond[idx]), pool_noise[idx], s.generator_t,
                              self.schedule)
 
