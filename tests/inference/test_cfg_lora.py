@@ -1,9 +1,9 @@
 """A CFG LoRA (hypersd distill with cfg: preserve) through hypersd generate: its guidance, two passes a step."""
 
 import torch
+from random_lora import save_random_lora
 from sd_tiny import save_tiny
 
-from hypersd import lora
 from hypersd.core.sampling import sample_prompts
 from hypersd.inference.generator import Generator
 from hypersd.teachers import load_teacher
@@ -12,13 +12,8 @@ from hypersd.teachers import load_teacher
 def test_a_cfg_lora_is_sampled_at_its_guidance_with_two_passes_a_step(tmp_path):
     model = str(save_tiny("sd15", tmp_path / "sd15"))
     teacher = load_teacher("sd15", model)
-    lora.add_lora(teacher.unet, lora.lora_config(4, 8, "all"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in lora.adapter_params(teacher.unet, lora.STUDENT):
-            p.normal_(0, 0.3)
-    path = tmp_path / "lora.safetensors"
-    lora.save_lora(path, teacher.unet, {"kind": "hypersd-lora", "cfg": "preserve", "guidance": 5.0, "backbone": "sd15"})
+    path = save_random_lora(teacher.unet, tmp_path / "lora.safetensors",
+                            {"kind": "hypersd-lora", "cfg": "preserve", "guidance": 5.0, "backbone": "sd15"})
 
     gen = Generator(model, str(path), steps=2, device="cpu")
     assert (gen.plan.guidance, gen.plan.passes, gen.plan.cfg) == (5.0, 2, "preserve")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from flow_tiny import LATENT_SIZE, T5_LENGTH, save_flow_tiny
+from random_lora import save_random_lora
 
 from hypersd.core.noise import flux_shift
 from hypersd.core.sampling import guided, initial_noise, sample_tcd
@@ -320,15 +321,10 @@ def test_a_flux_loras_recommended_eta_runs_tcd_with_its_weights(folders, tmp_pat
     from hypersd.inference.generator import Generator
 
     t = teacher(folders, "flux")
-    lora.add_lora(t.unet, lora.lora_config(4, 8, "transformer"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in lora.adapter_params(t.unet, lora.STUDENT):
-            p.normal_(0, 0.2)
-    path = tmp_path / "lora.safetensors"
-    lora.save_lora(path, t.unet, {"kind": "hypersd-lora", "backbone": "flux", "guidance": 2.0,
-                                  "resolution": [SIDE, SIDE], "max_sequence_length": T5_LENGTH,
-                                  "recommended_eta": {"4": 0.5}})
+    path = save_random_lora(t.unet, tmp_path / "lora.safetensors",
+                            {"kind": "hypersd-lora", "backbone": "flux", "guidance": 2.0, "resolution": [SIDE, SIDE],
+                             "max_sequence_length": T5_LENGTH, "recommended_eta": {"4": 0.5}},
+                            targets="transformer", std=0.2)
     gen = Generator(str(folders["flux"]), lora=str(path), steps=4, device="cpu")
     assert (gen.plan.scheduler, gen.plan.eta, gen.plan.guidance) == ("tcd", 0.5, 2.0)
     images = gen.images(["a cat"], [3])
