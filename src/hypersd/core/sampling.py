@@ -25,21 +25,13 @@ def sample_tcd(model_fn: EpsFn, x, timesteps, schedule, *, eta: float = 0.0, gen
     FlowMatchLCMScheduler). γ = ``eta`` = 0 is DDIM / Euler on the given timesteps; the last step
     returns x0. ``schedule`` may be a bare ᾱ table (an ε-prediction DDPM teacher).
     """
-    schedule = as_schedule(schedule)
-    timesteps = [int(t) for t in timesteps]
-
-    def draw(x):
-        return torch.randn(x.shape, generator=generator).to(x.device)
-
-    for i, t in enumerate(timesteps):
-        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
-        x = tcd_step(schedule, x, model_fn(x, t), t, t_next, eta, draw)
-    return x
+    return sample_tcd_until(model_fn, x, timesteps, len(timesteps), schedule, eta=eta, generator=generator)
 
 
 def sample_tcd_until(model_fn: EpsFn, x, timesteps, stop: int, schedule, *, eta: float = 0.0, generator=None):
     """The first ``stop`` steps of ``sample_tcd``: x at timesteps[stop], where the rest of the
-    sampler would go on from (DMD's backward simulation of the student's own sampler)."""
+    sampler would go on from (DMD's backward simulation of the student's own sampler); at
+    stop = len(timesteps), the whole sampler's x0."""
     schedule = as_schedule(schedule)
     timesteps = [int(t) for t in timesteps]
 
@@ -47,7 +39,8 @@ def sample_tcd_until(model_fn: EpsFn, x, timesteps, stop: int, schedule, *, eta:
         return torch.randn(x.shape, generator=generator).to(x.device)
 
     for i in range(stop):
-        x = tcd_step(schedule, x, model_fn(x, timesteps[i]), timesteps[i], timesteps[i + 1], eta, draw)
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
+        x = tcd_step(schedule, x, model_fn(x, timesteps[i]), timesteps[i], t_next, eta, draw)
     return x
 
 

@@ -213,8 +213,15 @@ def bucket_sizes_for(teacher, resolution: int, bucketing: dict) -> list[tuple[in
 
 
 def _sizes(manifest: dict) -> list[tuple[int, int]]:
-    """A bucketed cache's (height, width) buckets, in the manifest's order."""
+    """A cache's (height, width) sizes: a bucketed one's buckets, in the manifest's order; else the square."""
+    if not manifest.get("bucketing"):
+        return [(manifest["resolution"], manifest["resolution"])]
     return [(b["height"], b["width"]) for b in manifest["buckets"]]
+
+
+def _latents_name(manifest: dict, size) -> str:
+    """The shard tensor that holds the latents of ``size``: its bucket's, or a square cache's ``latents``."""
+    return bucket_name(size) if manifest.get("bucketing") else "latents"
 
 
 def _bytes_per_item(channels: int, side: int, t: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
@@ -277,11 +284,8 @@ class _Writer:
         if not items:
             return 0
         m = self.m
-        if m.get("bucketing"):
-            sizes = _sizes(m)
-            targets = [sizes[nearest_bucket(sizes, *it.image.size)] for it in items]
-        else:
-            targets = [(m["resolution"], m["resolution"])] * len(items)
+        sizes = _sizes(m)
+        targets = [sizes[nearest_bucket(sizes, *it.image.size)] for it in items]
         prepared = [resize_and_crop(it.image, tgt, m["crop"], crop_rng(m["seed"], it.key))
                     for it, tgt in zip(items, targets)]
         latents = self._encode(prepared, targets)
@@ -299,7 +303,7 @@ class _Writer:
             cond = self.teacher.encode_prompt(captions)
         rows = {}
         for i, tgt in enumerate(targets):  # one tensor per bucket; a square cache's is ``latents``
-            rows.setdefault(bucket_name(tgt) if m.get("bucketing") else "latents", []).append(latents[keep[i]])
+            rows.setdefault(_latents_name(m, tgt), []).append(latents[keep[i]])
         rows = {k: torch.cat(v).to(self.dtype).cpu() for k, v in rows.items()}
         for name, v in {**rows, **_stored(cond, self.dtype, m)}.items():
             self.rows.setdefault(name, []).append(v)
@@ -382,9 +386,8 @@ class CachedData:
         self.bucket_of: list[int] = []  # each item's bucket (a square cache: all 0)
         c, side = m["latent_shape"][0], m["latent_shape"][1]
         factor = m["resolution"] // side
-        self.sizes = _sizes(m) if m.get("bucketing") else [(m["resolution"], m["resolution"])]
-        self.latent_shapes = {bucket_name(hw) if m.get("bucketing") else "latents": [c, hw[0] // factor, hw[1] // factor]
-                              for hw in self.sizes}
+        self.sizes = _sizes(m)
+        self.latent_shapes = {_latents_name(m, hw): [c, hw[0] // factor, hw[1] // factor] for hw in self.sizes}
         for entry in m["shards"]:
             self._index_shard(self.folder / entry["file"], entry["rows"])
         if not self.index:

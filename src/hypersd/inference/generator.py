@@ -170,6 +170,7 @@ class Generator:
         packed (2x2 patches as tokens), and are the teacher's unpacked ones here."""
         import torch
 
+        from hypersd.core.noise import shift_sigma
         from hypersd.teachers.flux import pack, unpack
 
         plan, flux = self.plan, self.plan.backbone == "flux"
@@ -179,18 +180,15 @@ class Generator:
                 return pack(z) if flux else z
 
             self.pipe.scheduler.draw = draw
+        sigmas = flow_call_args(plan, self.flow)["sigmas"]
         kwargs = dict(prompt=prompts, guidance_scale=plan.guidance, latents=pack(noise) if flux else noise,
                       generator=generators, output_type="latent", height=plan.height, width=plan.width,
-                      max_sequence_length=self.teacher.max_sequence_length, **flow_call_args(plan, self.flow))
+                      max_sequence_length=self.teacher.max_sequence_length, sigmas=sigmas)
         if not flux:  # FLUX's negative prompt is "true CFG", which a guidance-distilled model does not use
             kwargs["negative_prompt"] = negative
         latents = self.pipe(**kwargs).images
-        if plan.sigmas is not None:
-            from hypersd.core.noise import shift_sigma
-
-            want = shift_sigma(torch.tensor(plan.sigmas, dtype=torch.float64), self.flow.shift).float()
-        else:
-            want = self.flow.sigma(torch.tensor(plan.timesteps))
+        # the shift of the unshifted u the pipeline was given (for a boundary t, exactly flow.sigma(t))
+        want = shift_sigma(torch.tensor(sigmas, dtype=torch.float64), self.flow.shift).float()
         ran = self.pipe.scheduler.sigmas[:-1].cpu()
         if ran.shape != want.shape or (ran - want).abs().max() > 1e-6:  # never sample on other sigmas silently
             raise HypersdError(f"the flow scheduler ran sigmas {ran.tolist()}, not the teacher's {want.tolist()}")

@@ -108,8 +108,8 @@ def single_file(backbone: str, file: Path, components: dict, config: str | None)
     if config is None:
         raise HypersdError(f"{file} is one checkpoint; name a diffusers {backbone} folder (or cached hub id) as its "
                            f"config for the text encoders, tokenizers and scheduler: {CONFIG_FIX}")
-    source = _config_source(config, backbone)
-    check_transformer(backbone, _load(SD3Transformer2DModel.load_config, source, "transformer"), source)
+    source, transformer_config = _config_source(config, backbone)
+    check_transformer(backbone, transformer_config, source)
     try:
         with safe_open(str(file), "pt") as f:
             has_vae = any(k.startswith(("first_stage_model.", "vae.")) for k in f.keys())
@@ -132,12 +132,13 @@ def single_file(backbone: str, file: Path, components: dict, config: str | None)
 CONFIG_FIX = "--model-config DIR (generate, cache), or teacher_config: DIR in the recipe (--set teacher_config=DIR)"
 
 
-def _config_source(config: str, backbone: str) -> str:
-    """A single file's config as ``from_pretrained`` takes it; one that is neither a complete local
-    folder nor readable from the hub cache is refused naming the fix (offline, nothing is fetched)."""
+def _config_source(config: str, backbone: str) -> tuple[str, dict]:
+    """A single file's config as ``from_pretrained`` takes it, and its transformer's config; one
+    that is neither a complete local folder nor readable from the hub cache is refused naming the
+    fix (offline, nothing is fetched)."""
     source = model_source(config, ["transformer"], backbone)
     try:
-        SD3Transformer2DModel.load_config(source, subfolder="transformer")
+        transformer_config = SD3Transformer2DModel.load_config(source, subfolder="transformer")
     except (OSError, ValueError) as e:
         if Path(source).is_dir():
             raise HypersdError(f"config folder {source} has no readable transformer/config.json ({type(e).__name__}); "
@@ -145,7 +146,7 @@ def _config_source(config: str, backbone: str) -> str:
         raise HypersdError(f"config {source} is not a local folder and is neither in the hub cache nor downloadable "
                            f"(offline?); download the {backbone} model's diffusers folder once and name it: "
                            f"{CONFIG_FIX}") from None
-    return source
+    return source, transformer_config
 
 
 def token_ids(tokenizer, prompts: list[str], length: int, device) -> torch.Tensor:
