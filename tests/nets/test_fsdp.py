@@ -15,7 +15,7 @@ WORKER = r'''
 import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from test_quant import _inputs, _randomize_lora, _student, make_teacher
+from test_quant import _inputs, _randomize_lora, _student, lora_grads, make_teacher
 from hypersd import lora
 
 dist.init_process_group("gloo")
@@ -25,13 +25,13 @@ _student(t)
 _randomize_lora(t)
 params = lora.adapter_params(t.unet, lora.STUDENT)
 
-def grads():
-    for p in params:
-        p.grad = None
+def loss():
     with lora.adapters_disabled(t.unet), torch.no_grad():
         teacher = t.eps(x, s, cond)
-    (t.eps(x, s, cond) - teacher).pow(2).mean().backward()
-    return [p.grad.clone() for p in params]
+    return (t.eps(x, s, cond) - teacher).pow(2).mean()
+
+def grads():
+    return lora_grads(t, loss)
 
 plain = grads()
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))

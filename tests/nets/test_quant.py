@@ -53,6 +53,15 @@ def _student(t, rank=4):
     lora.activate(t.unet, lora.STUDENT, trainable=(lora.STUDENT,))
 
 
+def lora_grads(t, loss_fn) -> list:
+    """The student LoRA's gradients of ``loss_fn()``, from zero."""
+    params = lora.adapter_params(t.unet, lora.STUDENT)
+    for p in params:
+        p.grad = None
+    loss_fn().backward()
+    return [p.grad.clone() for p in params]
+
+
 def _randomize_lora(t, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -167,18 +176,12 @@ def test_gradient_checkpointing_on_a_quantized_base_gives_the_same_lora_gradient
     x, s, cond = _inputs(t)
     _student(t)
     _randomize_lora(t)
-    params = lora.adapter_params(t.unet, lora.STUDENT)
+    loss = lambda: t.eps(x, s, cond).pow(2).mean()  # noqa: E731
 
-    def grads():
-        for p in params:
-            p.grad = None
-        t.eps(x, s, cond).pow(2).mean().backward()
-        return [p.grad.clone() for p in params]
-
-    plain = grads()
+    plain = lora_grads(t, loss)
     speed.gradient_checkpointing(t.unet)
     assert t.unet.is_gradient_checkpointing
-    checkpointed = grads()
+    checkpointed = lora_grads(t, loss)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(plain, checkpointed))
     assert sum(g.abs().sum() for g in plain) > 0
 
