@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from hypersd import lora
 from hypersd.core.noise import FlowSchedule

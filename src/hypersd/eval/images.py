@@ -13,9 +13,12 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from hypersd.errors import HypersdError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs
+    import torch
 
 IMAGE_REWARDS = ("clip", "aesthetic", "imagereward", "hpsv2", "pickscore")
 DEFAULT_REWARDS = ("clip",)  # the one whose public weights load with no extra file

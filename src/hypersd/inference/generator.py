@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hypersd.device import resolve_device
 from hypersd.errors import HypersdError
 from hypersd.inference.choices import pick_dtype, pick_path
@@ -15,6 +17,9 @@ from hypersd.inference.schedulers import (
     make_scheduler,
     scheduler_call_args,
 )
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs
+    import torch
 
 
 class Generator:

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 
 from hypersd.errors import HypersdError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs
+    import torch
+
     from hypersd.inference.generator import Generator
 
 

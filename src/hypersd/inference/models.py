@@ -99,7 +99,6 @@ def load_model(model: str, backbone: str | None = None, device="cpu", dtype=None
 def _single_file(path: Path, backbone: str, device, dtype, config: str | None):
     """diffusers' from_single_file; ``config``: a diffusers folder or hub id with the model's
     component configs (needed offline, where diffusers cannot fetch them)."""
-    import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from hypersd.teachers.sd import SD15Teacher, SDXLTeacher, place
