@@ -4,14 +4,26 @@ import torch
 from hypersd.teachers.digits import DigitsTeacher
 
 
+def _saved_random_teacher(tmp_path_factory, cls, guidance: float, name: str):
+    path = tmp_path_factory.mktemp("teacher") / name
+    t = cls.new(seed=0)
+    t.default_guidance = guidance
+    t.save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def random_teacher_file(tmp_path_factory):
     """A digits teacher with random weights, saved: fast stand-in for the shipped one."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    t = DigitsTeacher.new(seed=0)
-    t.default_guidance = 2.0
-    t.save(path)
-    return path
+    return _saved_random_teacher(tmp_path_factory, DigitsTeacher, 2.0, "teacher.safetensors")
+
+
+@pytest.fixture(scope="session")
+def flow_file(tmp_path_factory):
+    """The flow digits teacher (an SD3 transformer) with random weights, saved."""
+    from hypersd.teachers.digits_flow import FlowDigitsTeacher
+
+    return _saved_random_teacher(tmp_path_factory, FlowDigitsTeacher, 2.5, "teacher-flow.safetensors")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,15 +16,6 @@ from hypersd.train.recipe import from_dict
 from hypersd.train.trainer import Distiller
 
 
-@pytest.fixture(scope="module")
-def flow_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("flow") / "teacher-flow.safetensors"
-    t = FlowDigitsTeacher.new(seed=0)
-    t.default_guidance = 2.5
-    t.save(path)
-    return path
-
-
 def _inputs(teacher, n=3):
     g = torch.Generator().manual_seed(1)
     x = torch.randn((n, *teacher.latent_shape), generator=g)
