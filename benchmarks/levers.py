@@ -5,18 +5,25 @@ seed spread (std over the seeds) beside each mean.
 
   python benchmarks/levers.py A=runs/a/lora.safetensors B=runs/b/lora.safetensors \
       [--etas 0.5,0] [--n 500] [--seeds 3] [--json out.json]
+
+A PATH may also be a run's checkpoint folder (checkpoints/step-N): its student adapter is scored
+with the metadata (rank, targets, one_step_t) of the LoRA given by --meta, e.g. the stage's final
+lora.safetensors, so one long run gives a curve of quality against training steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from hypersd.eval.digits import DigitsBench, student_rows
 from hypersd.eval.metrics import DISTANCES, multiples
+from hypersd.lora.files import read_lora, save_state
 from hypersd.teachers.digits import DigitsTeacher
 
 
@@ -31,6 +38,16 @@ def score(bench: DigitsBench, name: str, path: str, steps, etas) -> list[dict]:
             rows.append(row)
             print(line(row), flush=True)
     return rows
+
+
+def checkpoint_lora(folder: str, meta_from: str, out_dir: str) -> str:
+    """A LoRA file of a checkpoint's student adapter, with another LoRA file's metadata."""
+    if not meta_from:
+        raise SystemExit(f"{folder} is a checkpoint folder: give --meta LORA for its rank and targets")
+    state, _ = read_lora(Path(folder) / "lora-student.safetensors")
+    _, meta = read_lora(meta_from)
+    meta = {k: v for k, v in meta.items() if k not in ("recommended_eta", "recommended_from")}
+    return str(save_state(Path(out_dir) / f"{Path(folder).name}.safetensors", state, meta))
 
 
 def line(row: dict) -> str:
@@ -49,14 +66,18 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--meta", default=None, help="a LoRA whose metadata a checkpoint folder's student takes")
     a = p.parse_args()
     torch.set_num_threads(1)
     bench = DigitsBench(DigitsTeacher.load(), n=a.n, seeds=range(a.seeds), progress=False)
     ref = bench.teacher40()
     print("teacher 40 steps: " + " / ".join(f"{m} {ref[m]['mean']:.4g}" for m in DISTANCES), flush=True)
     out = {"teacher40": ref, "rows": []}
+    tmp = tempfile.mkdtemp(prefix="levers-")
     for spec in a.loras:
         name, path = spec.split("=", 1)
+        if Path(path).is_dir():
+            path = checkpoint_lora(path, a.meta, tmp)
         out["rows"] += score(bench, name, path, [int(k) for k in a.steps.split(",")],
                              [float(e) for e in a.etas.split(",")])
     if a.json:
