@@ -190,7 +190,8 @@ def cmd_cache(a) -> None:
                     model_config=a.model_config)
     print(f"wrote {m['written']} items at {m['resolution']}px in {len(m['shards'])} shards to {a.out}; "
           f"skipped {sum(m['skipped'].values())} ({describe_skips(m['skipped'])}); "
-          f"{m.get('bytes_per_item', 0) / 2**20:.2f} MiB an item")
+          f"{m.get('bytes_per_item', 0) / 2**20:.2f} MiB an item"
+          + (" (the mean over the buckets)" if m.get("buckets") else ""))
     if m.get("buckets"):
         held = ", ".join(f"{b['width']}x{b['height']} {b['items']}" for b in m["buckets"] if b["items"])
         print(f"buckets (width x height, items): {held}")
