@@ -236,9 +236,10 @@ def _bytes_per_item(channels: int, hw: tuple[int, int], t: dict[str, torch.Tenso
 def _mean_bytes(m: dict) -> None:
     """A bucketed cache's ``bytes_per_item``: the mean over the items its shards hold, each at its
     bucket's figure (a bucket's area is at most the square's, whose figure it is until an item is
-    written). A partial cache begun before the buckets had figures keeps the square's."""
+    written). A partial cache begun before the buckets had figures keeps the square's, and a square
+    cache its own."""
     buckets = m.get("buckets") or []
-    if m["written"] and all("bytes_per_item" in b for b in buckets):
+    if buckets and m["written"] and all("bytes_per_item" in b for b in buckets):
         m["bytes_per_item"] = round(sum(b["items"] * b["bytes_per_item"] for b in buckets) / m["written"])
 
 
@@ -350,8 +351,7 @@ class _Writer:
         m["consumed"] = self.source.consumed
         for b in m.get("buckets") or []:  # the items each bucket holds, as the named shards hold them
             b["items"] += sum(row["target_size"] == [b["height"], b["width"]] for row in self.sizes)
-        if m.get("buckets"):
-            _mean_bytes(m)
+        _mean_bytes(m)
         self.save_manifest()
         self.rows, self.captions, self.keys, self.sizes = {}, [], [], []
 

@@ -106,8 +106,9 @@ def leave_process_group(clean: bool) -> None:
     """End this process's part in the data-parallel process group, if it joined one.
 
     A process that exits with its gloo group alive can abort (SIGABRT, "terminate called without
-    an active exception"): a gloo worker thread dropping a finished collective's tensors takes the
-    GIL while the interpreter is being torn down. Destroying the group joins those threads first.
+    an active exception"; pytorch/pytorch#190489): a gloo worker thread still freeing a finished
+    collective's tensors while the interpreter is torn down. Destroying the group joins its threads
+    first.
 
     ``clean``: the run ended on every process. A barrier first, so no process leaves while another
     still talks to it (process 0 writes the LoRA and grids after the others are done); then the
