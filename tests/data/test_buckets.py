@@ -110,6 +110,23 @@ def test_cache_puts_each_image_in_its_bucket_and_records_sizes(kind, world, tmp_
                 assert tensors["time_ids"][i].tolist() == [h, w, *p.crop_top_left, *hw]
     assert seen == {"w0": WIDE, "w1": WIDE, "w2": WIDE, "t0": TALL, "t1": TALL, "s0": SQUARE}
     assert crops["w0"] == [0, 5] and crops["t0"] == [5, 0]  # centred along the side left over
+    _assert_bytes_as_stored(m, tmp_path / "c")
+
+
+def _assert_bytes_as_stored(m, folder):
+    """Each bucket's bytes_per_item is what a row of it takes in the shards; the cache's, their mean."""
+    total, prompt = 0, None
+    for tensors, meta in _rows(folder):
+        total += sum(v.numel() * v.element_size() for v in tensors.values())
+        prompt = sum(v[0].numel() * v.element_size() for k, v in tensors.items() if not k.startswith("latents"))
+        for b in m["buckets"]:
+            z = tensors.get(f"latents-{b['height']}x{b['width']}")
+            if z is not None:
+                assert b["bytes_per_item"] == z[0].numel() * z.element_size() + prompt
+    assert m["bytes_per_item"] == round(total / m["written"])
+    sizes = {(b["height"], b["width"]): b["bytes_per_item"] for b in m["buckets"]}
+    assert sizes[WIDE] == sizes[TALL] < sizes[SQUARE]  # 12x20 latents hold fewer bytes than 16x16
+    assert m["bytes_per_item"] < sizes[SQUARE]  # the square's figure was only an upper bound
 
 
 def test_batches_never_mix_buckets_and_reach_every_item(world, tmp_path):
@@ -163,8 +180,23 @@ def test_a_killed_bucketed_cache_resumes_to_the_same_shards(world, tmp_path, mon
                     progress=False, shard_size=2, batch=2, crop="random")
     again = _bucketed("sd15", world, tmp_path / "part", shard_size=2, batch=2, crop="random")
     assert again["buckets"] == full["buckets"] and again["written"] == 6
+    assert again["bytes_per_item"] == full["bytes_per_item"]  # the mean over every shard's items, not the last's
     for (a, ma), (b, mb) in zip(_rows(tmp_path / "full"), _rows(tmp_path / "part")):
         assert ma == mb and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_partial_bucketed_cache_from_before_bucket_sizes_continues(world, tmp_path, monkeypatch):
+    with killed_after_flushes(monkeypatch, n=1):
+        _bucketed("sd15", world, tmp_path / "c", shard_size=2, batch=2)
+    m = read_manifest(tmp_path / "c", complete=False)
+    square = m["bytes_per_item"]
+    for b in m["buckets"]:  # as the manifest was written before each bucket stated its own figure
+        del b["bytes_per_item"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    done = _bucketed("sd15", world, tmp_path / "c", shard_size=2, batch=2)
+    assert done["complete"] and done["written"] == 6
+    assert done["bytes_per_item"] == square  # the square's upper bound, as that manifest stated it
+    assert len(CachedData(tmp_path / "c", "sd15").attach(world[3]["sd15"])) == 6
 
 
 def test_square_caches_old_and_new_still_read(world, tmp_path):
@@ -172,6 +204,9 @@ def test_square_caches_old_and_new_still_read(world, tmp_path):
     build_cache("sd15", models["sd15"], str(images), tmp_path / "sq", teacher=teachers["sd15"], progress=False)
     m = read_manifest(tmp_path / "sq")
     assert "buckets" not in m and m["bucketing"] is None
+    with safe_open(str(tmp_path / "sq" / m["shards"][0]["file"]), "pt") as f:
+        row = {k: f.get_tensor(k)[0] for k in f.keys()}  # noqa: SIM118 (a safe_open is not iterable)
+    assert m["bytes_per_item"] == sum(v.numel() * v.element_size() for v in row.values())  # every item: the square
     del m["bucketing"]  # as a cache written before buckets were
     (tmp_path / "sq" / "manifest.json").write_text(json.dumps(m))
     cached = CachedData(tmp_path / "sq", "sd15").attach(teachers["sd15"])
@@ -192,6 +227,7 @@ def test_cache_command_with_buckets_and_a_damaged_shard(world, tmp_path, capsys)
     assert main(argv) == 0
     said = capsys.readouterr().out
     assert "wrote 6 items at 16px in 2 shards" in said and "buckets (width x height, items): 12x20 2, 16x16 1, 20x12 3" in said
+    assert "MiB an item (the mean over the buckets)" in said
     square = [a for a in argv if a != "--buckets"]
     assert main([*square[:8], str(tmp_path / "x"), *square[9:]]) == 2  # bucket options without --buckets
     assert "pass --buckets too" in capsys.readouterr().err

@@ -78,6 +78,33 @@ def test_two_processes_train_one_lora_and_resume_exactly(recipe_file, tmp_path):
     assert all(torch.equal(whole[k], again[k]) for k in whole)
 
 
+@pytest.fixture
+def joined(tmp_path):
+    """This process as the one member of a gloo group, as accelerate launch would make it join."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    if torch.distributed.is_initialized():  # the command under test left it joined
+        torch.distributed.destroy_process_group()
+
+
+def test_a_finished_run_leaves_the_process_group(recipe_file, tmp_path, joined):
+    from hypersd.cli import main
+
+    # a process that exits with its gloo group alive can abort at interpreter exit (SIGABRT)
+    argv = ["distill", "--config", str(recipe_file), "--out", str(tmp_path / "run"), "--quiet", "--no-eval",
+            "--set", "stages=[{name: t2, steps: 1}]"]
+    assert main(argv) == 0 and (tmp_path / "run" / "lora.safetensors").is_file()
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_failed_run_leaves_the_process_group(recipe_file, tmp_path, joined, capsys):
+    from hypersd.cli import main
+
+    argv = ["distill", "--config", str(recipe_file), "--out", str(tmp_path / "run"), "--set", "data=nowhere"]
+    assert main(argv) == 2 and "nowhere" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
+
+
 def test_one_process_runtime_is_a_no_op():
     rt = Runtime()
     p = torch.nn.Parameter(torch.ones(3))

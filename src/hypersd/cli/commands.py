@@ -127,6 +127,7 @@ def cmd_distill(a) -> None:
     import shutil
 
     from hypersd.train.recipe import load_recipe
+    from hypersd.train.runtime import leave_process_group
     from hypersd.train.trainer import Distiller, check_rewards, has_run
 
     recipe = load_recipe(a.config, a.set)
@@ -153,6 +154,7 @@ def cmd_distill(a) -> None:
     distiller = Distiller(recipe, out, progress=not a.quiet, log_with=a.log_with)
     distiller.run(resume=a.resume)
     final = distiller.finish()
+    leave_process_group(clean=True)  # no collective follows: process 0's report is its own
     if not distiller.rt.is_main:  # under accelerate launch: one process reports and writes the metrics
         return
     print(f"wrote {final}")
@@ -190,7 +192,8 @@ def cmd_cache(a) -> None:
                     model_config=a.model_config)
     print(f"wrote {m['written']} items at {m['resolution']}px in {len(m['shards'])} shards to {a.out}; "
           f"skipped {sum(m['skipped'].values())} ({describe_skips(m['skipped'])}); "
-          f"{m.get('bytes_per_item', 0) / 2**20:.2f} MiB an item")
+          f"{m.get('bytes_per_item', 0) / 2**20:.2f} MiB an item"
+          + (" (the mean over the buckets)" if m.get("buckets") else ""))
     if m.get("buckets"):
         held = ", ".join(f"{b['width']}x{b['height']} {b['items']}" for b in m["buckets"] if b["items"])
         print(f"buckets (width x height, items): {held}")
@@ -367,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hypersd: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # what a command may have joined: a distill's process group
+            from hypersd.train.runtime import leave_process_group
+
+            leave_process_group(clean=False)
     return 0
 
 

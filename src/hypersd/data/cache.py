@@ -191,12 +191,14 @@ def _fresh(out: Path, settings: dict, teacher) -> dict:
          # without T5, SD3's CLIP tokens are stored this wide: the rest of their row is zeros
          "clip_width": getattr(teacher, "clip_width", None) if settings["no_t5_cache"] else None,
          "written": 0, "consumed": 0, "skipped": {}, "shards": [], "complete": False}
-    if settings["bucketing"]:  # the square's latent_shape above stays the area's reference
-        m["buckets"] = [{"height": h, "width": w, "items": 0} for h, w in sizes]
     stored = _stored(probe, DTYPES[settings["dtype"]], m)
     m["hidden_shape"] = list(stored["hidden"].shape[1:]) if "hidden" in stored else None  # None: FLUX without T5
-    m["bytes_per_item"] = _bytes_per_item(teacher.latent_shape[0], resolution // factor, stored,
-                                          DTYPES[settings["dtype"]])
+    dtype, c = DTYPES[settings["dtype"]], teacher.latent_shape[0]
+    m["bytes_per_item"] = _bytes_per_item(c, (resolution // factor,) * 2, stored, dtype)
+    if settings["bucketing"]:  # the square's latent_shape above stays the area's reference
+        m["buckets"] = [{"height": h, "width": w, "items": 0,
+                         "bytes_per_item": _bytes_per_item(c, (h // factor, w // factor), stored, dtype)}
+                        for h, w in sizes]
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / PROBE) as tmp:
         save_file(_tensors(probe, torch.float32), str(tmp))
@@ -224,11 +226,21 @@ def _latents_name(manifest: dict, size) -> str:
     return bucket_name(size) if manifest.get("bucketing") else "latents"
 
 
-def _bytes_per_item(channels: int, side: int, t: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
-    """What one cached item takes in a shard: its latents and its prompt's stored tensors ``t``
-    (SD3's and FLUX's are mostly T5's sequence)."""
+def _bytes_per_item(channels: int, hw: tuple[int, int], t: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """What one cached item takes in a shard: its latents of ``hw`` (latent height, width) and its
+    prompt's stored tensors ``t`` (SD3's and FLUX's are mostly T5's sequence)."""
     size = torch.empty(0, dtype=dtype).element_size()
-    return channels * side * side * size + sum(v[0].numel() * v.element_size() for v in t.values())
+    return channels * hw[0] * hw[1] * size + sum(v[0].numel() * v.element_size() for v in t.values())
+
+
+def _mean_bytes(m: dict) -> None:
+    """A bucketed cache's ``bytes_per_item``: the mean over the items its shards hold, each at its
+    bucket's figure (a bucket's area is at most the square's, whose figure it is until an item is
+    written). A partial cache begun before the buckets had figures keeps the square's, and a square
+    cache its own."""
+    buckets = m.get("buckets") or []
+    if buckets and m["written"] and all("bytes_per_item" in b for b in buckets):
+        m["bytes_per_item"] = round(sum(b["items"] * b["bytes_per_item"] for b in buckets) / m["written"])
 
 
 def _tensors(cond: Cond, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -339,6 +351,7 @@ class _Writer:
         m["consumed"] = self.source.consumed
         for b in m.get("buckets") or []:  # the items each bucket holds, as the named shards hold them
             b["items"] += sum(row["target_size"] == [b["height"], b["width"]] for row in self.sizes)
+        _mean_bytes(m)
         self.save_manifest()
         self.rows, self.captions, self.keys, self.sizes = {}, [], [], []
 

@@ -102,6 +102,32 @@ class RandomStreams:
 LR_KEYS = {"student": "lr", "fake": "fake_lr", "discriminator": "d_lr"}  # the recipe key of each role's rate
 
 
+def leave_process_group(clean: bool) -> None:
+    """End this process's part in the data-parallel process group, if it joined one.
+
+    A process that exits with its gloo group alive can abort (SIGABRT, "terminate called without
+    an active exception"; pytorch/pytorch#190489): a gloo worker thread still freeing a finished
+    collective's tensors while the interpreter is torn down. Destroying the group joins its threads
+    first.
+
+    ``clean``: the run ended on every process. A barrier first, so no process leaves while another
+    still talks to it (process 0 writes the LoRA and grids after the others are done); then the
+    group is destroyed. After an error there is no barrier (the others may be in any collective,
+    or never reach one): a gloo group is destroyed at once, which is local (hypersd's collectives
+    are synchronous, so none is pending here) and closes its connections, so the others' next
+    collective fails at once rather than waiting out the timeout. An NCCL group is left as it is
+    (its destruction may wait on communicators the others never complete); the launcher ends the
+    other processes once this one exits with an error."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()  # raising, it leaves the group to the error path
+        dist.destroy_process_group()
+    elif dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
 @dataclass
 class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
