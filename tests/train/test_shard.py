@@ -22,7 +22,7 @@ from test_train_sd import clip_reward  # noqa: F401  (a fixture)
 from hypersd import lora
 from hypersd.data.cache import build_cache
 from hypersd.errors import HypersdError
-from hypersd.losses.dmd import draw_generator_step
+from hypersd.losses.dmd import draw_generator_step, generate
 from hypersd.losses.feedback import draw_stop
 from hypersd.nets.shard import check_shardable
 from hypersd.teachers import load_teacher
@@ -79,9 +79,8 @@ def test_the_shared_stream_is_checkpointed_and_seeded_by_step_where_a_checkpoint
     assert "shared" not in RandomStreams(own, Runtime(), 3).state_dict()
 
 
-def test_two_processes_stages_make_the_same_calls_on_their_own_noise(tmp_path, random_teacher_file, monkeypatch):
-    """Each process's feedback and DMD stages stop their samplers at the same steps (the number of
-    network calls a step makes), drawn from the shared stream, while their noise is their own."""
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, random_teacher_file):
     recipe = from_dict({"teacher": str(random_teacher_file), "lora_rank": 4, "grid_every_stage": False,
                         "stage_defaults": {"batch": 2, "steps": 2}, "stages": [
                             {"name": "t", "segments": 1},
@@ -89,7 +88,13 @@ def test_two_processes_stages_make_the_same_calls_on_their_own_noise(tmp_path, r
                              "sample_steps": [1, 2, 4]},
                             {"name": "d", "kind": "dmd", "fake_warmup": 0, "reg_pool": 2, "reg_steps": 1,
                              "reg_batch": 1, "keep_steps": [2], "generator_steps": [1, 2, 4], "generator_t": 800}]})
-    d = Distiller(recipe, tmp_path, progress=False)
+    return Distiller(recipe, tmp_path_factory.mktemp("digits"), progress=False)
+
+
+def test_two_processes_stages_make_the_same_calls_on_their_own_noise(digits_run, monkeypatch):
+    """Each process's feedback and DMD stages stop their samplers at the same steps (the number of
+    network calls a step makes), drawn from the shared stream, while their noise is their own."""
+    d, recipe = digits_run, digits_run.recipe
     calls = []
 
     def spy(eps_fn, noise, timesteps, stop, schedule, **kw):  # the sampler's calls themselves are not looked at
@@ -113,6 +118,27 @@ def test_two_processes_stages_make_the_same_calls_on_their_own_noise(tmp_path, r
     steps = [[(k, i) for k, i, _ in calls] for calls in seen]
     assert len(steps[0]) == 8 and steps[0] == steps[1] and len(set(steps[0])) > 2
     assert not any(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(*seen))
+
+
+def test_dmd_makes_its_one_call_only_where_every_process_batch_has_the_pool_size(digits_run, monkeypatch):
+    """A bucketed cache's batches differ in size from process to process: DMD generates its batch
+    and the regulariser's in one call only where every process's batch has the pool's size."""
+    d = digits_run
+    run = stage_kinds.stage_run(d, d.recipe.stages[2])
+    run.enter(fresh=True)
+    calls = []
+
+    def spy(eps_fn, x, t, schedule):
+        calls.append((t, len(x)))
+        return generate(eps_fn, x, t, schedule)
+
+    monkeypatch.setattr(stage_kinds, "generate", spy)
+    monkeypatch.setattr(stage_kinds, "draw_generator_step", lambda steps, generator: (1, 0))  # at generator_t
+    for others_fit, want in ((True, [(800, 3)]), (False, [(800, 2), (800, 1)])):
+        monkeypatch.setattr(d.rt, "everywhere", lambda ok, fit=others_fit: ok and fit)
+        calls.clear()
+        run.loss(*d.batch(2))
+        assert calls == want
 
 
 @pytest.fixture(scope="module")
