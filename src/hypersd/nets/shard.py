@@ -3,8 +3,9 @@
 Each of the network's blocks (those its class names unsplittable, ``_no_split_modules``) and the
 rest of it hold 1/N of their frozen weights per process and all-gather them for each call. The LoRA
 weights stay out of the shards: plain tensors on every process, averaged by hypersd's own data
-parallel and saved as they are, and adapters added later (a stage's EMA target) are switched per
-layer as on an unsharded base (tests/nets/test_fsdp.py)."""
+parallel and saved as they are, and adapters added later (a stage's EMA target, the feedback LoRA,
+DMD's fake score, a merge's rebuilt student) are switched per layer as on an unsharded base
+(tests/nets/test_fsdp.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ import torch
 
 from hypersd.errors import HypersdError
 
-# the stage kinds whose every process makes the same sequence of network calls (each all-gathers)
-SHARDABLE_KINDS = ("tscd",)
-
 
 def check_shardable(recipe, world: int) -> None:
-    """Refuse, before a model loads, what a sharded base cannot run."""
+    """Refuse, before a model loads, what a sharded base cannot run. Every stage kind runs: each
+    process makes the same network calls (each all-gathers), its step counts and branches drawn
+    from the stream they share (``runtime.run_streams``), its skipped steps decided together."""
     if world < 2:
         raise HypersdError("shard_base shards the frozen base over the processes of an accelerate launch, and this "
                            "is one process; launch with accelerate launch --multi_gpu --num_processes N, or set "
@@ -28,12 +28,6 @@ def check_shardable(recipe, world: int) -> None:
         if on:
             raise HypersdError(f"shard_base does not combine with {key} (not supported on a sharded base); "
                                f"set {key} off, or shard_base: false")
-    for stage in recipe.stages:
-        if stage.kind not in SHARDABLE_KINDS:
-            raise HypersdError(f"stage {stage.name!r}: a {stage.kind} stage does not run on a sharded base (its "
-                               f"processes would not make the same network calls); shard_base supports "
-                               f"{', '.join(SHARDABLE_KINDS)} stages: run this stage in a run with shard_base: false "
-                               f"(init_lora: the sharded run's LoRA)")
 
 
 def shard_base(unet: torch.nn.Module, device: torch.device, world: int) -> int:

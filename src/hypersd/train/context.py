@@ -48,8 +48,12 @@ class StageContext:
     cfg: str = "bake"
     cfg_dropout: float = 0.0
     cfg_guidance: float | None = None
+    # the draws that decide a step's network calls (a sampler's step count, a branch), the same on
+    # every process (``runtime.run_streams``); None: ``generator``'s, as one process draws them
+    control: torch.Generator | None = None
 
     def __post_init__(self):
+        self.control = self.generator if self.control is None else self.control
         self.roles = Roles(self.teacher) if self.roles is None else self.roles
         self.schedule = self.teacher.schedule if self.schedule is None else self.schedule
 

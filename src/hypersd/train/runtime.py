@@ -60,20 +60,33 @@ class StepGuard:
 
 
 RANK_SEED = 1_000_003  # process r of a data-parallel run draws from seed + r·RANK_SEED
+SHARED_SEED = 2_000_003  # the stream every process of a run shares draws from seed + SHARED_SEED
+
+
+def run_streams(seed: int, rank: int, world: int) -> tuple[torch.Generator, torch.Generator | None]:
+    """Process ``rank``'s own stream (its batches and noise: data parallel wants them apart) and the
+    stream of the draws that decide how many network calls a step makes and which branch it takes
+    (a sampler's step count, where the generator starts): the same seed on every process, so every
+    process draws the same. On a sharded base each call all-gathers, and processes that called
+    differently would hang. One process: None, those draws come from its own stream as they always did."""
+    own = torch.Generator().manual_seed(seed + RANK_SEED * rank)
+    return own, (torch.Generator().manual_seed(seed + SHARED_SEED) if world > 1 else None)
 
 
 class RandomStreams:
     """A run's random streams, as one checkpoint piece: each process's own data and noise
-    generator, and torch's global RNG (new LoRA and head weights, dropout).
+    generator, the stream the processes share (``run_streams``), and torch's global RNG (new LoRA
+    and head weights, dropout).
 
     ``state_dict`` is collective (every process hands in its generator's state). On a resume
     with as many processes, each gets its own stream back; on another number, process 0 goes on
     and the others start new streams, seeded by ``step`` (the step resumed at). torch's state is
     only kept by ``load_state_dict``: the trainer puts it back with ``resume_torch`` once a
-    resumed stage is built (building draws from it)."""
+    resumed stage is built (building draws from it). The shared stream is the same on every
+    process, saved once; a checkpoint without one (one process wrote it) seeds it by ``step``."""
 
-    def __init__(self, generator: torch.Generator, rt: Runtime, seed: int):
-        self.generator, self.rt, self.seed = generator, rt, seed
+    def __init__(self, generator: torch.Generator, rt: Runtime, seed: int, shared: torch.Generator | None = None):
+        self.generator, self.rt, self.seed, self.shared = generator, rt, seed, shared
         self.step = 0
         self.torch_state: torch.Tensor | None = None
 
@@ -82,6 +95,8 @@ class RandomStreams:
         state = {"generator": streams[0], "torch": torch.get_rng_state()}
         if len(streams) > 1:
             state |= {f"process-{r}": stream.clone() for r, stream in enumerate(streams)}
+        if self.shared is not None:
+            state["shared"] = self.shared.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -93,6 +108,11 @@ class RandomStreams:
             self.generator.set_state(streams[0])
             if rank:
                 self.generator.manual_seed(self.seed + RANK_SEED * rank + self.step)
+        if self.shared is not None:
+            if "shared" in state:
+                self.shared.set_state(state["shared"])
+            else:
+                self.shared.manual_seed(self.seed + SHARED_SEED + self.step)
         self.torch_state = state["torch"]
 
     def resume_torch(self) -> None:
@@ -171,7 +191,10 @@ class Runtime:
 
     def finite(self, loss: torch.Tensor) -> bool:
         """Whether every process's loss is finite: all skip a step together, or none does."""
-        ok = math.isfinite(loss.item())
+        return self.everywhere(math.isfinite(loss.item()))
+
+    def everywhere(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every process: a decision they all then take alike."""
         if self.world == 1:
             return ok
         flag = torch.tensor([1.0 if ok else 0.0], device=self.device)

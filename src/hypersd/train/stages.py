@@ -185,7 +185,9 @@ class FeedbackRun(StageRun):
         loss, logs = z.new_zeros(()), {}
         if self.terms:
             noise = torch.randn(z.shape, generator=g).to(z.device)
-            timesteps, stop = draw_stop(s.sample_steps, s.t_range, self.teacher.T, g, self.schedule.spacing)
+            # where the sampler stops is how many calls it makes: every process draws the same
+            timesteps, stop = draw_stop(s.sample_steps, s.t_range, self.teacher.T, self.ctx.control,
+                                        self.schedule.spacing)
             x0 = sample_until(eps_fn, noise, timesteps, stop, self.schedule)
             r_loss, logs = reward_loss(self.terms, self.teacher.decode(x0), prompts)
             loss = loss + r_loss
@@ -309,7 +311,7 @@ class DMDRun(StageRun):
         """Where this generator step starts: (x, t) at step i of a drawn k-step sampler (k = 1: the
         noise at generator_t; ``generator_steps`` [1] always draws that one)."""
         s = self.stage
-        k, i = draw_generator_step(s.generator_steps, self.ctx.generator)
+        k, i = draw_generator_step(s.generator_steps, self.ctx.control)  # i calls: every process draws the same
         timesteps = self.schedule.inference_timesteps(k, s.generator_t)
         x_t = simulate(self.student_fn(self.roles.student, cond), noise, timesteps, i, self.schedule,
                        eta=s.generator_eta, generator=self.ctx.generator)
@@ -334,7 +336,8 @@ class DMDRun(StageRun):
         pool_noise, pool_cond, pool_out = self.pool
         idx = torch.randint(len(pool_noise), (s.reg_batch,), generator=g).to(pool_noise.device)
         x_t, t_gen = self._generator_input(noise, cond)
-        if t_gen == s.generator_t and noise.shape[1:] == pool_noise.shape[1:]:  # one student call for both
+        # one student call for both; a bucket's size is each process's own draw: they agree on it first
+        if t_gen == s.generator_t and self.ctx.rt.everywhere(noise.shape[1:] == pool_noise.shape[1:]):
             both = Cond.cat([cond, pool_cond[idx]])
             x_all = generate(self.student_fn(roles.student, both), torch.cat([x_t, pool_noise[idx]]), t_gen,
                              self.schedule)

@@ -33,7 +33,7 @@ from hypersd.train.checkpoint import (
 from hypersd.train.context import StageContext, preserved_cfg
 from hypersd.train.recipe import Recipe, Stage, check_timesteps
 from hypersd.train.runlog import RunLog
-from hypersd.train.runtime import RANK_SEED, RandomStreams, Runtime
+from hypersd.train.runtime import RandomStreams, Runtime, run_streams
 from hypersd.train.stages import StageRun, current_lora, stage_run
 
 
@@ -117,9 +117,9 @@ class Distiller:
         if recipe.run.shard_base:  # after the LoRA is attached: its weights stay out of the shards
             sharded = shard.shard_teacher(self.teacher, self.rt.device, self.rt.world)
         self.data = self.backbone.training_data(opened, self.teacher)
-        # each process draws its own batches and noise; process 0 draws what a single process would
-        self.generator = torch.Generator().manual_seed(recipe.seed + RANK_SEED * self.rt.rank)
-        self.rng = RandomStreams(self.generator, self.rt, recipe.seed)
+        # each process draws its own batches and noise, and all of them the same step counts and branches
+        self.generator, shared = run_streams(recipe.seed, self.rt.rank, self.rt.world)
+        self.rng = RandomStreams(self.generator, self.rt, recipe.seed, shared)
         self.pieces = StateRegistry()  # what a checkpoint holds besides the adapters; stages add theirs
         self.pieces.register("rng", self.rng)
         self.pieces.register("scalers", self.rt)
@@ -160,7 +160,8 @@ class Distiller:
             self._context = StageContext(
                 self.teacher, self.generator, self.uncond_row, self.rt, batch=self.batch, lora_meta=self.lora_meta,
                 out=self.out, progress=self.progress, seed=r.seed, stages=r.stages, lora_rank=r.lora_rank,
-                lora_alpha=r.lora_alpha, grad_clip=r.grad_clip, **preserved_cfg(r, self.teacher))
+                lora_alpha=r.lora_alpha, grad_clip=r.grad_clip, control=self.rng.shared,
+                **preserved_cfg(r, self.teacher))
         return self._context
 
     # -- state -----------------------------------------------------------------------------
