@@ -111,8 +111,8 @@ def _backbone(net):
     for cls, entry in FEATURES.items():
         if isinstance(net, cls):
             return entry
-    raise HypersdError(f"adv_weight (gan_weight) has no discriminator backbone for a {type(net).__name__} teacher "
-                       f"(it reads a UNet's, an SD3 or a FLUX transformer's first half); set it to 0")
+    raise HypersdError(f"adv_weight has no discriminator backbone for a {type(net).__name__} teacher (it reads a "
+                       f"UNet's, an SD3 or a FLUX transformer's first half); set adv_weight: 0")
 
 
 def encoder_features(net, inputs: dict) -> list[torch.Tensor]:
