@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -407,3 +409,14 @@ def test_dmd_gan_t_range_must_lie_in_the_teachers_timesteps(tmp_path, random_tea
     with pytest.raises(HypersdError, match="gan_t_range .* is outside the timesteps"):
         _distiller(tmp_path, random_teacher_file, [{"name": "t"}, {**GAN_DMD, "gan_weight": 0.1,
                                                                    "gan_t_range": [0, 5000]}])
+
+
+def test_dmd_classifier_learns_to_tell_the_data_from_the_generators_samples(tmp_path, random_teacher_file):
+    """At D = 0 the classifier's loss is log 4; the fake updates after a few generator steps take it
+    below (at low noise, where the random teacher's samples and the data differ most)."""
+    d, run = _gan_run(tmp_path, random_teacher_file, gan_weight=0.01, fake_lr=3e-2, fake_updates=4,
+                      gan_t_range=[0, 100], gan_train_fake=False)
+    z, prompts, cond = d.batch(8)
+    run.loss(z, prompts, cond)
+    d_losses = [float(run.after_step()["gan_d"]) for _ in range(5)]
+    assert abs(d_losses[0] - math.log(4)) < 0.1 and d_losses[-1] < math.log(4) - 0.1, d_losses
