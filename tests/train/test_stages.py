@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -325,3 +327,96 @@ def test_dmd_generator_steps_are_checked_and_one_step_keeps_the_fingerprint():
             from_dict({"stages": [stages[0], {**stages[1], "generator_steps": bad}]})
     with pytest.raises(HypersdError, match="generator_eta must be in"):
         from_dict({"stages": [stages[0], {**stages[1], "generator_steps": [1, 2], "generator_eta": 2.0}]})
+
+
+GAN_DMD = {"name": "d", "kind": "dmd", "fake_warmup": 0, "fake_updates": 2, "reg_pool": 4, "reg_steps": 2,
+           "reg_batch": 2, "generator_t": 800, "gan_hidden": 8}
+
+
+def _gan_run(tmp_path, teacher_file, **kw):
+    d = _distiller(tmp_path, teacher_file, [{"name": "t", "segments": 1}, {**GAN_DMD, **kw}])
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    return d, run
+
+
+def test_dmd_gan_term_trains_the_student_through_the_fake_scores_features_only(tmp_path, random_teacher_file):
+    d, run = _gan_run(tmp_path, random_teacher_file, gan_weight=1.0)
+    unet = d.teacher.unet
+    with torch.no_grad():  # a fake score unlike the teacher, so that its features are the fake adapter's
+        for p in run.fake_params:
+            p.add_(0.05 * torch.randn(p.shape))
+    z, prompts, cond = d.batch(4)
+    _, logs = run.loss(z, prompts, cond)
+    assert torch.isfinite(logs["gan"]) and logs["gan"].requires_grad
+    logs["gan"].backward()
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(unet, lora.STUDENT))
+    assert all(g is None for g in _grads(unet, lora.FAKE))  # the generator's step moves neither the fake LoRA
+    assert all(p.grad is None and p.requires_grad for p in run.heads.parameters())  # nor the heads
+    assert lora.active(unet) == [lora.STUDENT] and all(p.requires_grad for p in run.params)
+
+
+@pytest.mark.parametrize("train_fake", [True, False])
+def test_dmd_classifier_update_moves_the_heads_and_with_gan_train_fake_the_fake_lora(tmp_path, random_teacher_file,
+                                                                                     train_fake):
+    d, run = _gan_run(tmp_path, random_teacher_file, gan_weight=0.01, gan_train_fake=train_fake)
+    z, prompts, cond = d.batch(4)
+    run.loss(z, prompts, cond)
+    x = run._last[0]
+    with run.roles.fake.running():
+        run._classifier_loss(z, x, cond).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in run.heads.parameters())
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(d.teacher.unet, lora.FAKE)) == train_fake
+    heads = [p.detach().clone() for p in run.heads.parameters()]
+    logs = run.after_step()
+    assert torch.isfinite(logs["gan_d"]) and torch.isfinite(logs["fake"])
+    assert all(not torch.equal(a, p) for a, p in zip(heads, run.heads.parameters()))
+    assert len(run.fake_opt.param_groups) == 2 and "gan_heads" in run.pieces()
+
+
+def test_dmd_without_the_gan_term_draws_what_it_drew_before_and_builds_no_heads(tmp_path, random_teacher_file):
+    """The GAN term's draws come after every other: the same step with it off and on computes the
+    same DMD and regulariser losses, and off it takes nothing more from the stream."""
+    seen = {}
+    for weight in (0.0, 0.5):
+        d, run = _gan_run(tmp_path / str(weight), random_teacher_file, gan_weight=weight)
+        z, prompts, cond = d.batch(4)
+        _, logs = run.loss(z, prompts, cond)
+        seen[weight] = logs, d.generator.get_state(), run
+    (off, off_state, off_run), (on, on_state, _) = seen[0.0], seen[0.5]
+    assert torch.equal(off["dmd"], on["dmd"]) and torch.equal(off["reg"], on["reg"])
+    assert "gan" not in off and not torch.equal(off_state, on_state)
+    assert off_run.heads is None and set(off_run.pieces()) == {"fake_opt"} and len(off_run.fake_opt.param_groups) == 1
+    assert "gan_d" not in off_run.after_step()
+
+
+def test_dmd_gan_settings_are_checked_and_off_keep_the_fingerprint():
+    stages = [{"name": "t"}, {"name": "d", "kind": "dmd"}]
+    plain = from_dict({"stages": stages}).fingerprint()
+    off = {"gan_weight": 0.0, "gan_d_weight": 0.5, "gan_hidden": 3, "gan_t_range": [0, 10], "gan_train_fake": False}
+    assert plain == from_dict({"stages": [stages[0], {**stages[1], **off}]}).fingerprint()
+    assert plain != from_dict({"stages": [stages[0], {**stages[1], "gan_weight": 3e-3}]}).fingerprint()
+    for bad, match in (({"gan_weight": -1.0}, "gan_weight must be >= 0"),
+                       ({"gan_weight": 0.1, "gan_d_weight": 0.0}, "gan_d_weight must be > 0"),
+                       ({"gan_weight": 0.1, "gan_hidden": 0}, "gan_hidden must be >= 1"),
+                       ({"gan_weight": 0.1, "gan_t_range": [900, 100]}, "gan_t_range must be"),
+                       ({"gan_weight": 0.1, "gan_train_fake": 1}, "gan_train_fake")):
+        with pytest.raises(HypersdError, match=match):
+            from_dict({"stages": [stages[0], {**stages[1], **bad}]})
+
+
+def test_dmd_gan_t_range_must_lie_in_the_teachers_timesteps(tmp_path, random_teacher_file):
+    with pytest.raises(HypersdError, match="gan_t_range .* is outside the timesteps"):
+        _distiller(tmp_path, random_teacher_file, [{"name": "t"}, {**GAN_DMD, "gan_weight": 0.1,
+                                                                   "gan_t_range": [0, 5000]}])
+
+
+def test_dmd_classifier_learns_to_tell_the_data_from_the_generators_samples(tmp_path, random_teacher_file):
+    """At D = 0 the classifier's loss is log 4; the fake updates after a few generator steps take it
+    below (at low noise, where the random teacher's samples and the data differ most)."""
+    d, run = _gan_run(tmp_path, random_teacher_file, gan_weight=0.01, fake_lr=3e-2, fake_updates=4,
+                      gan_t_range=[0, 100], gan_train_fake=False)
+    z, prompts, cond = d.batch(8)
+    run.loss(z, prompts, cond)
+    d_losses = [float(run.after_step()["gan_d"]) for _ in range(5)]
+    assert abs(d_losses[0] - math.log(4)) < 0.1 and d_losses[-1] < math.log(4) - 0.1, d_losses

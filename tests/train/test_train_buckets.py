@@ -106,8 +106,8 @@ def test_dmd_generates_at_the_batchs_bucket(setup, tmp_path, monkeypatch):
            "reg_batch": 1}
     tscd = {"name": "t", "segments": 2, "steps": 1}
     assert Distiller(from_dict(_recipe("sdxl", setup, stages=[tscd, dmd])), tmp_path, progress=False).run()
-    assert len(seen) == 2 and any(x.shape[2] != x.shape[3] for x, _ in seen)
-    for x, cond in seen:
+    assert len(seen) == 2 and any(x.shape[2] != x.shape[3] for x, *_ in seen)
+    for x, cond, _ in seen:
         assert cond.added["time_ids"][:, 4:].tolist() == [[x.shape[2] * 2, x.shape[3] * 2]] * len(x)
 
 
@@ -115,7 +115,7 @@ def test_dmd_warm_up_and_pool_are_made_at_their_draws_bucket(setup, tmp_path, mo
     """The fake score's warm-up samples and the regulariser's pool are drawn from the cache too: each
     is made at the size its SDXL time ids name (its draw's bucket), not at the square."""
     warm, pools, update, make = [], [], stages.DMDRun._fake_update, stages.DMDRun._make_pool
-    monkeypatch.setattr(stages.DMDRun, "_fake_update", lambda self, x, c: (warm.append((x, c)), update(self, x, c))[1])
+    monkeypatch.setattr(stages.DMDRun, "_fake_update", lambda self, x, c, real: (warm.append((x, c)), update(self, x, c, real))[1])
     monkeypatch.setattr(stages.DMDRun, "_make_pool", lambda self: (make(self), pools.append(self.pool))[0])
     dmd = {"name": "d", "kind": "dmd", "steps": 1, "fake_warmup": 3, "fake_updates": 1, "reg_pool": 2, "reg_steps": 2,
            "reg_batch": 1}

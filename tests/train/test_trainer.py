@@ -302,3 +302,18 @@ def test_a_digits_teacher_reads_v_prediction_and_refuses_an_unknown_output():
     assert v.schedule.prediction_type == "v_prediction"
     with pytest.raises(HypersdError, match="unknown prediction_type 'sample'"):
         DigitsTeacher(teacher.unet, teacher.text, {**SCHEDULER_CONFIG, "prediction_type": "sample"})
+
+
+def test_a_run_killed_inside_dmd_with_the_gan_term_resumes_to_the_same_lora(tmp_path, random_teacher_file):
+    stages = [{"name": "t", "segments": 1, "steps": 1},
+              {"name": "d", "kind": "dmd", "fake_warmup": 1, "fake_updates": 1, "reg_pool": 4, "reg_steps": 1,
+               "reg_batch": 2, "generator_t": 800, "steps": 2, "batch": 2, "gan_weight": 0.1, "gan_hidden": 8,
+               "fake_lr": 1e-2}]
+
+    def make():
+        return tiny_recipe(random_teacher_file, stages=stages, checkpoint_every=2)
+
+    full = Distiller(make(), tmp_path / "full", progress=False)
+    assert full.run()
+    want = load_file(str(full.finish()))
+    assert_resume_matches(make, tmp_path / "part", want, 2)  # from the checkpoint after DMD's first step

@@ -12,7 +12,8 @@ teacher's own call builds (``Teacher.network_inputs``: the model timestep, poole
   sees neighbouring patches, which a token-wise head would not).
 
 Small trainable heads read the feature levels, in float32. Hinge loss; fake = the student's jump,
-real = the EMA target, both at t_end.
+real = the EMA target, both at t_end. DMD's GAN term (DMD2's) reads the same backbone with the fake
+score's adapter on, under the non-saturating logistic loss.
 """
 
 from __future__ import annotations
@@ -143,17 +144,23 @@ class DiscriminatorHeads(nn.Module):
 
 
 class Discriminator:
-    """Backbone (the frozen teacher network's first half) + trainable heads; one call gives one
-    logit per sample. Gradients flow through the backbone to x (the generator's loss) but reach
-    none of its weights: they are frozen, and the adapters are off."""
+    """Backbone (the network's first half) + trainable heads; one call gives one logit per sample.
 
-    def __init__(self, teacher, heads: DiscriminatorHeads):
-        self.teacher, self.heads = teacher, heads
+    ``role`` None: the frozen teacher's backbone, adapters off (TSCD's). Gradients flow through
+    the backbone to x (the generator's loss) but reach none of its weights. A role (``nets.roles``):
+    the backbone with that role's adapters active, whose trainable ones then take gradients too
+    (DMD2's classifier on the fake score's features)."""
+
+    def __init__(self, teacher, heads: DiscriminatorHeads, role=None):
+        self.teacher, self.heads, self.role = teacher, heads, role
+
+    def features(self, x, t, cond: Cond) -> list[torch.Tensor]:
+        net = self.teacher.unet
+        with lora.adapters_disabled(net) if self.role is None else self.role.running():
+            return encoder_features(net, self.teacher.network_inputs(x, t.clamp(min=0), cond))
 
     def __call__(self, x, t, cond: Cond) -> torch.Tensor:
-        net = self.teacher.unet
-        with lora.adapters_disabled(net):
-            return self.heads(encoder_features(net, self.teacher.network_inputs(x, t.clamp(min=0), cond)))
+        return self.heads(self.features(x, t, cond))
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -164,3 +171,13 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
 def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """−E[D(fake)]."""
     return -fake_logits.mean()
+
+
+def logistic_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """E[softplus(−D(real))] + E[softplus(D(fake))]: DMD2's classifier loss (log 4 at D = 0)."""
+    return torch.nn.functional.softplus(-real_logits).mean() + torch.nn.functional.softplus(fake_logits).mean()
+
+
+def logistic_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """E[softplus(−D(fake))]: the non-saturating generator loss."""
+    return torch.nn.functional.softplus(-fake_logits).mean()

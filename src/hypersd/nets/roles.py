@@ -102,6 +102,9 @@ class Roles:
         # a bootstrapped target: no gradient ever reaches it (it follows the student by EMA)
         self.ema = Role(teacher, "EMA target", (lora.EMA,), grad=False)
         self.fake = Role(teacher, "fake score", (lora.FAKE,), trainable=(lora.FAKE,))
+        # the fake score read by the generator's GAN term: gradients flow through it to the
+        # generator's samples, and reach none of its weights
+        self.fake_frozen = Role(teacher, "fake score (frozen)", (lora.FAKE,))
         self.average = Role(teacher, "generator average", (lora.AVERAGE,), grad=False)
         # the feedback LoRA trains on top of the frozen distilled student: both answer together
         self.feedback = Role(teacher, "feedback", (lora.STUDENT, lora.FEEDBACK), trainable=(lora.FEEDBACK,))

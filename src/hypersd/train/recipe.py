@@ -112,6 +112,16 @@ class DMDStage(Stage):
     # before the option).
     generator_steps: list[int] = field(default_factory=lambda: [1])
     generator_eta: float = 0.0  # the sampler's eta (TCD gamma) on the way to step i
+    # DMD2's GAN term (docs/METHOD.md): heads on the fake score's first half (its adapter on) classify
+    # the batch's latents (real) against the generator's samples, both noised to a t of gan_t_range.
+    # gan_weight > 0: the generator's loss adds gan_weight·softplus(−D(x)) (DMD2: 3e-3 on ImageNet,
+    # 5e-3 on SDXL, with a DMD loss normalised as here); each fake update adds gan_d_weight times the
+    # classifier's loss (DMD2: 1e-2), which trains the heads and, with gan_train_fake, the fake LoRA.
+    gan_weight: float = 0.0
+    gan_d_weight: float = 1e-2
+    gan_hidden: int = 64  # the heads' width
+    gan_t_range: list[int] = field(default_factory=lambda: [20, 980])
+    gan_train_fake: bool = True
 
 
 STAGE_KINDS = {"tscd": TSCDStage, "feedback": FeedbackStage, "merge": MergeStage, "dmd": DMDStage}
@@ -225,6 +235,9 @@ class Recipe:
             if s["kind"] == "dmd" and s.get("generator_steps") == [1]:  # and one-step DMD
                 s.pop("generator_steps")
                 s.pop("generator_eta")
+            if s["kind"] == "dmd" and s.get("gan_weight") == 0:  # and DMD without the GAN term
+                for k in ("gan_weight", "gan_d_weight", "gan_hidden", "gan_t_range", "gan_train_fake"):
+                    s.pop(k)
             if s["kind"] == "tscd" and s.get("adv_real") == "target":  # and TSCD's paper discriminator
                 s.pop("adv_real")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -456,6 +469,20 @@ def _validate_stage(s: Stage, where: str) -> None:
                                f"got {s.generator_steps}")
         if not 0 <= s.generator_eta <= 1:
             raise HypersdError(f"{where}: generator_eta must be in [0, 1], got {s.generator_eta}")
+        _gan(s, where)
+
+
+def _gan(s: DMDStage, where: str) -> None:
+    if s.gan_weight < 0:
+        raise HypersdError(f"{where}: gan_weight must be >= 0 (0: no GAN term), got {s.gan_weight}")
+    if s.gan_weight == 0:
+        return
+    if not s.gan_d_weight > 0:
+        raise HypersdError(f"{where}: gan_d_weight must be > 0 with gan_weight > 0 (the classifier learns only from "
+                           f"it; DMD2's is 1e-2), got {s.gan_d_weight}")
+    if s.gan_hidden < 1:
+        raise HypersdError(f"{where}: gan_hidden must be >= 1 with gan_weight > 0, got {s.gan_hidden}")
+    _range(s.gan_t_range, where, "gan_t_range", 0)  # the top: the teacher's T, in check_timesteps
 
 
 def _reward(r, where: str) -> dict:
@@ -565,6 +592,8 @@ def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> No
                                    f"t_range {s.t_range}; widen t_range")
         if isinstance(s, DMDStage):
             within(s.t_range, where, "t_range")
+            if s.gan_weight > 0:
+                within(s.gan_t_range, where, "gan_t_range")
             within(s.generator_t, where, "generator_t")
             if s.generator_t == 999 and T - 1 != 999:  # the T = 1000 default, left unset on another T (FLUX's 1200)
                 raise HypersdError(f"{where}: generator_t 999 is the first step of a T=1000 schedule; on {family} "

@@ -21,6 +21,8 @@ from hypersd.losses.adversarial import (
     DiscriminatorHeads,
     hinge_d_loss,
     hinge_g_loss,
+    logistic_d_loss,
+    logistic_g_loss,
 )
 from hypersd.losses.dmd import (
     denoising_loss,
@@ -248,6 +250,9 @@ class DMDRun(StageRun):
         self.terms = load_terms(stage.rewards, self.teacher.device)
         # preserve: the student's CFG samples at its guidance follow the teacher's at the same guidance
         self.w_real = stage.guidance or self.ctx.cfg_guidance or self.teacher.default_guidance
+        self.heads = None
+        if stage.gan_weight > 0:  # built here, as TSCD's: a resumed stage's heads load over these
+            self.heads = DiscriminatorHeads.for_network(self.unet, stage.gan_hidden).to(self.teacher.device)
 
     def enter(self, fresh: bool) -> None:
         s, unet = self.stage, self.unet
@@ -270,13 +275,17 @@ class DMDRun(StageRun):
         self.average = lora.adapter_params(unet, lora.AVERAGE) if s.generator_ema > 0 else []
         self.fake_params = lora.adapter_params(unet, lora.FAKE)
         self.fake_opt = torch.optim.AdamW(self.fake_params, lr=s.fake_lr, weight_decay=0.0)
+        if self.heads is not None:  # the classifier steps with the fake score, on its loss (DMD2)
+            self.fake_opt.add_param_group({"params": list(self.heads.parameters())})
+            self.classifier = Discriminator(self.teacher, self.heads, self.roles.fake)
+            self.critic = Discriminator(self.teacher, self.heads, self.roles.fake_frozen)
         self._make_pool()
         if fresh and s.fake_warmup:
             for _ in tqdm(range(s.fake_warmup), desc=f"{s.name} fake-score warm-up", disable=not self.ctx.progress,
                           leave=False):
                 z, _, cond = self.ctx.batch(s.batch)
                 with self.ctx.rt.autocast():  # the generator's pass too: SD's frozen weights are in fp16/bf16
-                    self._fake_update(self._sample(cond, z.shape), cond)
+                    self._fake_update(self._sample(cond, z.shape), cond, z)
 
     @torch.no_grad()
     def _make_pool(self) -> None:
@@ -317,16 +326,47 @@ class DMDRun(StageRun):
                        eta=s.generator_eta, generator=self.ctx.generator)
         return x_t, timesteps[i]
 
-    def _fake_update(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def _fake_update(self, x: torch.Tensor, cond: Cond, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One fake-score step on the generator's samples ``x``; with the GAN term, the classifier's
+        loss on ``real`` (the batch's latents) against them joins it. (denoising loss, classifier's)."""
         g, fake = self.ctx.generator, self.roles.fake
         t = torch.randint(0, self.teacher.T, (len(x),), generator=g).to(x.device)
         noise = torch.randn(x.shape, generator=g).to(x.device)
+        params, cls = self.fake_params, None
         with fake.running():  # the fake adapter active and trainable for the whole update
             with self.ctx.rt.autocast():
-                loss = denoising_loss(fake.fn(cond), x, noise, t, self.schedule)
+                denoise = loss = denoising_loss(fake.fn(cond), x, noise, t, self.schedule)
+                if self.heads is not None:
+                    cls = self._classifier_loss(real, x, cond)
+                    loss, params = loss + self.stage.gan_d_weight * cls, params + list(self.heads.parameters())
             self.fake_opt.zero_grad(set_to_none=True)
-            self.ctx.rt.step(loss, self.fake_opt, self.fake_params, self.ctx.grad_clip, role="fake")
-        return loss.detach()
+            self.ctx.rt.step(loss, self.fake_opt, params, self.ctx.grad_clip, role="fake")
+        return denoise.detach(), None if cls is None else cls.detach()
+
+    def _gan_noised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x diffused to a t of gan_t_range, each row its own: what the classifier sees (DMD2)."""
+        g, (lo, hi) = self.ctx.generator, self.stage.gan_t_range
+        t = torch.randint(lo, hi + 1, (len(x),), generator=g).to(x.device)
+        return self.schedule.add_noise(x, torch.randn(x.shape, generator=g).to(x.device), t), t
+
+    def _classifier_loss(self, real: torch.Tensor, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """softplus(−D(real)) + softplus(D(x)), real and fake in one backbone call; the backbone's
+        features without gradient unless gan_train_fake (then the fake LoRA learns from it too)."""
+        n = len(x)
+        x_t, t = self._gan_noised(torch.cat([real.to(x), x.detach()]))
+        with torch.set_grad_enabled(self.stage.gan_train_fake):
+            feats = self.classifier.features(x_t, t, Cond.cat([cond, cond]))
+        logits = self.heads(feats)
+        return logistic_d_loss(logits[:n], logits[n:])
+
+    def _gan_loss(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """softplus(−D(x)) through the frozen fake score's features to x; the heads take no gradient."""
+        x_t, t = self._gan_noised(x)
+        self.heads.requires_grad_(False)  # at forward time: autograd then records no path into them
+        try:
+            return logistic_g_loss(self.critic(x_t, t, cond))
+        finally:
+            self.heads.requires_grad_(True)
 
     def loss(self, z, prompts, cond):
         s, g, t_, roles = self.stage, self.ctx.generator, self.teacher, self.roles
@@ -363,7 +403,10 @@ class DMDRun(StageRun):
         if self.terms:
             r_loss, r_logs = reward_loss(self.terms, t_.decode(x), prompts)
             loss, logs = loss + r_loss, logs | r_logs
-        self._last = (x.detach(), cond)
+        if self.heads is not None:  # last: a stage without it draws from the stream as before the option
+            logs["gan"] = self._gan_loss(x, cond)
+            loss = loss + s.gan_weight * logs["gan"]
+        self._last = (x.detach(), cond, z)
         return loss, logs
 
     def _keep_loss(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -378,12 +421,15 @@ class DMDRun(StageRun):
         # Every fake update reuses this step's samples with fresh noise and timesteps: a new
         # generator batch per update would cost a student pass each and move the fake score no
         # further (the generator has not changed in between).
-        x, cond = self._last
-        fake = [self._fake_update(x, cond) for _ in range(self.stage.fake_updates)]
+        x, cond, z = self._last
+        fake, cls = zip(*[self._fake_update(x, cond, z) for _ in range(self.stage.fake_updates)])
         if self.average:
             with torch.no_grad():
                 torch._foreach_lerp_(self.average, self.params, 1 - self.stage.generator_ema)
-        return {"fake": torch.stack(fake).mean()}
+        logs = {"fake": torch.stack(fake).mean()}
+        if self.heads is not None:
+            logs["gan_d"] = torch.stack(cls).mean()
+        return logs
 
     def finish(self, folder: Path) -> None:
         """With ``generator_ema``, the average becomes the student the stage hands on."""
@@ -395,7 +441,7 @@ class DMDRun(StageRun):
 
     def pieces(self) -> dict:
         # the regulariser's pool is not among them: its own seed rebuilds it on a resume
-        return {"fake_opt": self.fake_opt}
+        return {"fake_opt": self.fake_opt} | ({} if self.heads is None else {"gan_heads": self.heads})
 
 
 RUNS = {"tscd": TSCDRun, "feedback": FeedbackRun, "merge": MergeRun, "dmd": DMDRun}
