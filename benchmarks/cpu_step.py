@@ -5,15 +5,16 @@ fake-score updates) at the recipe's batch 32, at each ``--threads`` count:
 
   step       seconds per step, wall clock and process CPU time (min over ``--repeats`` rounds of
              ``--steps`` steps: the machine may be shared, and CPU time is what load inflates least)
-  passes     the step split by pass (exclusive wall time, summed per step): each network role's
+  passes     the step split by pass (exclusive wall and CPU time per step): each network role's
              forward (teacher CFG pair, student, EMA target, fake score, feedback), backward,
              gradient clipping, optimizer, reward model; "other" is the rest (jumps, noise, loss)
   ops        torch.profiler's top operators by self CPU time (``--ops N``)
   flops      the step's FLOPs (torch's flop counter, forward and backward) over its CPU time,
-             against this CPU's measured peak: a large fp32 matmul, and the UNet's own largest
-             convolution at its real shape
-  lora       a batch-32 UNet forward (no grad): without peft, with every adapter disabled, with one
-             adapter active, with that adapter fused into the weights; and a role's adapter switch
+             against this CPU's measured peak: a large fp32 matmul, and 3x3 convolutions at the
+             UNet's own shapes
+  lora       a UNet forward (no grad) at batch 32 and at batch 1 (per-call overhead): without peft,
+             with every adapter disabled, with one adapter active, with that adapter fused into
+             the weights; and a role's adapter switch around an empty pass
 
   PYTHONPATH=src python benchmarks/cpu_step.py [--threads 1,2] [--stages tscd,feedback,dmd]
       [--steps 4] [--repeats 3] [--ops 15] [--json out.json]
@@ -29,20 +30,20 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hypersd import lora  # noqa: E402
-from hypersd.nets import roles as roles_mod  # noqa: E402
-from hypersd.nets import speed  # noqa: E402
-from hypersd.train import runtime as runtime_mod  # noqa: E402
-from hypersd.train import stages as stages_mod  # noqa: E402
-from hypersd.train.recipe import load_recipe  # noqa: E402
-from hypersd.train.stages import stage_run  # noqa: E402
-from hypersd.train.trainer import Distiller, train_step  # noqa: E402
+from hypersd import lora
+from hypersd.nets import roles as roles_mod
+from hypersd.nets import speed
+from hypersd.train import stages as stages_mod
+from hypersd.train.recipe import load_recipe
+from hypersd.train.stages import stage_run
+from hypersd.train.trainer import Distiller, train_step
 
 # the stage of the default recipe each kind is measured on (tscd-1: its longest TSCD stage)
 STAGES = {"tscd": "tscd-1", "feedback": "feedback", "dmd": "dmd"}
@@ -127,6 +128,10 @@ class Bench:
         """The same batches, noise and draws again (a feedback step's cost depends on its drawn stop)."""
         self.d.generator.manual_seed(self.recipe.seed)
 
+    def steps(self, kind: str, n: int) -> None:
+        for _ in range(n):
+            self.step(kind)
+
     def step(self, kind: str) -> None:
         stage, run, opt = self.run_for(kind)
         z, prompts, cond = self.d.batch(stage.batch)
@@ -203,7 +208,7 @@ def peaks() -> dict[str, float]:
             conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
             x = torch.randn(batch, cin, size, size)
             flops = 2 * batch * cout * size * size * cin * 9
-            out[f"conv3x3 b{batch} {cin}->{cout} {size}x{size}"] = flops / best_time(lambda: conv(x), 20)[0] / 1e9
+            out[f"conv3x3 b{batch} {cin}->{cout} {size}x{size}"] = flops / best_time(partial(conv, x), 20)[0] / 1e9
     return out
 
 
@@ -219,19 +224,18 @@ def unet_forward(bench: Bench) -> dict:
     flops = {}
     with torch.no_grad():
         for batch in (32, 1):
-            x = torch.randn(batch, *teacher.latent_shape)
-            t = torch.full((batch,), 500)
-            cond = teacher.encode_prompt(["a handwritten digit three"] * batch)
-            rows["bare UNet (no peft)"][batch] = best_time(lambda: bare.eps(x, t, cond))
+            inputs = (torch.randn(batch, *teacher.latent_shape), torch.full((batch,), 500),
+                      teacher.encode_prompt(["a handwritten digit three"] * batch))
+            ours, plain = partial(teacher.eps, *inputs), partial(bare.eps, *inputs)
+            rows["bare UNet (no peft)"][batch] = best_time(plain)
             with lora.adapters_disabled(unet):
-                rows["adapters disabled (teacher pass)"][batch] = best_time(lambda: teacher.eps(x, t, cond))
+                rows["adapters disabled (teacher pass)"][batch] = best_time(ours)
             with lora.adapter(unet, lora.STUDENT):
-                rows["student adapter active"][batch] = best_time(lambda: teacher.eps(x, t, cond))
+                rows["student adapter active"][batch] = best_time(ours)
                 if batch == 32:
-                    flops["lora"] = count_flops(lambda: teacher.eps(x, t, cond))
-                    flops["bare"] = count_flops(lambda: bare.eps(x, t, cond))
+                    flops["lora"], flops["bare"] = count_flops(ours), count_flops(plain)
                 with lora.fused(unet):
-                    rows["student adapter fused"][batch] = best_time(lambda: teacher.eps(x, t, cond))
+                    rows["student adapter fused"][batch] = best_time(ours)
         role = bench.d.stage_context().roles.ema
         rows["role switch (EMA target, empty pass)"][0] = best_time(lambda: _enter_exit(role), 20)
     return {"flops_forward": flops["bare"], "flops_forward_lora": flops["lora"], "seconds": dict(rows)}
@@ -266,7 +270,7 @@ def main() -> None:
             bench.step(kind)
             row = time_steps(bench, kind, a.steps, a.repeats)
             bench.rewind()
-            row["flops"] = count_flops(lambda: [bench.step(kind) for _ in range(a.steps)]) / a.steps
+            row["flops"] = count_flops(partial(bench.steps, kind, a.steps)) / a.steps
             row["gflops_per_cpu_s"] = row["flops"] / row["cpu_s"] / 1e9
             row["passes"] = pass_split(bench, kind, a.steps, a.repeats)
             res["stages"][kind] = row
