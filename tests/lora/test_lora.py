@@ -162,6 +162,58 @@ def test_adapters_disabled_keeps_a_frozen_student_frozen():
     assert not any(p.requires_grad for p in lora.adapter_params(t.unet, lora.STUDENT))
 
 
+def _switch_state(unet) -> tuple:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    return ([(list(m.active_adapters), m.disable_adapters) for m in layers],
+            [(n, p.requires_grad) for n, p in unet.named_parameters()])
+
+
+def test_adapter_switches_leave_what_peft_s_own_would_without_its_module_walk(monkeypatch):
+    """hypersd sets the layers' switch attributes and the flags directly (peft's set_adapter walks
+    every adapter's modules: a tenth of a digits CPU step). Each switch must leave exactly the state
+    peft's own calls leave, inside the switch and after it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def build():
+        t = _teacher()
+        for name in (lora.STUDENT, lora.EMA, lora.FEEDBACK):
+            lora.add_lora(t.unet, lora.lora_config(4), name)
+        return t.unet
+
+    def peft_activate(unet, names, trainable=()):
+        unet.set_adapter(names)
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(any(f".{t}." in n for t in trainable))
+
+    ours, theirs = build(), build()
+    lora.activate(theirs, [lora.STUDENT, lora.FEEDBACK], trainable=(lora.FEEDBACK,))  # a feedback stage's state
+    peft_activate(theirs, [lora.STUDENT, lora.FEEDBACK], trainable=(lora.FEEDBACK,))
+    start = _switch_state(theirs)
+    with monkeypatch.context() as m:  # ours never takes peft's slow path
+        m.setattr(BaseTunerLayer, "set_adapter", lambda *a, **k: pytest.fail("peft's set_adapter was called"))
+        m.setattr(BaseTunerLayer, "enable_adapters", lambda *a, **k: pytest.fail("peft's enable_adapters was called"))
+        lora.activate(ours, [lora.STUDENT, lora.FEEDBACK], trainable=(lora.FEEDBACK,))
+        assert _switch_state(ours) == start
+        with lora.adapter(ours, lora.EMA):
+            inside = _switch_state(ours)
+        assert _switch_state(ours) == start
+        with lora.adapter(ours, [lora.STUDENT, lora.EMA]):
+            inside_two = _switch_state(ours)
+        with lora.adapters_disabled(ours):
+            off = _switch_state(ours)
+        assert _switch_state(ours) == start
+    theirs.set_adapter(lora.EMA)
+    assert inside == _switch_state(theirs)
+    theirs.set_adapter([lora.STUDENT, lora.EMA])
+    assert inside_two == _switch_state(theirs)
+    peft_activate(theirs, [lora.STUDENT, lora.FEEDBACK], trainable=(lora.FEEDBACK,))
+    theirs.disable_adapters()
+    assert off == _switch_state(theirs)
+
+
 def test_fused_sampling_matches_and_restores_the_base_weights_exactly():
     t = _teacher()
     _randomised(t, lora.STUDENT, targets="all", seed=3)

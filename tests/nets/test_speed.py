@@ -108,6 +108,26 @@ def test_optimizer_choices():
             speed.optimizer(p, 1e-3, kind="adamw8bit")
 
 
+def test_cpu_adamw_is_foreach_and_steps_the_per_tensor_loop_s_bits():
+    """foreach on a CPU (torch's default there is the per-tensor loop): a third faster over a
+    LoRA's many small tensors, and the same weights bit for bit, so runs stay byte-identical."""
+    def trained(make_opt):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape) * 0.01) for shape in [(8, 4, 3, 3), (16, 8), (4, 16)] * 5]
+        opt = make_opt(params)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return opt, params
+
+    opt, ours = trained(lambda ps: speed.optimizer(ps, 1e-3))
+    assert opt.param_groups[0]["foreach"] is True
+    _, loop = trained(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, foreach=False))
+    assert all(torch.equal(a, b) for a, b in zip(ours, loop))
+
+
 def test_lora_weights_train_in_float32_on_a_bf16_unet():
     unet = _unet(layers_per_block=1, cross_attention_dim=TEXT_DIM).to(torch.bfloat16)
     lora.add_lora(unet, lora.lora_config(4, 4, "all"), lora.STUDENT)
