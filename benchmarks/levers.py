@@ -73,13 +73,13 @@ def main() -> None:
     ref = bench.teacher40()
     print("teacher 40 steps: " + " / ".join(f"{m} {ref[m]['mean']:.4g}" for m in DISTANCES), flush=True)
     out = {"teacher40": ref, "rows": []}
-    tmp = tempfile.mkdtemp(prefix="levers-")
-    for spec in a.loras:
-        name, path = spec.split("=", 1)
-        if Path(path).is_dir():
-            path = checkpoint_lora(path, a.meta, tmp)
-        out["rows"] += score(bench, name, path, [int(k) for k in a.steps.split(",")],
-                             [float(e) for e in a.etas.split(",")])
+    with tempfile.TemporaryDirectory(prefix="levers-") as tmp:  # checkpoints' LoRA files, while scored
+        for spec in a.loras:
+            name, path = spec.split("=", 1)
+            if Path(path).is_dir():
+                path = checkpoint_lora(path, a.meta, tmp)
+            out["rows"] += score(bench, name, path, [int(k) for k in a.steps.split(",")],
+                                 [float(e) for e in a.etas.split(",")])
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
