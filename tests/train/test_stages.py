@@ -420,3 +420,52 @@ def test_dmd_classifier_learns_to_tell_the_data_from_the_generators_samples(tmp_
     run.loss(z, prompts, cond)
     d_losses = [float(run.after_step()["gan_d"]) for _ in range(5)]
     assert abs(d_losses[0] - math.log(4)) < 0.1 and d_losses[-1] < math.log(4) - 0.1, d_losses
+
+
+def test_clip_aware_dmd_stops_the_gradient_where_the_clamp_hides_it(tmp_path, random_teacher_file, monkeypatch):
+    import hypersd.train.stages
+
+    seen = {}
+
+    def record(x, grad):
+        seen["x"], seen["grad"] = x.detach(), grad
+        return dmd_loss(x, grad)
+
+    from hypersd.losses.dmd import dmd_loss
+    monkeypatch.setattr(hypersd.train.stages, "dmd_loss", record)
+    # every pixel asked 0.1 darker: a pixel already below black has nothing left to show
+    monkeypatch.setattr(hypersd.train.stages, "dmd_gradient", lambda x, real, fake: torch.full_like(x, 0.1))
+    grads = {}
+    for clip in (False, True):
+        d = _distiller(tmp_path / str(clip), random_teacher_file, [
+            {"name": "t", "segments": 1},
+            {"name": "d", "kind": "dmd", "fake_warmup": 0, "reg_pool": 2, "reg_steps": 1, "reg_batch": 1,
+             "clip_aware": clip}])
+        run = stage_run(d, d.recipe.stages[1])
+        run.enter(fresh=True)
+        z, prompts, cond = d.batch(4)
+        run.loss(z, prompts, cond)
+        x, grads[clip] = seen["x"], seen["grad"]
+        if clip:  # what the fake score learns: the image as shown
+            assert run._last[0].min() >= -1 and run._last[0].max() <= 1
+    below, inside = x <= -1, (x > -0.9) & (x < 1)
+    assert below.any() and inside.any()  # a random teacher's one-step x0 strays past the data range
+    assert torch.allclose(grads[False], torch.full_like(x, 0.1))
+    assert (grads[True][below] == 0).all()
+    assert torch.allclose(grads[True][inside], torch.full_like(x, 0.1)[inside])
+
+
+def test_clip_aware_needs_a_teacher_whose_x0_is_the_image(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [{"name": "t", "segments": 1, "clip_aware": True}])
+    assert stage_run(d, d.recipe.stages[0]).step.cfg.shown_range == (-1.0, 1.0)
+    d.teacher.data_range = None  # latents, as an SD teacher's
+    with pytest.raises(HypersdError, match="clip_aware needs a teacher whose x0 is the image"):
+        stage_run(d, d.recipe.stages[0])
+
+
+def test_clip_aware_off_keeps_the_fingerprint():
+    stages = [{"name": "t"}, {"name": "d", "kind": "dmd"}]
+    plain = from_dict({"stages": stages}).fingerprint()
+    off = [{**s, "clip_aware": False} for s in stages]
+    assert from_dict({"stages": off}).fingerprint() == plain
+    assert from_dict({"stages": [{**stages[0], "clip_aware": True}, stages[1]]}).fingerprint() != plain
