@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from itertools import repeat
 
 import torch
 from peft import LoraConfig
@@ -118,7 +119,7 @@ def activate(unet, names: str | list[str], trainable: tuple[str, ...] = ()) -> N
     peft makes every active adapter trainable; a feedback LoRA on a frozen student needs less.
     """
     names = [names] if isinstance(names, str) else list(names)
-    _set_active(_tuner_layers(unet), names)
+    _set_flags(_tuner_layers(unet), repeat((None, names)))
     _set_trainable(unet, tuple(trainable))
 
 
@@ -174,14 +175,19 @@ def _tuner_layers(unet) -> list:
 # calls walk every adapter's modules to flip their weights' requires_grad, 12 to 19 ms a switch on
 # the digits UNet (124 layers, three adapters), about a tenth of a CPU training step, which
 # switches three to ten times. The flags are set instead in one pass over the cached LoRA weights.
-def _set_active(layers, names: list[str]) -> None:
-    for layer in layers:
-        layer._active_adapter = names
+def _flags(layers) -> list[tuple[bool, str | list[str]]]:
+    """Each layer's (adapters disabled, active adapters), as ``_set_flags`` puts them back."""
+    return [(layer._disable_adapters, layer._active_adapter) for layer in layers]
 
 
-def _set_enabled(layers, enabled: bool) -> None:
-    for layer in layers:
-        layer._disable_adapters = not enabled
+def _set_flags(layers, flags) -> None:
+    """Each layer's flags from ``flags``, (adapters disabled, active adapters) pairs in the layers'
+    order (``repeat(pair)``: the same on every layer); None leaves that flag as it is."""
+    for layer, (disabled, active) in zip(layers, flags):
+        if disabled is not None:
+            layer._disable_adapters = disabled
+        if active is not None:
+            layer._active_adapter = active
 
 
 def _set_trainable(unet, trainable: tuple[str, ...]) -> None:
@@ -208,12 +214,12 @@ def adapters_disabled(unet: torch.nn.Module):
     layers = _tuner_layers(unet)
     # as peft's enable_adapters(False): every LoRA weight frozen while off; the flags come back after
     with _trainable_kept(unet):
-        _set_enabled(layers, False)
+        _set_flags(layers, repeat((True, None)))
         _set_trainable(unet, ())
         try:
             yield unet
         finally:
-            _set_enabled(layers, True)
+            _set_flags(layers, repeat((False, None)))
 
 
 @contextlib.contextmanager
@@ -236,12 +242,12 @@ def adapter(unet, name: str | list[str]):
     before = active(unet)
     names = [name] if isinstance(name, str) else list(name)
     with _trainable_kept(unet):
-        _set_active(layers, names)  # as peft's set_adapter: the active adapters train, the others not
+        _set_flags(layers, repeat((None, names)))  # as peft's set_adapter: the active adapters train, the others not
         _set_trainable(unet, tuple(names))
         try:
             yield unet
         finally:
-            _set_active(layers, before)
+            _set_flags(layers, repeat((None, before)))
 
 
 @contextlib.contextmanager

@@ -56,17 +56,20 @@ def gradient_checkpointing(unet: torch.nn.Module) -> None:
     """
     from torch.utils.checkpoint import checkpoint
 
+    # peft's flags written directly: its setters would also flip the weights' requires_grad mid-backward
+    from hypersd.lora.adapters import _flags, _set_flags
+
     def run_checkpointed(block, *args):
         layers = _tuner_layers(block)
-        state = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
+        state = _flags(layers)
 
         def recompute(*inputs):
-            now = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
-            _set_state(layers, state)
+            now = _flags(layers)
+            _set_flags(layers, state)
             try:
                 return block(*inputs)
             finally:
-                _set_state(layers, now)
+                _set_flags(layers, now)
 
         return checkpoint(recompute, *args, use_reentrant=False)
 
@@ -80,12 +83,6 @@ def _tuner_layers(block: torch.nn.Module) -> list:
     if layers is None:  # found once per block: the walk would cost more than the block on small inputs
         layers = block.__dict__["_hypersd_tuner_layers"] = [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
     return layers
-
-
-def _set_state(layers: list, state: list) -> None:
-    # the attributes themselves, not peft's setters: those also flip requires_grad on the weights
-    for layer, (disabled, active) in zip(layers, state):
-        layer._disable_adapters, layer._active_adapter = disabled, active
 
 
 def optimizer(params, lr: float, kind: str = "adamw", weight_decay: float = 0.0, betas=(0.9, 0.999)):

@@ -44,6 +44,7 @@ from hypersd.losses.feedback import (
 )
 from hypersd.losses.shown import shown_target
 from hypersd.losses.tscd import ConsistencyConfig, ConsistencyStep
+from hypersd.nets import speed
 from hypersd.teachers.base import Cond
 from hypersd.train.context import StageContext
 from hypersd.train.recipe import DMDStage, FeedbackStage, MergeStage, Stage, TSCDStage
@@ -128,7 +129,8 @@ class TSCDRun(StageRun):
         if stage.adv_weight > 0:
             heads = DiscriminatorHeads.for_network(self.unet, stage.d_hidden).to(self.teacher.device)
             self.disc = Discriminator(self.teacher, heads)
-            self.d_opt = torch.optim.AdamW(heads.parameters(), lr=stage.d_lr, betas=(0.0, 0.99))
+            # weight decay 0.01: torch's AdamW default, which the heads have always trained with
+            self.d_opt = speed.optimizer(heads.parameters(), stage.d_lr, weight_decay=0.01, betas=(0.0, 0.99))
 
     def enter(self, fresh: bool) -> None:
         lora.ensure_lora(self.unet, lora.EMA, **lora.spec(self.unet, lora.STUDENT))
@@ -287,8 +289,7 @@ class DMDRun(StageRun):
         self.params = lora.adapter_params(unet, lora.STUDENT)
         self.average = lora.adapter_params(unet, lora.AVERAGE) if s.generator_ema > 0 else []
         self.fake_params = lora.adapter_params(unet, lora.FAKE)
-        # foreach: CUDA's default, and on a CPU the same bits as the per-tensor loop, sooner
-        self.fake_opt = torch.optim.AdamW(self.fake_params, lr=s.fake_lr, weight_decay=0.0, foreach=True)
+        self.fake_opt = speed.optimizer(self.fake_params, s.fake_lr)
         if self.heads is not None:  # the classifier steps with the fake score, on its loss (DMD2)
             self.fake_opt.add_param_group({"params": list(self.heads.parameters())})
             self.classifier = Discriminator(self.teacher, self.heads, self.roles.fake)
