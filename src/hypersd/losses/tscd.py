@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from hypersd.core.schedule import CLEAN, Segments
-from hypersd.losses.shown import shown_rows
 from hypersd.nets.roles import Roles
 from hypersd.teachers.base import Cond, Teacher
 
@@ -29,9 +28,6 @@ class ConsistencyConfig:
     huber_c: float = 0.03
     offset_noise: float = 0.0
     solver_steps: int = 40  # N, the teacher's trailing DDIM grid
-    # (lo, hi): rows that end at the clean end are compared as shown images (losses/shown.py);
-    # None: every row in the network's own space
-    shown_range: tuple[float, float] | None = None
 
 
 def distance(pred: torch.Tensor, tgt: torch.Tensor, kind: str, c: float) -> torch.Tensor:
@@ -100,8 +96,5 @@ class ConsistencyStep:
         w = torch.empty(len(x_t)).uniform_(*self.cfg.guidance, generator=generator).to(x_t.device)
         return self.roles.teacher.cfg(x_t, t_n, cond, uncond, w)
 
-    def loss(self, pred, tgt, t_end=None) -> torch.Tensor:
-        tgt = tgt.detach()
-        if self.cfg.shown_range is not None:
-            tgt = shown_rows(tgt, pred, t_end == CLEAN, *self.cfg.shown_range)
-        return distance(pred, tgt, self.cfg.distance, self.cfg.huber_c).mean()
+    def loss(self, pred, tgt) -> torch.Tensor:
+        return distance(pred, tgt.detach(), self.cfg.distance, self.cfg.huber_c).mean()

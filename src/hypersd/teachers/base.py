@@ -74,9 +74,6 @@ class Teacher:
     alphas_cumprod: torch.Tensor  # [T], float32, from the teacher's own scheduler config
     latent_shape: tuple[int, int, int]  # (C, H, W) of what the UNet denoises
     default_guidance: float = 7.5
-    # what decode clamps x0 to, where x0 is the image itself (a pixel-space teacher); None: latents,
-    # which a VAE decodes unclamped
-    data_range: tuple[float, float] | None = None
 
     @property
     def T(self) -> int:

@@ -129,10 +129,8 @@ class DigitsWorldTeacher(Teacher):
             raise HypersdError(f"digits images must be [N, 1, 8, 8]; got {list(images.shape)}")
         return images
 
-    data_range = (-1.0, 1.0)  # the pixels themselves
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.clamp(*self.data_range)
+        return latents.clamp(-1, 1)
 
 
 class DigitsTeacher(DigitsWorldTeacher):

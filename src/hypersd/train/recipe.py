@@ -53,9 +53,6 @@ class TSCDStage(Stage):
     # the discriminator's real sample: "target" (the paper's: the EMA target at t_end) or "data"
     # (the batch's clean latents noised to t_end; hypersd's extension, see docs/METHOD.md)
     adv_real: str = "target"
-    # true: rows whose target is the clean image are compared as shown, clamped to the teacher's data
-    # range, so x0 errors may fall where the clamp hides them (losses/shown.py; pixel teachers only)
-    clip_aware: bool = False
 
 
 @dataclass
@@ -125,9 +122,6 @@ class DMDStage(Stage):
     gan_hidden: int = 64  # the heads' width
     gan_t_range: list[int] = field(default_factory=lambda: [20, 980])
     gan_train_fake: bool = True
-    # true: the generator's samples are scored, learned by the fake score and regularised as shown,
-    # clamped to the teacher's data range (losses/shown.py; pixel teachers only)
-    clip_aware: bool = False
 
 
 STAGE_KINDS = {"tscd": TSCDStage, "feedback": FeedbackStage, "merge": MergeStage, "dmd": DMDStage}
@@ -246,8 +240,6 @@ class Recipe:
                     s.pop(k)
             if s["kind"] == "tscd" and s.get("adv_real") == "target":  # and TSCD's paper discriminator
                 s.pop("adv_real")
-            if s["kind"] in ("tscd", "dmd") and s.get("clip_aware") is False:  # and losses in the network's space
-                s.pop("clip_aware")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def dump(self) -> str:

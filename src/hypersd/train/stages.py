@@ -14,7 +14,6 @@ import torch
 from tqdm.auto import tqdm
 
 from hypersd import lora
-from hypersd.errors import HypersdError
 from hypersd.core.sampling import sample_tcd
 from hypersd.core.solver import add_noise
 from hypersd.losses.adversarial import (
@@ -42,7 +41,6 @@ from hypersd.losses.feedback import (
     reward_loss,
     sample_until,
 )
-from hypersd.losses.shown import shown_target
 from hypersd.losses.tscd import ConsistencyConfig, ConsistencyStep
 from hypersd.nets import speed
 from hypersd.teachers.base import Cond
@@ -98,16 +96,6 @@ class StageRun:
         keep = torch.rand(len(cond), generator=self.ctx.generator) >= self.ctx.cfg_dropout
         return cond.where(keep, cond.unconditional(self.ctx.uncond_row))
 
-    def shown_range(self) -> tuple[float, float] | None:
-        """The data range x0 losses clamp to with ``clip_aware``; None without it."""
-        if not getattr(self.stage, "clip_aware", False):
-            return None
-        if self.teacher.data_range is None:
-            raise HypersdError(f"stage {self.stage.name!r}: clip_aware needs a teacher whose x0 is the image "
-                               f"(a pixel-space one); this teacher's x0 are latents, which its VAE decodes "
-                               f"unclamped. Remove clip_aware from the stage.")
-        return self.teacher.data_range
-
     def _rank_alpha(self, rank: int | None) -> tuple[int, float]:
         rank = rank or self.ctx.lora_rank
         return rank, self.ctx.lora_alpha or rank
@@ -124,7 +112,7 @@ class TSCDRun(StageRun):
             segments=stage.segments, end=stage.end, boundary_prob=stage.boundary_prob,
             guidance=None if guidance is None else tuple(guidance),
             distance=stage.distance, huber_c=stage.huber_c, offset_noise=stage.offset_noise,
-            solver_steps=stage.solver_steps, shown_range=self.shown_range()), self.roles)
+            solver_steps=stage.solver_steps), self.roles)
         self.disc = self.d_opt = None
         if stage.adv_weight > 0:
             heads = DiscriminatorHeads.for_network(self.unet, stage.d_hidden).to(self.teacher.device)
@@ -145,7 +133,7 @@ class TSCDRun(StageRun):
         s = self.stage
         cond = self.drop_prompts(cond)
         pred, tgt, t_end = self.step(z, cond, cond.unconditional(self.ctx.uncond_row), self.ctx.generator)
-        mse = self.step.loss(pred, tgt, t_end)
+        mse = self.step.loss(pred, tgt)
         loss, logs = s.mse_weight * mse, {"mse": mse}
         if self.disc is not None:
             logs["g"] = hinge_g_loss(self.disc(pred, t_end, cond))
@@ -264,7 +252,6 @@ class DMDRun(StageRun):
         self.terms = load_terms(stage.rewards, self.teacher.device)
         # preserve: the student's CFG samples at its guidance follow the teacher's at the same guidance
         self.w_real = stage.guidance or self.ctx.cfg_guidance or self.teacher.default_guidance
-        self.range = self.shown_range()
         self.heads = None
         if stage.gan_weight > 0:  # built here, as TSCD's: a resumed stage's heads load over these
             self.heads = DiscriminatorHeads.for_network(self.unet, stage.gan_hidden).to(self.teacher.device)
@@ -329,8 +316,7 @@ class DMDRun(StageRun):
         noise = torch.randn(shape, generator=self.ctx.generator).to(t.device)
         with torch.no_grad():
             x_t, t_gen = self._generator_input(noise, cond)
-            x = generate(self.student_fn(self.roles.student, cond), x_t, t_gen, self.schedule)
-        return x if self.range is None else x.clamp(*self.range)
+            return generate(self.student_fn(self.roles.student, cond), x_t, t_gen, self.schedule)
 
     def _generator_input(self, noise: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, int]:
         """Where this generator step starts: (x, t) at step i of a drawn k-step sampler (k = 1: the
@@ -407,17 +393,11 @@ class DMDRun(StageRun):
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
         noise_t = torch.randn(x.shape, generator=g).to(x.device)
         uncond = cond.unconditional(self.ctx.uncond_row)
-        # clip_aware: the scores judge the image as shown, and its gradient stops where the clamp hides it
-        shown, reg_tgt = x.detach(), pool_out[idx]
-        if self.range is not None:
-            shown, reg_tgt = shown.clamp(*self.range), shown_target(x_reg, reg_tgt, *self.range)
         with roles.teacher.running():  # one switch around the whole score
-            x0_real = score_x0(roles.teacher.fn(cond, uncond, self.w_real), shown, noise_t, t, self.schedule)
-        x0_fake = score_x0(roles.fake.fn(cond), shown, noise_t, t, self.schedule)
-        grad = dmd_gradient(shown, x0_real, x0_fake)
-        if self.range is not None:
-            grad = x.detach() - shown_target(x, shown - grad, *self.range)
-        logs = {"dmd": dmd_loss(x, grad), "reg": (x_reg - reg_tgt).pow(2).mean()}
+            x0_real = score_x0(roles.teacher.fn(cond, uncond, self.w_real), x.detach(), noise_t, t, self.schedule)
+        x0_fake = score_x0(roles.fake.fn(cond), x.detach(), noise_t, t, self.schedule)
+        logs = {"dmd": dmd_loss(x, dmd_gradient(x.detach(), x0_real, x0_fake)),
+                "reg": (x_reg - pool_out[idx]).pow(2).mean()}
         loss = s.dmd_weight * logs["dmd"] + s.reg_weight * logs["reg"]
         if s.keep_weight > 0:
             logs["keep"] = self._keep_loss(z[:s.keep_batch], self.drop_prompts(cond[:s.keep_batch]))
@@ -428,7 +408,7 @@ class DMDRun(StageRun):
         if self.heads is not None:  # last: a stage without it draws from the stream as before the option
             logs["gan"] = self._gan_loss(x, cond)
             loss = loss + s.gan_weight * logs["gan"]
-        self._last = (shown, cond, z)  # the fake score learns what the generator shows
+        self._last = (x.detach(), cond, z)
         return loss, logs
 
     def _keep_loss(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
