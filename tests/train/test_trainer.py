@@ -88,7 +88,7 @@ def test_distill_command_dry_run_and_refusal(tmp_path, random_teacher_file, caps
     assert "tscd-8" in capsys.readouterr().out
     cfg = tmp_path / "r.yaml"
     cfg.write_text(f"teacher: {random_teacher_file}\nlora_rank: 4\ngrid_every_stage: false\neval_steps: [1, 2]\n"
-                   "eval_n: 20\neval_seeds: 2\nstages:\n  - {name: s, segments: 2, steps: 2, batch: 4}\n")
+                   "eval_n: 20\neval_seeds: 1\nstages:\n  - {name: s, segments: 2, steps: 2, batch: 4}\n")
     out = tmp_path / "run"
     assert main(["distill", "--config", str(cfg), "--out", str(out)]) == 0
     assert f"log: {out / 'log.jsonl'}" in capsys.readouterr().out  # where the log is, how to read it
