@@ -11,7 +11,7 @@ from hypersd.train.trainer import Distiller
 def tiny_recipe(teacher_file, **kw):
     raw = {"teacher": str(teacher_file), "lora_rank": 4, "checkpoint_every": 3, "checkpoint_keep": 2,
            "grid_every_stage": False, "eval_steps": [1],
-           "stage_defaults": {"batch": 4, "steps": 4},
+           "stage_defaults": {"batch": 2, "steps": 4},
            "stages": [{"name": "a", "segments": 2}, {"name": "b", "segments": 1, "adv_weight": 0.1}]}
     raw.update(kw)
     return from_dict(raw)
