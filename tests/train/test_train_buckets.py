@@ -98,29 +98,35 @@ def test_sd3_buckets_beyond_its_position_table_are_refused(setup, tmp_path):
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
-def test_dmd_generates_at_the_batchs_bucket(setup, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def sdxl_dmd(setup, tmp_path_factory):
+    """One TSCD -> DMD run on the bucketed SDXL cache: what DMD's generator made each step, what its
+    fake score's updates (the warm-up's first) were given, and the regulariser's pool."""
+    made, warm, pools = [], [], []
+    after, update, make = stages.DMDRun.after_step, stages.DMDRun._fake_update, stages.DMDRun._make_pool
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(stages.DMDRun, "after_step", lambda self: (made.append(self._last), after(self))[1])
+        m.setattr(stages.DMDRun, "_fake_update", lambda self, x, c, real: (warm.append((x, c)), update(self, x, c, real))[1])
+        m.setattr(stages.DMDRun, "_make_pool", lambda self: (make(self), pools.append(self.pool))[0])
+        dmd = {"name": "d", "kind": "dmd", "steps": 3, "fake_warmup": 3, "fake_updates": 1, "reg_pool": 2,
+               "reg_steps": 2, "reg_batch": 1}
+        recipe = _recipe("sdxl", setup, stages=[{"name": "t", "segments": 2, "steps": 1}, dmd])
+        assert Distiller(from_dict(recipe), tmp_path_factory.mktemp("sdxl-dmd"), progress=False).run()
+    return made, warm, pools
+
+
+def test_dmd_generates_at_the_batchs_bucket(sdxl_dmd):
     """SDXL's time ids name the bucket as the target size: the generator makes that size, not the square."""
-    seen, after = [], stages.DMDRun.after_step
-    monkeypatch.setattr(stages.DMDRun, "after_step", lambda self: (seen.append(self._last), after(self))[1])
-    dmd = {"name": "d", "kind": "dmd", "steps": 2, "fake_warmup": 1, "fake_updates": 1, "reg_pool": 2, "reg_steps": 2,
-           "reg_batch": 1}
-    tscd = {"name": "t", "segments": 2, "steps": 1}
-    assert Distiller(from_dict(_recipe("sdxl", setup, stages=[tscd, dmd])), tmp_path, progress=False).run()
-    assert len(seen) == 2 and any(x.shape[2] != x.shape[3] for x, *_ in seen)
+    seen = sdxl_dmd[0]
+    assert len(seen) == 3 and any(x.shape[2] != x.shape[3] for x, *_ in seen)
     for x, cond, _ in seen:
         assert cond.added["time_ids"][:, 4:].tolist() == [[x.shape[2] * 2, x.shape[3] * 2]] * len(x)
 
 
-def test_dmd_warm_up_and_pool_are_made_at_their_draws_bucket(setup, tmp_path, monkeypatch):
+def test_dmd_warm_up_and_pool_are_made_at_their_draws_bucket(sdxl_dmd):
     """The fake score's warm-up samples and the regulariser's pool are drawn from the cache too: each
     is made at the size its SDXL time ids name (its draw's bucket), not at the square."""
-    warm, pools, update, make = [], [], stages.DMDRun._fake_update, stages.DMDRun._make_pool
-    monkeypatch.setattr(stages.DMDRun, "_fake_update", lambda self, x, c, real: (warm.append((x, c)), update(self, x, c, real))[1])
-    monkeypatch.setattr(stages.DMDRun, "_make_pool", lambda self: (make(self), pools.append(self.pool))[0])
-    dmd = {"name": "d", "kind": "dmd", "steps": 1, "fake_warmup": 3, "fake_updates": 1, "reg_pool": 2, "reg_steps": 2,
-           "reg_batch": 1}
-    recipe = _recipe("sdxl", setup, stages=[{"name": "t", "segments": 2, "steps": 1}, dmd])
-    assert Distiller(from_dict(recipe), tmp_path, progress=False).run()
+    _, warm, pools = sdxl_dmd
     noise, cond, out = pools[0]
     assert out.shape == noise.shape and noise.shape[2] != noise.shape[3]  # this seed's pool: a non-square bucket
     assert cond.added["time_ids"][:, 4:].tolist() == [[noise.shape[2] * 2, noise.shape[3] * 2]] * len(noise)

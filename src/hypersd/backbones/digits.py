@@ -116,8 +116,8 @@ def compare_grid(d, path, etas: dict[int, float], one_step_t: int | None, n: int
     from hypersd.eval.grid import save_rows
 
     prompts, t, ref = prompts_for(balanced_labels(n)), d.teacher, evaluation.REFERENCE_STEPS
-    with lora.adapters_disabled(t.unet):
-        blocks = [(f"teacher {t.schedule.sampler}\n{ref} steps", t.decode(sample_prompts(t, prompts, ref, seed=0)))]
+    # the same teacher's 40 steps in every run's grid: from the references cache the benches share
+    blocks = [(f"teacher {t.schedule.sampler}\n{ref} steps", evaluation.teacher_images(t, n, ref, seed=0))]
     with lora.fused(t.unet):
         for k in d.recipe.eval.steps:
             x = sample_prompts(t, prompts, k, guidance=d.student_guidance(), eta=etas.get(k, 0.0), seed=0,

@@ -62,21 +62,8 @@ class DigitsBench:
         return self._references[seed]
 
     def teacher_images(self, steps: int, seed: int) -> torch.Tensor:
-        """The teacher's DDIM at ``steps`` from the seed's noise and the bench's prompts.
-
-        Costly (guided steps over every prompt), so kept on disk per teacher, guidance, n, seed
-        and step count: first in the package (for the shipped teacher), then in the user's cache.
-        """
-        key = self._teacher_key(steps, seed)
-        cached = _read_cached(key)
-        if cached is None:
-            cached = self.teacher_sampler(steps)(self.prompts, seed)
-            _write_cached(key, cached)
-        return cached
-
-    def _teacher_key(self, steps: int, seed: int) -> str | None:
-        fp = getattr(self.teacher, "fingerprint", None)
-        return None if fp is None else f"ref-{fp}-w{self.guidance:g}-n{self.n}-s{seed}-k{steps}"
+        """The teacher's DDIM at ``steps`` from the seed's noise and the bench's prompts (kept on disk)."""
+        return teacher_images(self.teacher, self.n, steps, seed, self.guidance)
 
     def teacher40(self) -> dict:
         """The scores of the teacher's 40 steps: the row every distance is a multiple of."""
@@ -108,6 +95,24 @@ class DigitsBench:
             idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: self.n]
             per_seed.append(judge_images(x[idx], y[idx], self.judges, self.real_features, self.pixels))
         return summarize(per_seed)
+
+
+def teacher_images(teacher, n: int, steps: int, seed: int, guidance: float | None = None) -> torch.Tensor:
+    """The teacher's DDIM at ``steps`` from the seed's noise and ``n`` balanced prompts, decoded.
+
+    Costly (guided steps over every prompt), so kept on disk per teacher, guidance, n, seed
+    and step count: first in the package (for the shipped teacher), then in the user's cache.
+    """
+    w = teacher.default_guidance if guidance is None else guidance
+    fp = getattr(teacher, "fingerprint", None)
+    key = None if fp is None else f"ref-{fp}-w{w:g}-n{n}-s{seed}-k{steps}"
+    cached = _read_cached(key)
+    if cached is None:
+        with adapters_disabled(teacher.unet):
+            x = sample_prompts(teacher, data.prompts_for(data.balanced_labels(n)), steps, guidance=w, seed=seed)
+        cached = teacher.decode(x)
+        _write_cached(key, cached)
+    return cached
 
 
 def cache_dir() -> Path:
