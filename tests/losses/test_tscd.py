@@ -101,3 +101,42 @@ def test_step_matches_the_equations_by_hand(student_teacher):
 def test_off_grid_configuration_is_refused(student_teacher):
     with pytest.raises(HypersdError, match="not on the N=50"):
         ConsistencyStep(student_teacher, ConsistencyConfig(segments=4, solver_steps=50))
+
+
+def test_solve_below_targets_the_teachers_own_ddim_down_to_t_end(student_teacher):
+    t = student_teacher
+    with torch.no_grad():  # an EMA target far from the teacher: the solved rows must not read it
+        for p in lora.adapter_params(t.unet, lora.EMA):
+            p.add_(0.2 * torch.randn_like(p))
+    step = ConsistencyStep(t, ConsistencyConfig(segments=1, guidance=(2.0, 2.0), solve_below=499))
+    z, cond, uncond = _batch(t, 8)
+    g = torch.Generator().manual_seed(5)
+    step.grid.sample = lambda n, g=None: torch.tensor([24, 49, 124, 249, 499, 524, 749, 999])
+    pred, tgt, t_end = step(z, cond, uncond, g)
+    plain = ConsistencyStep(t, ConsistencyConfig(segments=1, guidance=(2.0, 2.0)))
+    plain.grid.sample = step.grid.sample
+    _, tgt_plain, _ = plain(z, cond, uncond, torch.Generator().manual_seed(5))
+    # replay the draws, then the teacher's DDIM one row at a time, grid point by grid point
+    g = torch.Generator().manual_seed(5)
+    t_n = step.grid.sample(8)
+    t_prev = step.grid.step_down(t_n)
+    assert torch.equal(t_end, draw_t_end(step.segments.lower_boundary(t_n), t_prev, "segment", g))
+    noise = torch.randn(z.shape, generator=g)
+    acp = t.alphas_cumprod
+    x_t = acp[t_n].sqrt().view(-1, 1, 1, 1) * z + (1 - acp[t_n]).sqrt().view(-1, 1, 1, 1) * noise
+
+    def teacher_eps(x, s, i):
+        e_c, e_u = t.eps(x, s, cond[i:i + 1]), t.eps(x, s, uncond[i:i + 1])
+        return e_u + 2.0 * (e_c - e_u)
+
+    with torch.no_grad(), lora.adapters_disabled(t.unet):
+        for i in range(5):  # t_n <= 499: solved by the teacher
+            s, x = int(t_n[i]), x_t[i:i + 1]
+            while s > int(t_end[i]):
+                nxt = max(int(step.grid.step_down(torch.tensor(s))), int(t_end[i]))
+                x = ddim_jump(x, teacher_eps(x, torch.tensor([s]), i), torch.tensor([s]), torch.tensor([nxt]), acp)
+                s = nxt
+            assert torch.allclose(tgt[i:i + 1], x, atol=1e-5), i
+    assert (t_end[:5] < t_prev[:5]).sum() >= 3  # most solved rows take more than the first step
+    assert torch.equal(tgt[5:], tgt_plain[5:])  # above solve_below: the EMA target, as without it
+    assert not torch.allclose(tgt[:5], tgt_plain[:5], atol=1e-3)

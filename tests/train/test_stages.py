@@ -420,3 +420,16 @@ def test_dmd_classifier_learns_to_tell_the_data_from_the_generators_samples(tmp_
     run.loss(z, prompts, cond)
     d_losses = [float(run.after_step()["gan_d"]) for _ in range(5)]
     assert abs(d_losses[0] - math.log(4)) < 0.1 and d_losses[-1] < math.log(4) - 0.1, d_losses
+
+
+def test_solve_below_is_checked_and_off_keeps_the_fingerprint():
+    plain = from_dict({"stages": [{"name": "t"}]}).fingerprint()
+    assert from_dict({"stages": [{"name": "t", "solve_below": -1}]}).fingerprint() == plain
+    assert from_dict({"stages": [{"name": "t", "solve_below": 249}]}).fingerprint() != plain
+    with pytest.raises(HypersdError, match="solve_below must be a timestep"):
+        from_dict({"stages": [{"name": "t", "solve_below": -2}]})
+
+
+def test_a_tscd_stage_hands_solve_below_to_its_step(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [{"name": "t", "segments": 1, "solve_below": 249}])
+    assert stage_run(d, d.recipe.stages[0]).step.cfg.solve_below == 249

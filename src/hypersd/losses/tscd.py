@@ -28,6 +28,9 @@ class ConsistencyConfig:
     huber_c: float = 0.03
     offset_noise: float = 0.0
     solver_steps: int = 40  # N, the teacher's trailing DDIM grid
+    # t_n at or below it: the target is the teacher's own DDIM on the grid from t_n down to t_end,
+    # with no EMA jump, so the student's low-noise x0 does not inherit its target's errors (CLEAN: off)
+    solve_below: int = CLEAN
 
 
 def distance(pred: torch.Tensor, tgt: torch.Tensor, kind: str, c: float) -> torch.Tensor:
@@ -80,21 +83,43 @@ class ConsistencyStep:
             noise = noise + cfg.offset_noise * torch.randn((n, z.shape[1], 1, 1), generator=generator).to(dev)
         x_t = sched.add_noise(z, noise, t_n)
         with torch.no_grad():
-            x_hat = sched.jump(x_t, self._teacher(x_t, t_n, cond, uncond, generator), t_n, t_prev)
+            w = self._guidance(n, generator, dev)
+            x_hat = sched.jump(x_t, self._teacher(x_t, t_n, cond, uncond, w), t_n, t_prev)
             eps_ema = roles.ema(x_hat, t_prev.clamp(min=0), cond)
             tgt = sched.jump(x_hat, eps_ema, t_prev, t_end)
             # Already at t_end (or at the clean end) there is nothing left to jump.
             done = ((t_prev == t_end) | (t_prev == CLEAN)).view(-1, *[1] * (z.dim() - 1))
             tgt = torch.where(done, x_hat, tgt)
+            low = (t_n <= cfg.solve_below).nonzero().squeeze(1)
+            if len(low):
+                tgt[low] = self._solve(x_hat[low], t_prev[low], t_end[low], cond[low], uncond[low],
+                                       None if w is None else w[low])
 
         pred = sched.jump(x_t, roles.student(x_t, t_n, cond), t_n, t_end)
         return pred, tgt, t_end
 
-    def _teacher(self, x_t, t_n, cond: Cond, uncond: Cond, generator) -> torch.Tensor:
+    def _guidance(self, n: int, generator, dev) -> torch.Tensor | None:
+        """ω per row for the teacher's steps; None: the conditional teacher alone."""
         if self.cfg.guidance is None:
+            return None
+        return torch.empty(n).uniform_(*self.cfg.guidance, generator=generator).to(dev)
+
+    def _teacher(self, x_t, t_n, cond: Cond, uncond: Cond, w) -> torch.Tensor:
+        if w is None:
             return self.roles.teacher(x_t, t_n, cond)
-        w = torch.empty(len(x_t)).uniform_(*self.cfg.guidance, generator=generator).to(x_t.device)
         return self.roles.teacher.cfg(x_t, t_n, cond, uncond, w)
+
+    def _solve(self, x, t, t_end, cond: Cond, uncond: Cond, w) -> torch.Tensor:
+        """The teacher's DDIM on the solver grid from (x, t) to t_end, each row to its own t_end,
+        each row at its own ω."""
+        while True:
+            rows = (t > t_end).nonzero().squeeze(1)
+            if not len(rows):
+                return x
+            nxt = torch.maximum(self.grid.step_down(t[rows].cpu()).to(t.device), t_end[rows])
+            out = self._teacher(x[rows], t[rows], cond[rows], uncond[rows], None if w is None else w[rows])
+            x, t = x.clone(), t.clone()
+            x[rows], t[rows] = self.schedule.jump(x[rows], out, t[rows], nxt), nxt
 
     def loss(self, pred, tgt) -> torch.Tensor:
         return distance(pred, tgt.detach(), self.cfg.distance, self.cfg.huber_c).mean()

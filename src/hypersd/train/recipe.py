@@ -53,6 +53,9 @@ class TSCDStage(Stage):
     # the discriminator's real sample: "target" (the paper's: the EMA target at t_end) or "data"
     # (the batch's clean latents noised to t_end; hypersd's extension, see docs/METHOD.md)
     adv_real: str = "target"
+    # t_n at or below it: the teacher's own DDIM from t_n to t_end is the target, not an EMA jump
+    # (losses/tscd.py; -1: never, the paper's target everywhere)
+    solve_below: int = -1
 
 
 @dataclass
@@ -240,6 +243,8 @@ class Recipe:
                     s.pop(k)
             if s["kind"] == "tscd" and s.get("adv_real") == "target":  # and TSCD's paper discriminator
                 s.pop("adv_real")
+            if s["kind"] == "tscd" and s.get("solve_below") == -1:  # and its EMA targets everywhere
+                s.pop("solve_below")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def dump(self) -> str:
@@ -438,6 +443,8 @@ def _validate_stage(s: Stage, where: str) -> None:
             raise HypersdError(f"{where}: adv_real must be 'target' or 'data', got {s.adv_real!r}")
         if s.adv_weight > 0 and s.d_hidden < 1:
             raise HypersdError(f"{where}: d_hidden must be >= 1 with adv_weight > 0, got {s.d_hidden}")
+        if not isinstance(s.solve_below, int) or s.solve_below < -1:
+            raise HypersdError(f"{where}: solve_below must be a timestep (-1: off), got {s.solve_below!r}")
     if isinstance(s, (FeedbackStage, DMDStage)):
         s.rewards = [_reward(r, where) for r in s.rewards]
     if isinstance(s, FeedbackStage):
