@@ -73,11 +73,7 @@ class DigitsBench:
 
     def teacher_sampler(self, steps: int, eta: float = 0.0) -> SampleFn:
         """The teacher itself, even while a student LoRA sits on its UNet."""
-        def fn(prompts, seed):
-            with adapters_disabled(self.teacher.unet):
-                x = sample_prompts(self.teacher, prompts, steps, guidance=self.guidance, eta=eta, seed=seed)
-            return self.teacher.decode(x)
-        return fn
+        return lambda prompts, seed: teacher_sample(self.teacher, prompts, steps, self.guidance, seed, eta)
 
     def score(self, sample_fn: SampleFn, desc: str = "") -> dict:
         per_seed = []
@@ -108,11 +104,16 @@ def teacher_images(teacher, n: int, steps: int, seed: int, guidance: float | Non
     key = None if fp is None else f"ref-{fp}-w{w:g}-n{n}-s{seed}-k{steps}"
     cached = _read_cached(key)
     if cached is None:
-        with adapters_disabled(teacher.unet):
-            x = sample_prompts(teacher, data.prompts_for(data.balanced_labels(n)), steps, guidance=w, seed=seed)
-        cached = teacher.decode(x)
+        cached = teacher_sample(teacher, data.prompts_for(data.balanced_labels(n)), steps, w, seed)
         _write_cached(key, cached)
     return cached
+
+
+def teacher_sample(teacher, prompts: list[str], steps: int, guidance: float, seed: int, eta: float = 0.0):
+    """The teacher's own images for ``prompts``, decoded, even while a student LoRA sits on its UNet."""
+    with adapters_disabled(teacher.unet):
+        x = sample_prompts(teacher, prompts, steps, guidance=guidance, eta=eta, seed=seed)
+    return teacher.decode(x)
 
 
 def cache_dir() -> Path:
