@@ -428,8 +428,15 @@ def test_solve_below_is_checked_and_off_keeps_the_fingerprint():
     assert from_dict({"stages": [{"name": "t", "solve_below": 249}]}).fingerprint() != plain
     with pytest.raises(HypersdError, match="solve_below must be a timestep"):
         from_dict({"stages": [{"name": "t", "solve_below": -2}]})
+    assert from_dict({"stages": [{"name": "t", "solve_stride": 1}]}).fingerprint() == plain
+    assert from_dict({"stages": [{"name": "t", "solve_below": 249, "solve_stride": 3}]}).fingerprint() != \
+        from_dict({"stages": [{"name": "t", "solve_below": 249}]}).fingerprint()
+    with pytest.raises(HypersdError, match="solve_stride must be an integer >= 1"):
+        from_dict({"stages": [{"name": "t", "solve_stride": 0}]})
 
 
 def test_a_tscd_stage_hands_solve_below_to_its_step(tmp_path, random_teacher_file):
-    d = _distiller(tmp_path, random_teacher_file, [{"name": "t", "segments": 1, "solve_below": 249}])
-    assert stage_run(d, d.recipe.stages[0]).step.cfg.solve_below == 249
+    d = _distiller(tmp_path, random_teacher_file, [{"name": "t", "segments": 1, "solve_below": 249,
+                                                    "solve_stride": 3}])
+    cfg = stage_run(d, d.recipe.stages[0]).step.cfg
+    assert (cfg.solve_below, cfg.solve_stride) == (249, 3)

@@ -31,6 +31,8 @@ class ConsistencyConfig:
     # t_n at or below it: the target is the teacher's own DDIM on the grid from t_n down to t_end,
     # with no EMA jump, so the student's low-noise x0 does not inherit its target's errors (CLEAN: off)
     solve_below: int = CLEAN
+    # grid points per teacher call in that solve (a large stride: one jump from t_{n-1} to t_end)
+    solve_stride: int = 1
 
 
 def distance(pred: torch.Tensor, tgt: torch.Tensor, kind: str, c: float) -> torch.Tensor:
@@ -85,12 +87,15 @@ class ConsistencyStep:
         with torch.no_grad():
             w = self._guidance(n, generator, dev)
             x_hat = sched.jump(x_t, self._teacher(x_t, t_n, cond, uncond, w), t_n, t_prev)
-            eps_ema = roles.ema(x_hat, t_prev.clamp(min=0), cond)
-            tgt = sched.jump(x_hat, eps_ema, t_prev, t_end)
             # Already at t_end (or at the clean end) there is nothing left to jump.
-            done = ((t_prev == t_end) | (t_prev == CLEAN)).view(-1, *[1] * (z.dim() - 1))
-            tgt = torch.where(done, x_hat, tgt)
-            low = (t_n <= cfg.solve_below).nonzero().squeeze(1)
+            done = (t_prev == t_end) | (t_prev == CLEAN)
+            low = ~done & (t_n <= cfg.solve_below)
+            tgt = x_hat.clone()
+            ema = (~done & ~low).nonzero().squeeze(1)  # the EMA runs only on the rows it targets
+            if len(ema):
+                eps_ema = roles.ema(x_hat[ema], t_prev[ema], cond[ema])
+                tgt[ema] = sched.jump(x_hat[ema], eps_ema, t_prev[ema], t_end[ema])
+            low = low.nonzero().squeeze(1)
             if len(low):
                 tgt[low] = self._solve(x_hat[low], t_prev[low], t_end[low], cond[low], uncond[low],
                                        None if w is None else w[low])
@@ -110,13 +115,16 @@ class ConsistencyStep:
         return self.roles.teacher.cfg(x_t, t_n, cond, uncond, w)
 
     def _solve(self, x, t, t_end, cond: Cond, uncond: Cond, w) -> torch.Tensor:
-        """The teacher's DDIM on the solver grid from (x, t) to t_end, each row to its own t_end,
-        each row at its own ω."""
+        """The teacher's DDIM on the solver grid from (x, t) to t_end, ``solve_stride`` grid points
+        a call, each row to its own t_end, each row at its own ω."""
         while True:
             rows = (t > t_end).nonzero().squeeze(1)
             if not len(rows):
                 return x
-            nxt = torch.maximum(self.grid.step_down(t[rows].cpu()).to(t.device), t_end[rows])
+            nxt = t[rows].cpu()
+            for _ in range(self.cfg.solve_stride):
+                nxt = self.grid.step_down(nxt)
+            nxt = torch.maximum(nxt.to(t.device), t_end[rows])
             out = self._teacher(x[rows], t[rows], cond[rows], uncond[rows], None if w is None else w[rows])
             x, t = x.clone(), t.clone()
             x[rows], t[rows] = self.schedule.jump(x[rows], out, t[rows], nxt), nxt

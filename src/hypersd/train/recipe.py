@@ -56,6 +56,8 @@ class TSCDStage(Stage):
     # t_n at or below it: the teacher's own DDIM from t_n to t_end is the target, not an EMA jump
     # (losses/tscd.py; -1: never, the paper's target everywhere)
     solve_below: int = -1
+    # solver-grid points per teacher call in that solve (1: every point; a large one: one jump)
+    solve_stride: int = 1
 
 
 @dataclass
@@ -245,6 +247,8 @@ class Recipe:
                 s.pop("adv_real")
             if s["kind"] == "tscd" and s.get("solve_below") == -1:  # and its EMA targets everywhere
                 s.pop("solve_below")
+            if s["kind"] == "tscd" and s.get("solve_stride") == 1:  # and the solve on every point
+                s.pop("solve_stride")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def dump(self) -> str:
@@ -445,6 +449,9 @@ def _validate_stage(s: Stage, where: str) -> None:
             raise HypersdError(f"{where}: d_hidden must be >= 1 with adv_weight > 0, got {s.d_hidden}")
         if not isinstance(s.solve_below, int) or s.solve_below < -1:
             raise HypersdError(f"{where}: solve_below must be a timestep (-1: off), got {s.solve_below!r}")
+        if not isinstance(s.solve_stride, int) or s.solve_stride < 1:
+            raise HypersdError(f"{where}: solve_stride must be an integer >= 1 (grid points a teacher "
+                               f"call), got {s.solve_stride!r}")
     if isinstance(s, (FeedbackStage, DMDStage)):
         s.rewards = [_reward(r, where) for r in s.rewards]
     if isinstance(s, FeedbackStage):

@@ -112,7 +112,8 @@ class TSCDRun(StageRun):
             segments=stage.segments, end=stage.end, boundary_prob=stage.boundary_prob,
             guidance=None if guidance is None else tuple(guidance),
             distance=stage.distance, huber_c=stage.huber_c, offset_noise=stage.offset_noise,
-            solver_steps=stage.solver_steps, solve_below=stage.solve_below), self.roles)
+            solver_steps=stage.solver_steps, solve_below=stage.solve_below,
+            solve_stride=stage.solve_stride), self.roles)
         self.disc = self.d_opt = None
         if stage.adv_weight > 0:
             heads = DiscriminatorHeads.for_network(self.unet, stage.d_hidden).to(self.teacher.device)
