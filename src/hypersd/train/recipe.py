@@ -31,6 +31,9 @@ class Stage:
     steps: int = 500
     batch: int = 64
     lr: float = 5e-4
+    # None: lr throughout; a value: cosine from lr at the first step to lr_end at the last
+    # (train/lr_schedule.py; the stage's own optimizer only, not a fake score's or a discriminator's)
+    lr_end: float | None = None
 
 
 @dataclass
@@ -232,7 +235,9 @@ class Recipe:
         if d["cfg"] == "bake":  # so do baked CFG (every run before the option) and the settings it ignores
             for k in ("cfg", "cfg_dropout", "cfg_guidance"):
                 d.pop(k)
-        for s in d["stages"]:  # likewise a merge's unset rank and DMD without a generator average
+        for s in d["stages"]:  # likewise a constant lr, a merge's unset rank and DMD without a generator average
+            if s.get("lr_end", 0) is None:
+                s.pop("lr_end")
             if s["kind"] == "merge" and s.get("rank", 0) is None:
                 s.pop("rank")
             if s["kind"] == "dmd" and s.get("generator_ema") == 0:
@@ -426,6 +431,9 @@ def _learning_rates(s: Stage, where: str) -> None:
     for key in ("lr", "d_lr", "fake_lr"):  # the optimizer refuses a negative one when the stage starts
         if getattr(s, key, 0) < 0:
             raise HypersdError(f"{where}: {key} must be >= 0, got {getattr(s, key)}")
+    if s.lr_end is not None and not (isinstance(s.lr_end, (int, float)) and s.lr_end >= 0):
+        raise HypersdError(f"{where}: lr_end must be a learning rate >= 0 (or left out for a constant lr), "
+                           f"got {s.lr_end!r}")
 
 
 def _validate_stage(s: Stage, where: str) -> None:

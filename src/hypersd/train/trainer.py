@@ -31,6 +31,7 @@ from hypersd.train.checkpoint import (
     split_states,
 )
 from hypersd.train.context import StageContext, preserved_cfg
+from hypersd.train.lr_schedule import set_lr, stage_lr
 from hypersd.train.recipe import Recipe, Stage, check_timesteps
 from hypersd.train.runlog import RunLog
 from hypersd.train.runtime import RandomStreams, Runtime, run_streams
@@ -284,6 +285,8 @@ class Distiller:
                 return False, global_step
             t_step = time.perf_counter()
             z, prompts, cond = self.batch(stage.batch)
+            if opt is not None and stage.lr_end is not None:
+                set_lr(opt, stage_lr(stage, step))
             self.rt.guard.at(stage.name, f"{step + 1}/{stage.steps}")
             logs = train_step(self.rt, run, opt, z, prompts, cond, self.recipe.grad_clip)
             global_step += 1
