@@ -33,15 +33,17 @@ def folders(tmp_path_factory):
     return {kind: save_flow_tiny(kind, root / kind) for kind in ("sd3", "flux")}
 
 
-def _random_peft(kind, folder, seed=2, every_linear=False):
+def _random_peft(kind, folder, seed=2, every_linear=False, extra=()):
     """(state, meta): a random LoRA of rank 4, alpha 8 on the tiny model's transformer preset, or on
-    every linear layer: the published Hyper-FLUX file adapts context_embedder, norm_out.linear,
-    proj_out and the single blocks' norm.linear too (its key list in kohya-ss/sd-scripts#1585)."""
+    every linear layer (and the modules named in ``extra``): the published Hyper-FLUX file adapts
+    context_embedder, norm_out.linear, proj_out, the time/text/guidance embedders and the single
+    blocks' norm.linear too (its keys in kohya-ss/sd-scripts#1585 and #1933); the Hyper-SD3 file
+    has LoRA tensors on pos_embed, a convolution (leejet/stable-diffusion.cpp#520)."""
     cls = StableDiffusion3Pipeline if kind == "sd3" else FluxPipeline
     net = cls.from_pretrained(str(folder)).transformer
     targets = "transformer"
     if every_linear:
-        targets = [name for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+        targets = [name for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)] + list(extra)
     lora.add_lora(net, lora.lora_config(RANK, ALPHA, targets), "ref")
     g = torch.Generator().manual_seed(seed)
     # large enough that a wrong scale (1 instead of 0.125) or a lost alpha moves the images
@@ -170,8 +172,11 @@ def test_stock_sigmas_are_the_pipelines_own(folders, kind, k):
 # -- the files, in generate -----------------------------------------------------------------------
 def test_hyper_sd3_file_in_generate_is_the_model_cards_run(folders, tmp_path):
     """A Hyper-SD3-named file in diffusers' layout (SD3's loader reads only keys holding "lora", so no
-    alpha tensors): 8 steps at CFG 5, fused at 0.125, on the stock sigmas, as diffusers runs it."""
-    state, _ = _random_peft("sd3", folders["sd3"])
+    alpha tensors; the published file uses lora_A/lora_B: leejet/stable-diffusion.cpp#483) on every
+    linear layer and the patch embedding's convolution: 8 steps at CFG 5, fused at 0.125, on the
+    stock sigmas, as diffusers runs it."""
+    state, _ = _random_peft("sd3", folders["sd3"], every_linear=True, extra=("pos_embed.proj",))
+    assert state["pos_embed.proj.lora_A.weight"].dim() == 4  # a convolution's LoRA
     path = diffusers_file(tmp_path / "Hyper-SD3-8steps-CFG-lora.safetensors", state)
     gen, images = generated(folders["sd3"], path)
     p = gen.plan
