@@ -150,3 +150,19 @@ def test_solve_below_targets_the_teachers_own_ddim_down_to_t_end(student_teacher
     # above solve_below: the EMA target, as without it (the EMA ran on fewer rows: the last bits)
     assert torch.allclose(tgt[5:], tgt_plain[5:], atol=1e-5)
     assert not torch.allclose(tgt[:5], tgt_plain[:5], atol=1e-3)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_the_ema_runs_only_on_rows_it_targets_unless_in_lockstep(student_teacher, monkeypatch, lockstep):
+    """One-grid-step segments put every row at t_end after the teacher's step: no EMA call is needed,
+    and none is made, except in lockstep (a sharded base: every process makes the same calls)."""
+    step = ConsistencyStep(student_teacher, ConsistencyConfig(segments=40, end="boundary"), lockstep=lockstep)
+    rows = []
+    ema = step.roles.ema
+    monkeypatch.setattr(step.roles, "ema", lambda x, t, c: rows.append(len(x)) or ema(x, t, c))
+    z, cond, uncond = _batch(student_teacher, 6)
+    _, tgt, t_end = step(z, cond, uncond, torch.Generator().manual_seed(3))
+    assert rows == ([6] if lockstep else [])
+    plain = ConsistencyStep(student_teacher, ConsistencyConfig(segments=40, end="boundary"))
+    _, tgt_plain, _ = plain(z, cond, uncond, torch.Generator().manual_seed(3))
+    assert torch.equal(tgt, tgt_plain)  # the rows at t_end keep the teacher's step either way

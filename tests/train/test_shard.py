@@ -47,6 +47,8 @@ def test_what_a_sharded_base_cannot_run_is_refused_naming_the_fix():
         check_shardable(_recipe(shard_base=True, compile=True), 2)
     with pytest.raises(HypersdError, match="quantize_base.*shard_base: false"):
         check_shardable(_recipe(shard_base=True, quantize_base="int8"), 2)
+    with pytest.raises(HypersdError, match="'t': solve_below does not run on a sharded base.*solve_below: -1"):
+        check_shardable(_recipe(shard_base=True, stages=[{"name": "t", "segments": 1, "solve_below": 249}]), 2)
     every_kind = [{"name": "t", "segments": 2}, {"name": "fb", "kind": "feedback", "rewards": [{"name": "clip"}]},
                   {"name": "m", "kind": "merge"},
                   {"name": "d", "kind": "dmd", "generator_steps": [1, 2]}]

@@ -66,8 +66,12 @@ def draw_t_end(t_b: torch.Tensor, t_prev: torch.Tensor, end: str, generator=None
 class ConsistencyStep:
     """Produces (pred, tgt, t_end) for a batch; the trainer adds distance and adversarial terms."""
 
-    def __init__(self, teacher: Teacher, cfg: ConsistencyConfig, roles: Roles | None = None):
-        self.teacher, self.cfg = teacher, cfg
+    def __init__(self, teacher: Teacher, cfg: ConsistencyConfig, roles: Roles | None = None,
+                 lockstep: bool = False):
+        """``lockstep``: every process must make the same network calls (a sharded base all-gathers
+        in each), whatever its own draws: the EMA then runs on every row, as each process's rows
+        differ in which are already at t_end."""
+        self.teacher, self.cfg, self.lockstep = teacher, cfg, lockstep
         self.roles = Roles(teacher) if roles is None else roles
         self.schedule = teacher.schedule
         self.grid = self.schedule.solver_grid(cfg.solver_steps)
@@ -91,10 +95,12 @@ class ConsistencyStep:
             done = (t_prev == t_end) | (t_prev == CLEAN)
             low = ~done & (t_n <= cfg.solve_below)
             tgt = x_hat.clone()
-            ema = (~done & ~low).nonzero().squeeze(1)  # the EMA runs only on the rows it targets
+            # the EMA runs only on the rows it targets (in lockstep on all, the same call everywhere)
+            ema = torch.arange(n, device=dev) if self.lockstep else (~done & ~low).nonzero().squeeze(1)
             if len(ema):
-                eps_ema = roles.ema(x_hat[ema], t_prev[ema], cond[ema])
+                eps_ema = roles.ema(x_hat[ema], t_prev[ema].clamp(min=0), cond[ema])
                 tgt[ema] = sched.jump(x_hat[ema], eps_ema, t_prev[ema], t_end[ema])
+                tgt[done] = x_hat[done]
             low = low.nonzero().squeeze(1)
             if len(low):
                 tgt[low] = self._solve(x_hat[low], t_prev[low], t_end[low], cond[low], uncond[low],

@@ -28,6 +28,11 @@ def check_shardable(recipe, world: int) -> None:
         if on:
             raise HypersdError(f"shard_base does not combine with {key} (not supported on a sharded base); "
                                f"set {key} off, or shard_base: false")
+    for s in recipe.stages:  # its teacher calls follow each process's own draws: no lockstep
+        if getattr(s, "solve_below", -1) >= 0:
+            raise HypersdError(f"stage {s.name!r}: solve_below does not run on a sharded base (each process "
+                               f"would make its own number of teacher calls); set solve_below: -1, or "
+                               f"shard_base: false")
 
 
 def shard_base(unet: torch.nn.Module, device: torch.device, world: int) -> int:

@@ -42,7 +42,7 @@ from hypersd.losses.feedback import (
     sample_until,
 )
 from hypersd.losses.tscd import ConsistencyConfig, ConsistencyStep
-from hypersd.nets import speed
+from hypersd.nets import shard, speed
 from hypersd.teachers.base import Cond
 from hypersd.train.context import StageContext
 from hypersd.train.recipe import DMDStage, FeedbackStage, MergeStage, Stage, TSCDStage
@@ -113,7 +113,7 @@ class TSCDRun(StageRun):
             guidance=None if guidance is None else tuple(guidance),
             distance=stage.distance, huber_c=stage.huber_c, offset_noise=stage.offset_noise,
             solver_steps=stage.solver_steps, solve_below=stage.solve_below,
-            solve_stride=stage.solve_stride), self.roles)
+            solve_stride=stage.solve_stride), self.roles, lockstep=shard.is_sharded(self.unet))
         self.disc = self.d_opt = None
         if stage.adv_weight > 0:
             heads = DiscriminatorHeads.for_network(self.unet, stage.d_hidden).to(self.teacher.device)
