@@ -1,8 +1,9 @@
 """A stage's learning rate at each step: constant, or a cosine from ``lr`` down to ``lr_end``.
 
 A function of the step alone, so a resumed stage sets the rate the uninterrupted one had with
-nothing to checkpoint. Why decay at all: with a constant rate the last steps still move the
-weights by the optimizer's full step, and in a few-step sampler that motion is pixel noise.
+nothing to checkpoint. A decay settles the weights over a stage's last steps, where a constant
+rate still moves them by the optimizer's full step (measured on digits: docs/RESULTS.md, off in
+every packaged recipe).
 """
 
 from __future__ import annotations
