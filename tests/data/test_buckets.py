@@ -6,8 +6,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from cache_kill import killed_after_flushes
 import torch
+from cache_kill import killed_after_flushes
 from PIL import Image
 from safetensors import safe_open
 from sd_tiny import save_tiny

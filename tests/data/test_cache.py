@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from cache_kill import killed_after_flushes
 import torch
+from cache_kill import killed_after_flushes
 from safetensors import safe_open
 from safetensors.torch import save_file
 from sd_tiny import LATENT_SIZE, save_tiny
