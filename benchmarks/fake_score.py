@@ -31,10 +31,7 @@ from hypersd.train.checkpoint import list_checkpoints
 
 sys.path.insert(0, str(Path(__file__).parent))
 from speckle import background_mask  # noqa: E402
-
-
-def brightness(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return ((x.clamp(-1, 1)[:, 0][:, mask] + 1) / 2).mean().item()
+from x0_background import brightness  # noqa: E402
 
 
 def x0(teacher, eps_fn, x_t, t: int) -> torch.Tensor:
