@@ -1,4 +1,4 @@
-"""Does DMD's fake score see the one-step speckle? The reading behind DMD's low-noise t_range.
+"""Does DMD's fake score see the one-step speckle? The reading behind the low-noise t_range runs.
 
 For a digits run folder (its final lora.safetensors and its last checkpoint's fake-score adapter,
 lora-fake.safetensors), the generator's one-step samples x (at the LoRA's one_step_t) are noised to
@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from hypersd import lora
 from hypersd.core.sampling import guided
-from hypersd.core.schedule import CLEAN
+from hypersd.core.solver import denoise
 from hypersd.digits import data
 from hypersd.teachers.digits import DigitsTeacher
 from hypersd.train.checkpoint import list_checkpoints
@@ -32,11 +32,6 @@ from hypersd.train.checkpoint import list_checkpoints
 sys.path.insert(0, str(Path(__file__).parent))
 from speckle import background_mask  # noqa: E402
 from x0_background import brightness  # noqa: E402
-
-
-def x0(teacher, eps_fn, x_t, t: int) -> torch.Tensor:
-    tt = torch.full((len(x_t),), t)
-    return teacher.schedule.jump(x_t, eps_fn(x_t, tt), tt, torch.full_like(tt, CLEAN))
 
 
 @torch.no_grad()
@@ -58,6 +53,7 @@ def main(argv=None) -> None:
     meta = lora.load_lora(unet, str(run / "lora.safetensors"))
     fake = load_file(str(checkpoints[-1] / "lora-fake.safetensors"))
     rank = next(v.shape[0] for k, v in fake.items() if "lora_A" in k)
+    # alpha = rank: the stage's own choice when the recipe sets no lora_alpha (the digits recipes)
     lora.ensure_lora(unet, lora.FAKE, rank, rank, lora.spec(unet, lora.STUDENT)["targets"])
     lora.set_state(unet, fake, lora.FAKE)
 
@@ -67,7 +63,7 @@ def main(argv=None) -> None:
     lora.activate(unet, lora.STUDENT)
     z = torch.randn((a.n, *teacher.latent_shape), generator=g)
     # unclamped, as the DMD stage hands them to both scores
-    x = x0(teacher, lambda x_t, t: teacher.eps(x_t, t, cond), z, t_gen)
+    x = denoise(lambda x_t, t: teacher.eps(x_t, t, cond), z, t_gen, sched)
     acp = sched.alphas_cumprod
     print(f"{run}: one-step samples at t = {t_gen}, background {brightness(x, mask):.4f} "
           f"(real test digits {brightness(real, mask):.4f}); fake score from {checkpoints[-1].name}, rank {rank}")
@@ -75,9 +71,9 @@ def main(argv=None) -> None:
     for t in (int(v) for v in a.t.split(",")):
         x_t = sched.add_noise(x, torch.randn(x.shape, generator=g), torch.full((a.n,), t))
         with lora.adapters_disabled(unet):
-            x0_real = x0(teacher, guided(teacher, cond, teacher.default_guidance), x_t, t)
+            x0_real = denoise(guided(teacher, cond, teacher.default_guidance), x_t, t, sched)
         lora.activate(unet, lora.FAKE)
-        x0_fake = x0(teacher, lambda x_t, t: teacher.eps(x_t, t, cond), x_t, t)
+        x0_fake = denoise(lambda x_t, t: teacher.eps(x_t, t, cond), x_t, t, sched)
         d_x, d_f = ((v - x0_real)[:, 0][:, mask].flatten() for v in (x, x0_fake))
         kept = ((d_x * d_f).sum() / (d_x * d_x).sum()).item()
         s2, noise2 = d_x.pow(2).mean().item(), float((1 - acp[t]) / acp[t])
