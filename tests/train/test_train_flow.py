@@ -192,32 +192,42 @@ def test_packaged_flow_recipes():
     from hypersd.core.noise import FLUX_T, FlowSchedule
     from hypersd.train.recipe import check_timesteps
 
-    for name, segments in (("sd3", [8, 4, 2, 1]), ("flux", [16, 8, 4, 2, 1])):
+    for name in ("sd3", "flux"):
         r = load_recipe(name)
         assert r.backbone == name and r.resolution == 1024 and r.lora_targets == "transformer"
-        assert [s.kind for s in r.stages] == ["tscd"] * len(segments) + ["feedback", "merge", "dmd"]
-        assert [s.segments for s in r.stages if s.kind == "tscd"] == segments
+        assert [s.kind for s in r.stages] == ["tscd"] * 5 + ["feedback", "merge", "dmd"]
+        assert [s.segments for s in r.stages if s.kind == "tscd"] == [16, 8, 4, 2, 1]
+        assert 16 in r.eval.steps and 16 in r.stages[-1].keep_steps
     assert load_recipe("sd3").stages[-1].generator_t == 840
-    flux = load_recipe("flux")
-    assert flux.stages[-1].generator_t == FLUX_T - 1 and 16 in flux.eval.steps
-    check_timesteps(flux, "flux", FlowSchedule(shift=3.0, timestep_scale=1.0, spacing="trailing", T=FLUX_T))
+    assert load_recipe("flux").stages[-1].generator_t == FLUX_T - 1
+    check_timesteps(load_recipe("sd3"), "sd3", FlowSchedule(shift=3.0, timestep_scale=1000.0, spacing="inclusive"))
+    check_timesteps(load_recipe("flux"), "flux", FlowSchedule(shift=3.0, timestep_scale=1.0, spacing="trailing", T=FLUX_T))
 
 
-def test_flux_tscd_at_16_segments_trains_on_the_boundaries_generate_samples(setup, tmp_path, monkeypatch):
-    """16 segments on FLUX's T = 1200 grid (N = 48): every lower boundary TSCD draws its end point
-    from is one of the 16 boundaries (or the clean end), and 'generate --steps 16' with the LoRA runs
-    exactly those boundaries; the N = 40 grid is refused when the teacher loads, naming N = 48."""
+# kind: (the 16-segment grid its recipe uses, generate's 16 timesteps, the recipe's grid for 1 to 8
+# segments, which cannot hold 16, and its refusal)
+SIXTEEN = {"sd3": (61, list(range(840, -1, -56)), 43, r"segments 16 with solver_steps 43: .*T=841.*e\.g\. N=106"),
+           "flux": (48, list(range(1199, 0, -75)), 40, r"segments 16 with solver_steps 40: .*T=1200.*e\.g\. N=48")}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tscd_at_16_segments_trains_on_the_boundaries_generate_samples(kind, setup, tmp_path, monkeypatch):
+    """16 segments on SD3's T = 841 inclusive grid (N = 61) and FLUX's T = 1200 trailing grid
+    (N = 48): every lower boundary TSCD draws its end point from is one of the 16 boundaries (or the
+    clean end), and 'generate --steps 16' with the LoRA runs exactly those boundaries, the stock
+    pipeline's 16-step sigmas; the recipes' default grids are refused when the teacher loads."""
     from hypersd.core.schedule import CLEAN
     from hypersd.errors import HypersdError
     from hypersd.inference.generator import Generator
     from hypersd.losses import tscd
 
-    model, cache = setup["flux"]
+    grid, timesteps, default_grid, refusal = SIXTEEN[kind]
+    model, cache = setup[kind]
     seen = []
     monkeypatch.setattr(tscd, "draw_t_end", lambda lower, *a, f=tscd.draw_t_end: seen.append(lower) or f(lower, *a))
-    r = {"backbone": "flux", "teacher": model, "data": str(cache), "resolution": SIDE, "lora_rank": 4,
+    r = {"backbone": kind, "teacher": model, "data": str(cache), "resolution": SIDE, "lora_rank": 4,
          "grid_every_stage": False, "eval_steps": [16],
-         "stages": [{"name": "t16", "segments": 16, "solver_steps": 48, "steps": 3, "batch": 2}]}
+         "stages": [{"name": "t16", "segments": 16, "solver_steps": grid, "steps": 3, "batch": 2}]}
     d = Distiller(from_dict(r), tmp_path / "run", progress=False)
     assert d.run()
     path = d.finish()
@@ -225,10 +235,10 @@ def test_flux_tscd_at_16_segments_trains_on_the_boundaries_generate_samples(setu
     gen = Generator(model, lora=str(path), steps=16, device="cpu")
     lowers = set(torch.cat(seen).tolist())
     assert len(seen) == 3 and lowers <= set(gen.plan.timesteps[1:]) | {CLEAN}
-    assert gen.plan.timesteps == list(range(1199, 0, -75))
+    assert gen.plan.timesteps == timesteps
     assert gen.images(["a cat"], [0]).std() > 0.01
-    bad = {**r, "stages": [{"name": "t", "segments": 16, "steps": 1}]}  # the default N = 40
-    with pytest.raises(HypersdError, match=r"segments 16 with solver_steps 40: .*T=1200.*e\.g\. N=48"):
+    bad = {**r, "stages": [{"name": "t", "segments": 16, "solver_steps": default_grid, "steps": 1}]}
+    with pytest.raises(HypersdError, match=refusal):
         Distiller(from_dict(bad), tmp_path / "bad", progress=False)
 
 
