@@ -155,14 +155,14 @@ def run(a):
         steps_list = [int(s) for s in a.steps.split(",")]
         ref = {k: p(k).float() for k in steps_list}
         for k in steps_list:
-            ms = 1000 * timed(lambda: p(k), 2, a.iters, device)[0]
+            ms = 1000 * timed(lambda p=p, k=k: p(k), 2, a.iters, device)[0]
             record({"model": backbone, "steps": k, "variant": "eager", "ms": round(ms, 2), "max_abs_diff": 0.0})
         if not cuda:
             pipeline_rows(p, steps_list, ref, a, record, compile=False)
             continue
         for k in steps_list:
             try:
-                replay = graphed(lambda k=k: p(k))
+                replay = graphed(lambda p=p, k=k: p(k))
                 diff = (replay().float() - ref[k]).abs().max().item()
                 ms = 1000 * timed(replay, 2, a.iters, device)[0]
                 record({"model": backbone, "steps": k, "variant": "graph", "ms": round(ms, 2), "max_abs_diff": diff})
@@ -182,7 +182,7 @@ def run(a):
             try:
                 for _ in range(2):  # compile outside the capture
                     p(k)
-                replay = graphed(lambda k=k: p(k))
+                replay = graphed(lambda p=p, k=k: p(k))
                 diff = (replay().float() - ref[k]).abs().max().item()
                 ms = 1000 * timed(replay, 2, a.iters, device)[0]
                 record({"model": backbone, "steps": k, "variant": "compile+graph", "ms": round(ms, 2),

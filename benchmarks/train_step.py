@@ -257,7 +257,7 @@ def run_model(b: Bench, backbone: str):
     prompts = ["p"] * batch
 
     ref = ReferenceStep(teacher, SETUPS[backbone]["guidance"])
-    base = b.measure(backbone, "reference", batch, lambda: ref(z, cond, uncond),
+    base = b.measure(backbone, "reference", batch, lambda ref=ref: ref(z, cond, uncond),
                      note="two teacher calls, eager, default layout, foreach AdamW")
     del ref
 
