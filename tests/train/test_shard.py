@@ -179,12 +179,12 @@ def every_kind_file(recipe_file, clip_reward):  # noqa: F811
     return path
 
 
-def _launch(recipe, out, shard: bool, *extra):
+def _launch(recipe, out, shard: bool, *extra, program=("-m", "hypersd")):
     cfg = yaml.safe_load(recipe.read_text()) | {"shard_base": shard}
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hypersd", "distill",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *program, "distill",
            "--config", str(path), "--out", str(out), "--quiet", "--no-eval", *extra]
     # its own process group: processes that called the network differently would wait on each other for good
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -246,3 +246,39 @@ def test_every_stage_kind_trains_on_a_sharded_base_the_lora_the_unsharded_one_do
     _launch(every_kind_file, resumed, True, "--resume")
     again = _lora(resumed)
     assert all(torch.equal(sharded[k], again[k]) for k in sharded)
+
+
+# hypersd distill with the TSCD loss of process 1's second step turned NaN, on that process only
+NAN_ON_ONE = """
+import os, sys
+from hypersd.train import stages
+
+rank, loss, calls = int(os.environ["RANK"]), stages.TSCDRun.loss, [0]
+
+def loss_nan_once(self, *args, **kwargs):
+    calls[0] += 1
+    out = loss(self, *args, **kwargs)
+    return (out[0] * float("nan"), *out[1:]) if rank == 1 and calls[0] == 2 else out
+
+stages.TSCDRun.loss = loss_nan_once
+from hypersd.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_step_nan_on_one_process_is_skipped_on_both_sharded_as_unsharded(recipe_file, tmp_path):
+    """A sharded base's processes call its all-gathers together: a step one process finds
+    non-finite must be refused on both (before either runs a backward), counted once, and the run
+    must go on in step, ending with the LoRA the unsharded data parallel makes from the same skip."""
+    worker = tmp_path / "nan_on_one.py"
+    worker.write_text(NAN_ON_ONE)
+    for name, shard in (("plain", False), ("sharded", True)):
+        _launch(recipe_file, tmp_path / name, shard, program=(str(worker),))
+        stats = json.loads((tmp_path / name / "stats.json").read_text())  # process 0's: its own losses were finite
+        assert stats["nan_skipped"] == 1 and stats["stages"]["t2"]["skipped"] == {"student": 1}
+        steps = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert [r["skipped"] for r in steps if r["kind"] == "step"] == [False, True, False]
+    plain, sharded = _lora(tmp_path / "plain"), _lora(tmp_path / "sharded")
+    assert all(torch.isfinite(v).all() for v in sharded.values())
+    assert max((plain[k] - sharded[k]).abs().max().item() for k in plain) < 1e-5
