@@ -16,6 +16,7 @@ import torch
 import yaml
 from flow_tiny import LATENT_SIZE, T5_LENGTH, save_flow_tiny
 from safetensors.torch import load_file
+from test_buckets import write_shapes
 from test_imagedata import write_folder
 from test_train_sd import clip_reward  # noqa: F401  (a fixture)
 
@@ -281,4 +282,57 @@ def test_a_step_nan_on_one_process_is_skipped_on_both_sharded_as_unsharded(recip
         assert [r["skipped"] for r in steps if r["kind"] == "step"] == [False, True, False]
     plain, sharded = _lora(tmp_path / "plain"), _lora(tmp_path / "sharded")
     assert all(torch.isfinite(v).all() for v in sharded.values())
+    assert max((plain[k] - sharded[k]).abs().max().item() for k in plain) < 1e-5
+
+
+# hypersd distill, each process writing the latent shape of every TSCD batch it trains on
+SHAPES_SEEN = """
+import json, os, sys
+from hypersd.train import stages
+
+rank, loss, seen = int(os.environ["RANK"]), stages.TSCDRun.loss, []
+
+def loss_seen(self, z, *args, **kwargs):
+    seen.append(list(z.shape[2:]))
+    return loss(self, z, *args, **kwargs)
+
+stages.TSCDRun.loss = loss_seen
+from hypersd.cli import main
+main(sys.argv[1:])
+out = sys.argv[sys.argv.index("--out") + 1]
+with open(os.path.join(out, f"shapes-{rank}.json"), "w") as f:
+    json.dump(seen, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def bucketed_file(recipe_file):
+    """TSCD, then DMD with its regulariser and keep term, on a FLUX cache in three aspect-ratio
+    buckets: each process draws its own batches, so the two train on different shapes at a step."""
+    root, recipe = recipe_file.parent, yaml.safe_load(recipe_file.read_text())
+    write_shapes(root / "shapes")
+    teacher = load_teacher("flux", recipe["teacher"], max_sequence_length=T5_LENGTH, resolution=16)
+    build_cache("flux", recipe["teacher"], str(root / "shapes"), root / "cache-buckets", resolution=16, shard_size=4,
+                buckets=True, bucket_step=4, max_sequence_length=T5_LENGTH, teacher=teacher, progress=False)
+    recipe |= {"data": str(root / "cache-buckets"), "resolution": 16, "grid_every_stage": False, "stages": [
+        {"name": "t2", "segments": 2, "batch": 2, "steps": 4},
+        {"name": "d", "kind": "dmd", "steps": 3, "batch": 2, "generator_t": 1199, "t_range": [24, 1176],
+         "fake_warmup": 1, "fake_updates": 1, "reg_pool": 2, "reg_steps": 2, "reg_batch": 1, "keep_weight": 1.0,
+         "keep_batch": 2, "keep_steps": [2]}]}
+    path = root / "bucketed.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_a_bucketed_cache_trains_on_a_sharded_base_the_lora_the_unsharded_one_does(bucketed_file, tmp_path):
+    worker = tmp_path / "shapes_seen.py"
+    worker.write_text(SHAPES_SEEN)
+    for name, shard in (("plain", False), ("sharded", True)):
+        _launch(bucketed_file, tmp_path / name, shard, program=(str(worker),))
+    shapes = [json.loads((tmp_path / "sharded" / f"shapes-{r}.json").read_text()) for r in (0, 1)]
+    assert len(shapes[0]) == len(shapes[1]) == 4 and shapes[0] != shapes[1]  # the processes' batches differ in shape
+    assert shapes == [json.loads((tmp_path / "plain" / f"shapes-{r}.json").read_text()) for r in (0, 1)]
+    plain, sharded = _lora(tmp_path / "plain"), _lora(tmp_path / "sharded")
+    assert set(plain) == set(sharded) and any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)
     assert max((plain[k] - sharded[k]).abs().max().item() for k in plain) < 1e-5
