@@ -156,7 +156,8 @@ def test_solve_below_targets_the_teachers_own_ddim_down_to_t_end(student_teacher
 def test_the_ema_runs_only_on_rows_it_targets_unless_in_lockstep(student_teacher, monkeypatch, lockstep):
     """One-grid-step segments put every row at t_end after the teacher's step: no EMA call is needed,
     and none is made, except in lockstep (a sharded base: every process makes the same calls)."""
-    step = ConsistencyStep(student_teacher, ConsistencyConfig(segments=40, end="boundary"), lockstep=lockstep)
+    step = ConsistencyStep(student_teacher, ConsistencyConfig(segments=40, end="boundary"),
+                           lockstep=(lambda n: n) if lockstep else None)
     rows = []
     ema = step.roles.ema
     monkeypatch.setattr(step.roles, "ema", lambda x, t, c: rows.append(len(x)) or ema(x, t, c))
@@ -166,3 +167,31 @@ def test_the_ema_runs_only_on_rows_it_targets_unless_in_lockstep(student_teacher
     plain = ConsistencyStep(student_teacher, ConsistencyConfig(segments=40, end="boundary"))
     _, tgt_plain, _ = plain(z, cond, uncond, torch.Generator().manual_seed(3))
     assert torch.equal(tgt, tgt_plain)  # the rows at t_end keep the teacher's step either way
+
+
+@pytest.mark.parametrize("rows", ["some solved", "none solved"])
+@pytest.mark.parametrize("other", [0, 3])  # another process needs no more solve calls, or 3 more
+def test_a_lockstep_solve_pads_its_teacher_calls_to_the_most_any_process_makes(student_teacher, rows, other):
+    """On a sharded base every teacher call all-gathers: a process whose rows need fewer solve
+    calls than another's (or none) makes dropped calls until the counts agree, and its targets are
+    the unpadded solve's."""
+    cfg = ConsistencyConfig(segments=1, guidance=(2.0, 2.0), solve_below=499, solve_stride=2)
+    draws = [24, 49, 124, 249, 499, 524, 749, 999] if rows == "some solved" else [524, 749, 999, 999]
+    asked, calls = [], {}
+    z, cond, uncond = _batch(student_teacher, len(draws))
+    tgts = {}
+    for name, lockstep in (("plain", None), ("lockstep", lambda n: asked.append(n) or n + other)):
+        step = ConsistencyStep(student_teacher, cfg, lockstep=lockstep)
+        step.grid.sample = lambda n, g=None: torch.tensor(draws)
+        calls[name], teacher = 0, step._teacher
+
+        def counted(*args, teacher=teacher, name=name):
+            calls[name] += 1
+            return teacher(*args)
+
+        step._teacher = counted
+        _, tgts[name], _ = step(z, cond, uncond, torch.Generator().manual_seed(5))
+    assert torch.allclose(tgts["lockstep"], tgts["plain"], atol=1e-5)  # the EMA ran on every row: the last bits
+    solve = calls["plain"] - 1  # the teacher's first step, then the solve's calls
+    assert asked == [solve] and (solve > 0) == (rows == "some solved")
+    assert calls["lockstep"] == calls["plain"] + other

@@ -7,6 +7,7 @@ the boundary; TSCD draws the target anywhere in [t_b, t_{n-1}].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,12 @@ class ConsistencyStep:
     """Produces (pred, tgt, t_end) for a batch; the trainer adds distance and adversarial terms."""
 
     def __init__(self, teacher: Teacher, cfg: ConsistencyConfig, roles: Roles | None = None,
-                 lockstep: bool = False):
+                 lockstep: Callable[[int], int] | None = None):
         """``lockstep``: every process must make the same network calls (a sharded base all-gathers
-        in each), whatever its own draws: the EMA then runs on every row, as each process's rows
-        differ in which are already at t_end."""
+        in each), whatever its own draws; it maps this process's count of low-noise solve calls to
+        the largest count of any process (``Runtime.most``). The EMA then runs on every row, as each
+        process's rows differ in which are already at t_end, and the solve pads its calls to that
+        count."""
         self.teacher, self.cfg, self.lockstep = teacher, cfg, lockstep
         self.roles = Roles(teacher) if roles is None else roles
         self.schedule = teacher.schedule
@@ -102,9 +105,15 @@ class ConsistencyStep:
                 tgt[ema] = sched.jump(x_hat[ema], eps_ema, t_prev[ema], t_end[ema])
                 tgt[done] = x_hat[done]
             low = low.nonzero().squeeze(1)
-            if len(low):
-                tgt[low] = self._solve(x_hat[low], t_prev[low], t_end[low], cond[low], uncond[low],
-                                       None if w is None else w[low])
+            if len(low) or self.lockstep:
+                w_low = None if w is None else w[low]
+                calls = idle = None
+                if self.lockstep:
+                    calls = self.lockstep(self.solve_calls(t_prev[low], t_end[low]))
+                    # a padding call's input: any row, at a timestep the network takes; its output is dropped
+                    idle = (x_hat[:1], t_n[:1], cond[:1], uncond[:1], None if w is None else w[:1])
+                tgt[low] = self._solve(x_hat[low], t_prev[low], t_end[low], cond[low], uncond[low], w_low,
+                                       calls, idle)
 
         pred = sched.jump(x_t, roles.student(x_t, t_n, cond), t_n, t_end)
         return pred, tgt, t_end
@@ -120,20 +129,43 @@ class ConsistencyStep:
             return self.roles.teacher(x_t, t_n, cond)
         return self.roles.teacher.cfg(x_t, t_n, cond, uncond, w)
 
-    def _solve(self, x, t, t_end, cond: Cond, uncond: Cond, w) -> torch.Tensor:
+    def _next(self, t: torch.Tensor, t_end: torch.Tensor) -> torch.Tensor:
+        """Where one solve call takes rows at t: ``solve_stride`` grid points down, not past t_end."""
+        nxt = t.cpu()
+        for _ in range(self.cfg.solve_stride):
+            nxt = self.grid.step_down(nxt)
+        return torch.maximum(nxt.to(t.device), t_end)
+
+    def solve_calls(self, t: torch.Tensor, t_end: torch.Tensor) -> int:
+        """The teacher calls ``_solve`` makes for rows at t going to t_end (the most any row needs)."""
+        calls = 0
+        while bool((t > t_end).any()):
+            rows = t > t_end
+            t = torch.where(rows, self._next(torch.where(rows, t, t_end.clamp(min=0)), t_end), t)
+            calls += 1
+        return calls
+
+    def _solve(self, x, t, t_end, cond: Cond, uncond: Cond, w, calls: int | None = None,
+               idle: tuple | None = None) -> torch.Tensor:
         """The teacher's DDIM on the solver grid from (x, t) to t_end, ``solve_stride`` grid points
-        a call, each row to its own t_end, each row at its own ω."""
+        a call, each row to its own t_end, each row at its own ω. ``calls`` (lockstep): exactly that
+        many teacher calls, those past the rows' own made on ``idle`` and dropped."""
+        made = 0
         while True:
             rows = (t > t_end).nonzero().squeeze(1)
             if not len(rows):
-                return x
-            nxt = t[rows].cpu()
-            for _ in range(self.cfg.solve_stride):
-                nxt = self.grid.step_down(nxt)
-            nxt = torch.maximum(nxt.to(t.device), t_end[rows])
+                break
+            nxt = self._next(t[rows], t_end[rows])
             out = self._teacher(x[rows], t[rows], cond[rows], uncond[rows], None if w is None else w[rows])
             x, t = x.clone(), t.clone()
             x[rows], t[rows] = self.schedule.jump(x[rows], out, t[rows], nxt), nxt
+            made += 1
+        if calls is not None:
+            if made > calls:
+                raise RuntimeError(f"the solve made {made} teacher calls where every process agreed on {calls}")
+            for _ in range(calls - made):  # another process still solves: its all-gathers need this one's
+                self._teacher(*idle)
+        return x
 
     def loss(self, pred, tgt) -> torch.Tensor:
         return distance(pred, tgt.detach(), self.cfg.distance, self.cfg.huber_c).mean()

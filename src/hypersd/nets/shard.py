@@ -17,7 +17,8 @@ from hypersd.errors import HypersdError
 def check_shardable(recipe, world: int) -> None:
     """Refuse, before a model loads, what a sharded base cannot run. Every stage kind runs: each
     process makes the same network calls (each all-gathers), its step counts and branches drawn
-    from the stream they share (``runtime.run_streams``), its skipped steps decided together."""
+    from the stream they share (``runtime.run_streams``), its skipped steps decided together, and
+    TSCD's low-noise solve (``solve_below``) padded to the most calls any process needs."""
     if world < 2:
         raise HypersdError("shard_base shards the frozen base over the processes of an accelerate launch, and this "
                            "is one process; launch with accelerate launch --multi_gpu --num_processes N, or set "
@@ -28,11 +29,6 @@ def check_shardable(recipe, world: int) -> None:
         if on:
             raise HypersdError(f"shard_base does not combine with {key} (not supported on a sharded base); "
                                f"set {key} off, or shard_base: false")
-    for s in recipe.stages:  # its teacher calls follow each process's own draws: no lockstep
-        if getattr(s, "solve_below", -1) >= 0:
-            raise HypersdError(f"stage {s.name!r}: solve_below does not run on a sharded base (each process "
-                               f"would make its own number of teacher calls); set solve_below: -1, or "
-                               f"shard_base: false")
 
 
 def shard_base(unet: torch.nn.Module, device: torch.device, world: int) -> int:

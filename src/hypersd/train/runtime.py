@@ -201,6 +201,14 @@ class Runtime:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
+    def most(self, n: int) -> int:
+        """The largest ``n`` of any process: a count of network calls they all then make."""
+        if self.world == 1:
+            return n
+        count = torch.tensor([n], device=self.device, dtype=torch.int64)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return int(count.item())
+
     def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float | None = None,
              role: str = "student") -> torch.Tensor | None:
         """backward → average over processes → (unscale) → clip → update; ``opt.zero_grad`` is the caller's.

@@ -113,7 +113,8 @@ class TSCDRun(StageRun):
             guidance=None if guidance is None else tuple(guidance),
             distance=stage.distance, huber_c=stage.huber_c, offset_noise=stage.offset_noise,
             solver_steps=stage.solver_steps, solve_below=stage.solve_below,
-            solve_stride=stage.solve_stride), self.roles, lockstep=shard.is_sharded(self.unet))
+            solve_stride=stage.solve_stride), self.roles,
+            lockstep=self.ctx.rt.most if shard.is_sharded(self.unet) else None)
         self.disc = self.d_opt = None
         if stage.adv_weight > 0:
             heads = DiscriminatorHeads.for_network(self.unet, stage.d_hidden).to(self.teacher.device)
