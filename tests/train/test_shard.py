@@ -178,6 +178,30 @@ def every_kind_file(recipe_file, clip_reward):  # noqa: F811
     return path
 
 
+# hypersd distill under a patch that sees what each process does: ``seen``, written to
+# OUT/seen-RANK.json once the run ends
+WORKER = """
+import json, os, sys
+rank, seen = int(os.environ["RANK"]), []
+{patch}
+from hypersd.cli import main
+main(sys.argv[1:])
+out = sys.argv[sys.argv.index("--out") + 1]
+with open(os.path.join(out, f"seen-{{rank}}.json"), "w") as f:
+    json.dump(seen, f)
+"""
+
+
+def _worker(tmp_path, patch: str) -> tuple[str]:
+    path = tmp_path / "worker.py"
+    path.write_text(WORKER.format(patch=patch))
+    return (str(path),)
+
+
+def _seen(out) -> list:
+    return [json.loads((out / f"seen-{r}.json").read_text()) for r in (0, 1)]
+
+
 def _launch(recipe, out, shard: bool, *extra, program=("-m", "hypersd")):
     cfg = yaml.safe_load(recipe.read_text()) | {"shard_base": shard}
     path = out.parent / f"{out.name}.yaml"
@@ -247,12 +271,10 @@ def test_every_stage_kind_trains_on_a_sharded_base_the_lora_the_unsharded_one_do
     assert all(torch.equal(sharded[k], again[k]) for k in sharded)
 
 
-# hypersd distill with the TSCD loss of process 1's second step turned NaN, on that process only
+# process 1's TSCD loss turned NaN at its second step, on that process only
 NAN_ON_ONE = """
-import os, sys
 from hypersd.train import stages
-
-rank, loss, calls = int(os.environ["RANK"]), stages.TSCDRun.loss, [0]
+loss, calls = stages.TSCDRun.loss, [0]
 
 def loss_nan_once(self, *args, **kwargs):
     calls[0] += 1
@@ -260,8 +282,6 @@ def loss_nan_once(self, *args, **kwargs):
     return (out[0] * float("nan"), *out[1:]) if rank == 1 and calls[0] == 2 else out
 
 stages.TSCDRun.loss = loss_nan_once
-from hypersd.cli import main
-main(sys.argv[1:])
 """
 
 
@@ -270,10 +290,8 @@ def test_a_step_nan_on_one_process_is_skipped_on_both_sharded_as_unsharded(recip
     """A sharded base's processes call its all-gathers together: a step one process finds
     non-finite must be refused on both (before either runs a backward), counted once, and the run
     must go on in step, ending with the LoRA the unsharded data parallel makes from the same skip."""
-    worker = tmp_path / "nan_on_one.py"
-    worker.write_text(NAN_ON_ONE)
     for name, shard in (("plain", False), ("sharded", True)):
-        _launch(recipe_file, tmp_path / name, shard, program=(str(worker),))
+        _launch(recipe_file, tmp_path / name, shard, program=_worker(tmp_path, NAN_ON_ONE))
         stats = json.loads((tmp_path / name / "stats.json").read_text())  # process 0's: its own losses were finite
         assert stats["nan_skipped"] == 1 and stats["stages"]["t2"]["skipped"] == {"student": 1}
         steps = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
@@ -283,23 +301,11 @@ def test_a_step_nan_on_one_process_is_skipped_on_both_sharded_as_unsharded(recip
     assert max((plain[k] - sharded[k]).abs().max().item() for k in plain) < 1e-5
 
 
-# hypersd distill, each process writing the latent shape of every TSCD batch it trains on
+# the latent shape of every TSCD batch a process trains on
 SHAPES_SEEN = """
-import json, os, sys
 from hypersd.train import stages
-
-rank, loss, seen = int(os.environ["RANK"]), stages.TSCDRun.loss, []
-
-def loss_seen(self, z, *args, **kwargs):
-    seen.append(list(z.shape[2:]))
-    return loss(self, z, *args, **kwargs)
-
-stages.TSCDRun.loss = loss_seen
-from hypersd.cli import main
-main(sys.argv[1:])
-out = sys.argv[sys.argv.index("--out") + 1]
-with open(os.path.join(out, f"shapes-{rank}.json"), "w") as f:
-    json.dump(seen, f)
+loss = stages.TSCDRun.loss
+stages.TSCDRun.loss = lambda self, z, *args, **kwargs: seen.append(list(z.shape[2:])) or loss(self, z, *args, **kwargs)
 """
 
 
@@ -324,30 +330,21 @@ def bucketed_file(recipe_file):
 
 @pytest.mark.slow
 def test_a_bucketed_cache_trains_on_a_sharded_base_the_lora_the_unsharded_one_does(bucketed_file, tmp_path):
-    worker = tmp_path / "shapes_seen.py"
-    worker.write_text(SHAPES_SEEN)
     for name, shard in (("plain", False), ("sharded", True)):
-        _launch(bucketed_file, tmp_path / name, shard, program=(str(worker),))
-    shapes = [json.loads((tmp_path / "sharded" / f"shapes-{r}.json").read_text()) for r in (0, 1)]
+        _launch(bucketed_file, tmp_path / name, shard, program=_worker(tmp_path, SHAPES_SEEN))
+    shapes = _seen(tmp_path / "sharded")
     assert len(shapes[0]) == len(shapes[1]) == 4 and shapes[0] != shapes[1]  # the processes' batches differ in shape
-    assert shapes == [json.loads((tmp_path / "plain" / f"shapes-{r}.json").read_text()) for r in (0, 1)]
+    assert shapes == _seen(tmp_path / "plain")
     plain, sharded = _lora(tmp_path / "plain"), _lora(tmp_path / "sharded")
     assert set(plain) == set(sharded) and any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)
     assert max((plain[k] - sharded[k]).abs().max().item() for k in plain) < 1e-5
 
 
-# hypersd distill, each process writing how many low-noise solve calls its rows needed at each step
+# how many low-noise solve calls a process's rows needed at each step
 SOLVE_CALLS = """
-import json, os, sys
 from hypersd.losses.tscd import ConsistencyStep
-
-rank, count, seen = int(os.environ["RANK"]), ConsistencyStep.solve_calls, []
-ConsistencyStep.solve_calls = lambda self, *a: seen.append(count(self, *a)) or seen[-1]
-from hypersd.cli import main
-main(sys.argv[1:])
-out = sys.argv[sys.argv.index("--out") + 1]
-with open(os.path.join(out, f"solve-{rank}.json"), "w") as f:
-    json.dump(seen, f)
+count = ConsistencyStep.solve_calls
+ConsistencyStep.solve_calls = lambda self, *args: seen.append(count(self, *args)) or seen[-1]
 """
 
 
@@ -360,11 +357,9 @@ def test_a_low_noise_solve_runs_on_a_sharded_base_in_lockstep(recipe_file, tmp_p
                                                    "solve_below": 900, "solve_stride": 2}]}
     recipe = tmp_path / "solve.yaml"
     recipe.write_text(yaml.safe_dump(cfg))
-    worker = tmp_path / "solve_calls.py"
-    worker.write_text(SOLVE_CALLS)
     _launch(recipe, tmp_path / "plain", False)
-    _launch(recipe, tmp_path / "sharded", True, program=(str(worker),))
-    counts = [json.loads((tmp_path / "sharded" / f"solve-{r}.json").read_text()) for r in (0, 1)]
+    _launch(recipe, tmp_path / "sharded", True, program=_worker(tmp_path, SOLVE_CALLS))
+    counts = _seen(tmp_path / "sharded")
     assert len(counts[0]) == len(counts[1]) == 4 and counts[0] != counts[1] and max(map(max, counts)) > 1
     plain, sharded = _lora(tmp_path / "plain"), _lora(tmp_path / "sharded")
     assert any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)
