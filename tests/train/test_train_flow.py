@@ -192,16 +192,16 @@ def test_packaged_flow_recipes():
     from hypersd.core.noise import FLUX_T, FlowSchedule
     from hypersd.train.recipe import check_timesteps
 
-    for name in ("sd3", "flux"):
+    schedules = {"sd3": FlowSchedule(shift=3.0, timestep_scale=1000.0, spacing="inclusive"),
+                 "flux": FlowSchedule(shift=3.0, timestep_scale=1.0, spacing="trailing", T=FLUX_T)}
+    for name, schedule in schedules.items():
         r = load_recipe(name)
         assert r.backbone == name and r.resolution == 1024 and r.lora_targets == "transformer"
         assert [s.kind for s in r.stages] == ["tscd"] * 5 + ["feedback", "merge", "dmd"]
         assert [s.segments for s in r.stages if s.kind == "tscd"] == [16, 8, 4, 2, 1]
         assert 16 in r.eval.steps and 16 in r.stages[-1].keep_steps
-    assert load_recipe("sd3").stages[-1].generator_t == 840
-    assert load_recipe("flux").stages[-1].generator_t == FLUX_T - 1
-    check_timesteps(load_recipe("sd3"), "sd3", FlowSchedule(shift=3.0, timestep_scale=1000.0, spacing="inclusive"))
-    check_timesteps(load_recipe("flux"), "flux", FlowSchedule(shift=3.0, timestep_scale=1.0, spacing="trailing", T=FLUX_T))
+        assert r.stages[-1].generator_t == schedule.T - 1  # SD3's 840, FLUX's 1199
+        check_timesteps(r, name, schedule)
 
 
 # kind: (the 16-segment grid its recipe uses, generate's 16 timesteps, the recipe's grid for 1 to 8

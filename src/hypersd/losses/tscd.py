@@ -106,14 +106,13 @@ class ConsistencyStep:
                 tgt[done] = x_hat[done]
             low = low.nonzero().squeeze(1)
             if len(low) or self.lockstep:
-                w_low = None if w is None else w[low]
-                calls = idle = None
+                calls, idle = self.solve_calls(t_prev[low], t_end[low]), None
                 if self.lockstep:
-                    calls = self.lockstep(self.solve_calls(t_prev[low], t_end[low]))
+                    calls = self.lockstep(calls)
                     # a padding call's input: any row, at a timestep the network takes; its output is dropped
                     idle = (x_hat[:1], t_n[:1], cond[:1], uncond[:1], None if w is None else w[:1])
-                tgt[low] = self._solve(x_hat[low], t_prev[low], t_end[low], cond[low], uncond[low], w_low,
-                                       calls, idle)
+                tgt[low] = self._solve(x_hat[low], t_prev[low], t_end[low], cond[low], uncond[low],
+                                       None if w is None else w[low], calls, idle)
 
         pred = sched.jump(x_t, roles.student(x_t, t_n, cond), t_n, t_end)
         return pred, tgt, t_end
@@ -145,26 +144,20 @@ class ConsistencyStep:
             calls += 1
         return calls
 
-    def _solve(self, x, t, t_end, cond: Cond, uncond: Cond, w, calls: int | None = None,
-               idle: tuple | None = None) -> torch.Tensor:
+    def _solve(self, x, t, t_end, cond: Cond, uncond: Cond, w, calls: int, idle: tuple | None = None) -> torch.Tensor:
         """The teacher's DDIM on the solver grid from (x, t) to t_end, ``solve_stride`` grid points
-        a call, each row to its own t_end, each row at its own ω. ``calls`` (lockstep): exactly that
-        many teacher calls, those past the rows' own made on ``idle`` and dropped."""
-        made = 0
-        while True:
+        a call, each row to its own t_end, each row at its own ω, in ``calls`` teacher calls
+        (``solve_calls``; in lockstep the most any process makes, those past the rows' own made on
+        ``idle`` and dropped)."""
+        for _ in range(calls):
             rows = (t > t_end).nonzero().squeeze(1)
             if not len(rows):
-                break
+                self._teacher(*idle)  # another process still solves: its all-gathers need this one's
+                continue
             nxt = self._next(t[rows], t_end[rows])
             out = self._teacher(x[rows], t[rows], cond[rows], uncond[rows], None if w is None else w[rows])
             x, t = x.clone(), t.clone()
             x[rows], t[rows] = self.schedule.jump(x[rows], out, t[rows], nxt), nxt
-            made += 1
-        if calls is not None:
-            if made > calls:
-                raise RuntimeError(f"the solve made {made} teacher calls where every process agreed on {calls}")
-            for _ in range(calls - made):  # another process still solves: its all-gathers need this one's
-                self._teacher(*idle)
         return x
 
     def loss(self, pred, tgt) -> torch.Tensor:
