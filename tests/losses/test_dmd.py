@@ -8,6 +8,7 @@ from hypersd.losses.dmd import (
     dmd_loss,
     draw_generator_step,
     generate,
+    red_loss,
     score_x0,
     simulate,
 )
@@ -30,6 +31,15 @@ def test_dmd_loss_gradient_is_the_dmd_gradient():
     g = torch.randn(3, 1, 4, 4)
     dmd_loss(x, g).backward()
     assert torch.allclose(x.grad, g / x.numel(), atol=1e-7)
+
+
+def test_red_loss_pulls_the_sample_to_its_denoised_version_only():
+    x = torch.randn(2, 1, 4, 4, requires_grad=True)
+    denoised = torch.randn(2, 1, 4, 4, requires_grad=True)
+    red_loss(x, denoised).backward()
+    assert torch.allclose(x.grad, (x - denoised).detach() / x.numel(), atol=1e-7)
+    assert denoised.grad is None  # the target is held: no gradient runs into the real score
+    assert red_loss(denoised.detach(), denoised.detach()).item() == 0
 
 
 def test_generator_and_scores_invert_the_noising():

@@ -390,6 +390,41 @@ def test_dmd_without_the_gan_term_draws_what_it_drew_before_and_builds_no_heads(
     assert "gan_d" not in off_run.after_step()
 
 
+def test_dmd_red_term_joins_the_real_scores_call_and_leaves_the_dmd_rows_as_they_were(tmp_path, random_teacher_file):
+    """Its rows are extra rows of the real score's call: the DMD and regulariser losses stay what
+    they are without it; off, it draws nothing and logs nothing."""
+    seen = {}
+    for weight in (0.0, 1.0):
+        d, run = _gan_run(tmp_path / str(weight), random_teacher_file, red_weight=weight, red_t_range=[5, 15])
+        z, prompts, cond = d.batch(4)
+        calls = []
+        teacher_fn = run.roles.teacher.fn
+        run.roles.teacher.fn = lambda *a, **k: (calls.append(len(a[0])), teacher_fn(*a, **k))[1]
+        loss, logs = run.loss(z, prompts, cond)
+        seen[weight] = logs, calls, loss, d, run
+    (off, off_calls, *_), (on, on_calls, loss, d, run) = seen[0.0], seen[1.0]
+    assert off_calls == [4] and on_calls == [8]  # one teacher call, its batch doubled
+    assert torch.allclose(off["dmd"], on["dmd"], atol=1e-6) and torch.allclose(off["reg"], on["reg"], atol=1e-6)
+    assert "red" not in off and torch.isfinite(on["red"]) and on["red"] > 0
+    loss.backward()
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(d.teacher.unet, lora.STUDENT))
+    assert all(g is None for g in _grads(d.teacher.unet, lora.FAKE))
+
+
+def test_dmd_red_settings_are_checked_and_off_keep_the_fingerprint(tmp_path, random_teacher_file):
+    stages = [{"name": "t"}, {"name": "d", "kind": "dmd"}]
+    plain = from_dict({"stages": stages}).fingerprint()
+    assert plain == from_dict({"stages": [stages[0], {**stages[1], "red_weight": 0.0, "red_t_range": [1, 2]}]}).fingerprint()
+    assert plain != from_dict({"stages": [stages[0], {**stages[1], "red_weight": 0.5}]}).fingerprint()
+    for bad, match in (({"red_weight": -1.0}, "red_weight must be >= 0"),
+                       ({"red_weight": 0.5, "red_t_range": [50, 10]}, "red_t_range must be")):
+        with pytest.raises(HypersdError, match=match):
+            from_dict({"stages": [stages[0], {**stages[1], **bad}]})
+    with pytest.raises(HypersdError, match="red_t_range .* is outside the timesteps"):
+        _distiller(tmp_path, random_teacher_file, [{"name": "t"}, {**GAN_DMD, "red_weight": 0.1,
+                                                                    "red_t_range": [10, 5000]}])
+
+
 def test_dmd_gan_settings_are_checked_and_off_keep_the_fingerprint():
     stages = [{"name": "t"}, {"name": "d", "kind": "dmd"}]
     plain = from_dict({"stages": stages}).fingerprint()

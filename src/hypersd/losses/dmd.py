@@ -51,6 +51,15 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x - (x - grad).detach()).pow(2).mean()
 
 
+def red_loss(x: torch.Tensor, x0_denoised: torch.Tensor) -> torch.Tensor:
+    """½‖x − stopgrad(D(x))‖², D the real score's x0 from x at low noise: regularisation by
+    denoising (Romano et al., 2017). Its gradient in x is x − D(x): at a noise level a speck survives
+    but a stroke's detail does not drown, the teacher takes off what is not data and keeps what is,
+    so the push falls on the specks. Unlike DMD's (fake − real) it is biased towards the teacher's
+    smoothing at that level: kept to low noise, that bias is small."""
+    return 0.5 * (x - x0_denoised.detach()).pow(2).mean()
+
+
 def denoising_loss(eps_fn, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod) -> torch.Tensor:
     """The fake score's loss: plain denoising (ε, v or flow's v, by the schedule) on the generator's
     (detached) samples. ``alphas_cumprod``: the teacher's schedule, or its bare ᾱ table."""

@@ -130,6 +130,12 @@ class DMDStage(Stage):
     gan_hidden: int = 64  # the heads' width
     gan_t_range: list[int] = field(default_factory=lambda: [20, 980])
     gan_train_fake: bool = True
+    # Regularisation by denoising (losses/dmd.py red_loss): red_weight > 0 pulls each generator sample
+    # towards the real score's x0 of it noised to a t of red_t_range, in the real score's call
+    # (docs/METHOD.md). The fake score cannot see a speck under DMD's noise; the real score at low
+    # noise removes it.
+    red_weight: float = 0.0
+    red_t_range: list[int] = field(default_factory=lambda: [10, 50])
 
 
 STAGE_KINDS = {"tscd": TSCDStage, "feedback": FeedbackStage, "merge": MergeStage, "dmd": DMDStage}
@@ -248,6 +254,9 @@ class Recipe:
             if s["kind"] == "dmd" and s.get("gan_weight") == 0:  # and DMD without the GAN term
                 for k in ("gan_weight", "gan_d_weight", "gan_hidden", "gan_t_range", "gan_train_fake"):
                     s.pop(k)
+            if s["kind"] == "dmd" and s.get("red_weight") == 0:  # and DMD without regularisation by denoising
+                s.pop("red_weight")
+                s.pop("red_t_range")
             if s["kind"] == "tscd" and s.get("adv_real") == "target":  # and TSCD's paper discriminator
                 s.pop("adv_real")
             if s["kind"] == "tscd" and s.get("solve_below") == -1:  # and its EMA targets everywhere
@@ -492,6 +501,10 @@ def _validate_stage(s: Stage, where: str) -> None:
         if not 0 <= s.generator_eta <= 1:
             raise HypersdError(f"{where}: generator_eta must be in [0, 1], got {s.generator_eta}")
         _gan(s, where)
+        if s.red_weight < 0:
+            raise HypersdError(f"{where}: red_weight must be >= 0 (0: no denoising regulariser), got {s.red_weight}")
+        if s.red_weight > 0:
+            _range(s.red_t_range, where, "red_t_range", 0)
 
 
 def _gan(s: DMDStage, where: str) -> None:
@@ -616,6 +629,8 @@ def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> No
             within(s.t_range, where, "t_range")
             if s.gan_weight > 0:
                 within(s.gan_t_range, where, "gan_t_range")
+            if s.red_weight > 0:
+                within(s.red_t_range, where, "red_t_range")
             within(s.generator_t, where, "generator_t")
             if s.generator_t == 999 and T - 1 != 999:  # the T = 1000 default, left unset on another T (FLUX's 1200)
                 raise HypersdError(f"{where}: generator_t 999 is the first step of a T=1000 schedule; on {family} "

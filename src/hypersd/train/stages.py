@@ -30,6 +30,7 @@ from hypersd.losses.dmd import (
     dmd_loss,
     draw_generator_step,
     generate,
+    red_loss,
     score_x0,
     simulate,
 )
@@ -394,13 +395,24 @@ class DMDRun(StageRun):
 
         t = torch.randint(s.t_range[0], s.t_range[1] + 1, (n,), generator=g).to(x.device)
         noise_t = torch.randn(x.shape, generator=g).to(x.device)
-        uncond = cond.unconditional(self.ctx.uncond_row)
+        x_real, noise_real, t_real, cond_real = x.detach(), noise_t, t, cond
+        if s.red_weight > 0:  # its rows join the real score's call: one teacher call, twice the rows
+            lo, hi = s.red_t_range
+            t_red = torch.randint(lo, hi + 1, (n,), generator=g).to(x.device)
+            x_real, noise_real = torch.cat([x_real, x_real]), torch.cat([noise_t, torch.randn(x.shape, generator=g).to(x.device)])
+            t_real, cond_real = torch.cat([t, t_red]), Cond.cat([cond, cond])
+        uncond = cond_real.unconditional(self.ctx.uncond_row)
         with roles.teacher.running():  # one switch around the whole score
-            x0_real = score_x0(roles.teacher.fn(cond, uncond, self.w_real), x.detach(), noise_t, t, self.schedule)
+            x0_real = score_x0(roles.teacher.fn(cond_real, uncond, self.w_real), x_real, noise_real, t_real,
+                               self.schedule)
+        x0_real, x0_red = x0_real[:n], x0_real[n:]
         x0_fake = score_x0(roles.fake.fn(cond), x.detach(), noise_t, t, self.schedule)
         logs = {"dmd": dmd_loss(x, dmd_gradient(x.detach(), x0_real, x0_fake)),
                 "reg": (x_reg - pool_out[idx]).pow(2).mean()}
         loss = s.dmd_weight * logs["dmd"] + s.reg_weight * logs["reg"]
+        if s.red_weight > 0:
+            logs["red"] = red_loss(x, x0_red)
+            loss = loss + s.red_weight * logs["red"]
         if s.keep_weight > 0:
             logs["keep"] = self._keep_loss(z[:s.keep_batch], self.drop_prompts(cond[:s.keep_batch]))
             loss = loss + s.keep_weight * logs["keep"]
