@@ -392,7 +392,7 @@ def test_dmd_without_the_gan_term_draws_what_it_drew_before_and_builds_no_heads(
 
 def test_dmd_red_term_joins_the_real_scores_call_and_leaves_the_dmd_rows_as_they_were(tmp_path, random_teacher_file):
     """Its rows are extra rows of the real score's call: the DMD and regulariser losses stay what
-    they are without it; off, it draws nothing and logs nothing."""
+    they are without it; off, it logs nothing and draws nothing more."""
     seen = {}
     for weight in (0.0, 1.0):
         d, run = _gan_run(tmp_path / str(weight), random_teacher_file, red_weight=weight, red_t_range=[5, 15])
@@ -401,8 +401,9 @@ def test_dmd_red_term_joins_the_real_scores_call_and_leaves_the_dmd_rows_as_they
         teacher_fn = run.roles.teacher.fn
         run.roles.teacher.fn = lambda *a, **k: (calls.append(len(a[0])), teacher_fn(*a, **k))[1]
         loss, logs = run.loss(z, prompts, cond)
-        seen[weight] = logs, calls, loss, d, run
-    (off, off_calls, *_), (on, on_calls, loss, d, run) = seen[0.0], seen[1.0]
+        seen[weight] = logs, calls, loss, d, run, d.generator.get_state()
+    (off, off_calls, *_, off_state), (on, on_calls, loss, d, run, on_state) = seen[0.0], seen[1.0]
+    assert not torch.equal(off_state, on_state)  # on, its own t and noise are drawn after DMD's
     assert off_calls == [4] and on_calls == [8]  # one teacher call, its batch doubled
     assert torch.allclose(off["dmd"], on["dmd"], atol=1e-6) and torch.allclose(off["reg"], on["reg"], atol=1e-6)
     assert "red" not in off and torch.isfinite(on["red"]) and on["red"] > 0

@@ -397,9 +397,9 @@ class DMDRun(StageRun):
         noise_t = torch.randn(x.shape, generator=g).to(x.device)
         x_real, noise_real, t_real, cond_real = x.detach(), noise_t, t, cond
         if s.red_weight > 0:  # its rows join the real score's call: one teacher call, twice the rows
-            lo, hi = s.red_t_range
-            t_red = torch.randint(lo, hi + 1, (n,), generator=g).to(x.device)
-            x_real, noise_real = torch.cat([x_real, x_real]), torch.cat([noise_t, torch.randn(x.shape, generator=g).to(x.device)])
+            t_red = torch.randint(s.red_t_range[0], s.red_t_range[1] + 1, (n,), generator=g).to(x.device)
+            noise_red = torch.randn(x.shape, generator=g).to(x.device)
+            x_real, noise_real = torch.cat([x_real, x_real]), torch.cat([noise_t, noise_red])
             t_real, cond_real = torch.cat([t, t_red]), Cond.cat([cond, cond])
         uncond = cond_real.unconditional(self.ctx.uncond_row)
         with roles.teacher.running():  # one switch around the whole score
