@@ -1,0 +1,36 @@
+"""benchmarks/bg_error.py: the split of a background error into bias and noise-driven parts."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _split():
+    sys.path.insert(0, str(BENCH))  # benchmarks/ is scripts, not a package
+    try:
+        return importlib.import_module("bg_error").split
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_a_bias_and_noise_driven_specks_are_told_apart():
+    split, g = _split(), torch.Generator().manual_seed(0)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[:, 0] = True  # the left column is "background"
+    labels = torch.arange(2).repeat_interleave(500)
+    noise = torch.randn(1000, 1, 8, 8, generator=g)
+    black = -torch.ones(1000, 1, 8, 8)
+
+    biased = split(black + 0.1, noise, labels, mask)  # every background pixel 0.1 above black
+    assert abs(biased["raw_mean"] - 0.1) < 1e-6 and abs(biased["raw_rms"] - 0.1) < 1e-6
+    assert biased["within_prompt_std"] < 1e-6 and abs(biased["bg"] - 0.05) < 1e-6
+
+    leaked = split(black + 0.2 * noise, noise, labels, mask)  # input noise left uncancelled
+    assert abs(leaked["raw_mean"]) < 0.02 and leaked["corr_noise"] > 0.99
+    assert leaked["within_prompt_std"] > 0.03  # varies with the noise for a fixed prompt
+    # shown above 0.05 is raw above 0.1, noise above 0.5: P = 0.31; the clamp hides the lower half
+    assert 0.28 < leaked["above_0.05"] < 0.34 and abs(leaked["bg"] - 0.2 * 0.3989 / 2) < 0.005
