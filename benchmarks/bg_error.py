@@ -1,4 +1,4 @@
-"""What the one-step background error is made of: a bias, or noise that depends on the noise.
+"""What the one-step background error is made of: a bias, or an error that varies with the noise.
 
 For the teacher's 40-step DDIM and each LoRA's one step (at its recorded one_step_t), --per
 samples of each of the 10 prompts from one noise seed. On the background pixels (dark in at least

@@ -1,24 +1,11 @@
 """benchmarks/bg_error.py: the split of a background error into bias and noise-driven parts."""
 
-import importlib
-import sys
-from pathlib import Path
-
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _split():
-    sys.path.insert(0, str(BENCH))  # benchmarks/ is scripts, not a package
-    try:
-        return importlib.import_module("bg_error").split
-    finally:
-        sys.path.remove(str(BENCH))
+from bench_scripts import bench_module
 
 
 def test_a_bias_and_noise_driven_specks_are_told_apart():
-    split, g = _split(), torch.Generator().manual_seed(0)
+    split, g = bench_module("bg_error").split, torch.Generator().manual_seed(0)
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[:, 0] = True  # the left column is "background"
     labels = torch.arange(2).repeat_interleave(500)

@@ -1,13 +1,11 @@
 """Each speed/memory option computes what the plain path computes (tiny UNets, CPU)."""
 
 import copy
-import importlib
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from bench_scripts import bench_module
 from sd_tiny import TEXT_DIM, _unet
 
 from hypersd import lora
@@ -16,17 +14,6 @@ from hypersd.nets import speed
 from hypersd.train.recipe import TSCDStage
 from hypersd.train.runtime import Runtime
 from hypersd.train.stages import TSCDRun
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _bench(name: str):
-    """A benchmark script as a module (benchmarks/ is scripts, not a package)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _student(seed=0):
@@ -180,7 +167,7 @@ def test_benchmark_pipeline_is_hypersds_sampler():
     from hypersd.core.sampling import sample_tcd
     from hypersd.core.schedule import inference_timesteps
 
-    bench_generate = _bench("generate")
+    bench_generate = bench_module("generate")
     p = bench_generate.Pipeline("sd15", torch.device("cpu"), torch.float32, tiny=True)
     with torch.no_grad():
         for k in (1, 4):
@@ -198,7 +185,7 @@ def test_benchmark_times_generates_own_path_on_the_same_image(backbone):
     TCD scheduler on the segment boundaries): the same image as the host-free pipeline it times."""
     import argparse
 
-    bench_generate = _bench("generate")
+    bench_generate = bench_module("generate")
     p = bench_generate.Pipeline(backbone, torch.device("cpu"), torch.float32, tiny=True)
     with torch.no_grad():
         ref = {k: p(k) for k in (1, 2)}
@@ -213,7 +200,7 @@ def test_benchmark_memory_option_ladder_runs_each_option():
     before; an option that cannot run here (8-bit AdamW without bitsandbytes) is a row saying why."""
     import importlib.util
 
-    bench_train = _bench("train_step")
+    bench_train = bench_module("train_step")
     rows = bench_train.main(["--tiny", "--models", "sd15", "--variants", "tscd", "--no-compile", "--no-flops",
                              "--no-memory", "--options"])
     ladder = [r for r in rows if r["variant"].startswith("tscd-adv options: ")]
@@ -306,7 +293,7 @@ def test_fp16_scaler_skips_are_its_own_until_the_scale_is_spent():
 
 def test_benchmark_flop_split_accounts_for_every_flop():
     """train_step.py --flop-split: linear, conv and attention shares of a forward, on meta tensors."""
-    bench_train = _bench("train_step")
+    bench_train = bench_module("train_step")
     for row in bench_train.main(["--tiny", "--flop-split"]):
         shares = [row[k] for k in ("linear", "conv", "attention")]
         assert all(s > 0 for s in shares) and row["other"] == 0  # every op the counter saw has a kind
