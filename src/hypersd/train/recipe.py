@@ -34,6 +34,9 @@ class Stage:
     # None: lr throughout; a value: cosine from lr at the first step to lr_end at the last
     # (train/lr_schedule.py; the stage's own optimizer only, not a fake score's or a discriminator's)
     lr_end: float | None = None
+    # [β1, β2] of the stage's own AdamW; None: torch's (0.9, 0.999). β1 0 (no momentum) is what
+    # adversarial and DMD-style trainers use where two networks chase each other.
+    betas: list[float] | None = None
 
 
 @dataclass
@@ -99,6 +102,7 @@ class DMDStage(Stage):
     fake_lr: float = 1e-3
     fake_updates: int = 4  # fake-score updates per generator update
     fake_warmup: int = 50  # fake-score updates before the generator's first
+    fake_betas: list[float] | None = None  # the fake score's AdamW [β1, β2]; None: (0.9, 0.999)
     dmd_weight: float = 1.0
     reg_weight: float = 0.25  # MSE to the teacher's ODE output from the same noise
     reg_steps: int = 20  # teacher DDIM steps for that output
@@ -244,6 +248,9 @@ class Recipe:
         for s in d["stages"]:  # likewise a constant lr, a merge's unset rank and DMD without a generator average
             if s.get("lr_end", 0) is None:
                 s.pop("lr_end")
+            for k in ("betas", "fake_betas"):  # and torch's AdamW betas
+                if k in s and s[k] is None:
+                    s.pop(k)
             if s["kind"] == "merge" and s.get("rank", 0) is None:
                 s.pop("rank")
             if s["kind"] == "dmd" and s.get("generator_ema") == 0:
@@ -443,6 +450,16 @@ def _learning_rates(s: Stage, where: str) -> None:
     if s.lr_end is not None and not (isinstance(s.lr_end, (int, float)) and s.lr_end >= 0):
         raise HypersdError(f"{where}: lr_end must be a learning rate >= 0 (or left out for a constant lr), "
                            f"got {s.lr_end!r}")
+    for key in ("betas", "fake_betas"):
+        value = getattr(s, key, None)
+        if value is not None and not (len(value) == 2 and all(0 <= b < 1 for b in value)):
+            raise HypersdError(f"{where}: {key} must be [beta1, beta2], each in [0, 1) (or left out for "
+                               f"AdamW's [0.9, 0.999]), got {value!r}")
+
+
+def adam_betas(value) -> tuple[float, float]:
+    """A stage's betas / fake_betas as AdamW takes them."""
+    return (0.9, 0.999) if value is None else (float(value[0]), float(value[1]))
 
 
 def _validate_stage(s: Stage, where: str) -> None:
