@@ -450,6 +450,9 @@ def _learning_rates(s: Stage, where: str) -> None:
     if s.lr_end is not None and not (isinstance(s.lr_end, (int, float)) and s.lr_end >= 0):
         raise HypersdError(f"{where}: lr_end must be a learning rate >= 0 (or left out for a constant lr), "
                            f"got {s.lr_end!r}")
+
+
+def _betas(s: Stage, where: str) -> None:
     for key in ("betas", "fake_betas"):
         value = getattr(s, key, None)
         if value is not None and not (len(value) == 2 and all(0 <= b < 1 for b in value)):
@@ -466,6 +469,7 @@ def _validate_stage(s: Stage, where: str) -> None:
     if s.steps < (0 if s.kind == "merge" else 1) or s.batch < 1:
         raise HypersdError(f"{where}: steps and batch must be positive")
     _learning_rates(s, where)
+    _betas(s, where)
     if isinstance(s, TSCDStage):
         if s.end not in ("segment", "boundary"):
             raise HypersdError(f"{where}: end must be 'segment' or 'boundary', got {s.end!r}")
