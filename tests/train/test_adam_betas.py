@@ -1,8 +1,9 @@
 import pytest
+import torch
 
 from hypersd.errors import HypersdError
 from hypersd.nets import speed
-from hypersd.train.recipe import adam_betas, from_dict
+from hypersd.train.recipe import from_dict
 from hypersd.train.trainer import Distiller
 
 
@@ -17,7 +18,9 @@ def test_betas_are_checked_and_unset_keeps_the_fingerprint():
             from_dict({"stages": [{"name": "d", "kind": "dmd", "betas": bad}]})
     with pytest.raises(HypersdError, match="fake_betas must be"):
         from_dict({"stages": [{"name": "d", "kind": "dmd", "fake_betas": [0.0]}]})
-    assert adam_betas(None) == (0.9, 0.999) and adam_betas([0, 0.99]) == (0.0, 0.99)
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert speed.optimizer(p, 1e-3).param_groups[0]["betas"] == (0.9, 0.999)
+    assert speed.optimizer(p, 1e-3, betas=[0, 0.99]).param_groups[0]["betas"] == (0.0, 0.99)
 
 
 def test_the_generator_and_the_fake_score_step_with_their_own_betas(tmp_path, random_teacher_file, monkeypatch):

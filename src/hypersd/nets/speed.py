@@ -85,9 +85,11 @@ def _tuner_layers(block: torch.nn.Module) -> list:
     return layers
 
 
-def optimizer(params, lr: float, kind: str = "adamw", weight_decay: float = 0.0, betas=(0.9, 0.999)):
-    """AdamW for the LoRA weights: fused into one kernel on CUDA, or bitsandbytes' 8-bit AdamW."""
+def optimizer(params, lr: float, kind: str = "adamw", weight_decay: float = 0.0, betas=None):
+    """AdamW for the LoRA weights: fused into one kernel on CUDA, or bitsandbytes' 8-bit AdamW.
+    ``betas``: [β1, β2] (a recipe's ``betas`` / ``fake_betas``); None: AdamW's (0.9, 0.999)."""
     params = list(params)
+    betas = (0.9, 0.999) if betas is None else (float(betas[0]), float(betas[1]))
     if kind == "adamw":
         on_cuda = bool(params) and all(p.is_cuda for p in params)
         # elsewhere foreach, which torch picks only on CUDA: bit for bit the per-tensor loop's

@@ -460,11 +460,6 @@ def _betas(s: Stage, where: str) -> None:
                                f"AdamW's [0.9, 0.999]), got {value!r}")
 
 
-def adam_betas(value) -> tuple[float, float]:
-    """A stage's betas / fake_betas as AdamW takes them."""
-    return (0.9, 0.999) if value is None else (float(value[0]), float(value[1]))
-
-
 def _validate_stage(s: Stage, where: str) -> None:
     if s.steps < (0 if s.kind == "merge" else 1) or s.batch < 1:
         raise HypersdError(f"{where}: steps and batch must be positive")

@@ -46,14 +46,7 @@ from hypersd.losses.tscd import ConsistencyConfig, ConsistencyStep
 from hypersd.nets import shard, speed
 from hypersd.teachers.base import Cond
 from hypersd.train.context import StageContext
-from hypersd.train.recipe import (
-    DMDStage,
-    FeedbackStage,
-    MergeStage,
-    Stage,
-    TSCDStage,
-    adam_betas,
-)
+from hypersd.train.recipe import DMDStage, FeedbackStage, MergeStage, Stage, TSCDStage
 
 
 def default_guidance_range(teacher) -> list[float]:
@@ -286,7 +279,7 @@ class DMDRun(StageRun):
         self.params = lora.adapter_params(unet, lora.STUDENT)
         self.average = lora.adapter_params(unet, lora.AVERAGE) if s.generator_ema > 0 else []
         self.fake_params = lora.adapter_params(unet, lora.FAKE)
-        self.fake_opt = speed.optimizer(self.fake_params, s.fake_lr, betas=adam_betas(s.fake_betas))
+        self.fake_opt = speed.optimizer(self.fake_params, s.fake_lr, betas=s.fake_betas)
         if self.heads is not None:  # the classifier steps with the fake score, on its loss (DMD2)
             self.fake_opt.add_param_group({"params": list(self.heads.parameters())})
             self.classifier = Discriminator(self.teacher, self.heads, self.roles.fake)

@@ -32,7 +32,7 @@ from hypersd.train.checkpoint import (
 )
 from hypersd.train.context import StageContext, preserved_cfg
 from hypersd.train.lr_schedule import set_lr, stage_lr
-from hypersd.train.recipe import Recipe, Stage, adam_betas, check_timesteps
+from hypersd.train.recipe import Recipe, Stage, check_timesteps
 from hypersd.train.runlog import RunLog
 from hypersd.train.runtime import RandomStreams, Runtime, run_streams
 from hypersd.train.stages import StageRun, current_lora, stage_run
@@ -255,7 +255,7 @@ class Distiller:
                 self.rng.resume_torch()
             if self.recipe.channels_last:  # the stage's new adapters too
                 speed.channels_last(self.teacher.unet)
-            opt = (speed.optimizer(run.params, stage.lr, self.recipe.optimizer, betas=adam_betas(stage.betas))
+            opt = (speed.optimizer(run.params, stage.lr, self.recipe.optimizer, betas=stage.betas)
                    if run.params else None)
             pieces = ({"opt": opt} if opt else {}) | run.pieces()
             with self.pieces.scope(pieces):  # checkpointed while the stage runs
