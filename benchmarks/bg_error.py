@@ -4,9 +4,10 @@ For the teacher's 40-step DDIM and each LoRA's one step (at its recorded one_ste
 samples of each of the 10 prompts from one noise seed. On the background pixels (dark in at least
 95% of the real test digits, as benchmarks/speckle.py) it prints the brightness (0..1, clamped as
 shown), the share of pixels above 0.05, the raw x0's offset from black before the clamp (its mean:
-a bias; its RMS: the whole error), the std over the noise of each prompt's pixels (what varies
-with the noise for a fixed prompt) and the correlation of the raw offset with the noise pixel
-itself (input noise left uncancelled). Nothing is fitted on the train split.
+a bias; its RMS: the whole error, split into a systematic part, each prompt's mean per pixel, and
+a part over the noise, each prompt's spread per pixel), the std over the noise of each prompt's
+shown pixels (what varies with the noise for a fixed prompt) and the correlation of the raw
+offset with the noise pixel itself (input noise left uncancelled). Nothing is fitted on the train split.
 
   python benchmarks/bg_error.py runs/distill/lora.safetensors [more LoRAs] [--per 200]
 """
@@ -35,14 +36,21 @@ def split(x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor, mask: torc
     shown = raw.clamp(0, 2) / 2
     within = torch.stack([shown[labels == c].std(0) for c in labels.unique()]).mean()
     pair = torch.stack([raw.flatten(), noise[:, 0][:, mask].flatten()])
+    # raw RMS² = (per prompt and pixel, the mean over the noise)² + the variance over the noise:
+    # a fixed grey a prompt always has at a pixel, against an error each noise draws anew
+    per = [raw[labels == c] for c in labels.unique()]
+    systematic = torch.stack([r.mean(0) for r in per]).pow(2).mean().sqrt()
+    noise_rms = torch.stack([r.var(0, unbiased=False) for r in per]).mean().sqrt()
     return {"bg": shown.mean().item(), "above_0.05": (shown > 0.05).float().mean().item(),
             "raw_mean": raw.mean().item(), "raw_rms": raw.pow(2).mean().sqrt().item(),
+            "systematic_rms": systematic.item(), "noise_rms": noise_rms.item(),
             "within_prompt_std": within.item(), "corr_noise": torch.corrcoef(pair)[0, 1].item()}
 
 
 def line(name: str, r: dict) -> str:
     return (f"{name:>28}: bg {r['bg']:.4f}  above 0.05 {r['above_0.05']:.3f}  raw offset mean "
-            f"{r['raw_mean']:+.4f} rms {r['raw_rms']:.4f}  within-prompt std {r['within_prompt_std']:.4f}  "
+            f"{r['raw_mean']:+.4f} rms {r['raw_rms']:.4f} (systematic {r['systematic_rms']:.4f}, over the noise "
+            f"{r['noise_rms']:.4f})  within-prompt std {r['within_prompt_std']:.4f}  "
             f"corr with noise {r['corr_noise']:+.3f}")
 
 
