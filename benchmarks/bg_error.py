@@ -7,7 +7,8 @@ shown), the share of pixels above 0.05, the raw x0's offset from black before th
 a bias; its RMS: the whole error, split into a systematic part, each prompt's mean per pixel, and
 a part over the noise, each prompt's spread per pixel), the std over the noise of each prompt's
 shown pixels (what varies with the noise for a fixed prompt) and the correlation of the raw
-offset with the noise pixel itself (input noise left uncancelled). Nothing is fitted on the train split.
+offset with the noise pixel itself (input noise left uncancelled). Nothing is fitted on the train
+split.
 
   python benchmarks/bg_error.py runs/distill/lora.safetensors [more LoRAs] [--per 200]
 """
