@@ -35,11 +35,11 @@ def split(x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor, mask: torc
     """The background error of samples ``x`` (in [-1, 1], unclamped) drawn from ``noise``."""
     raw = x[:, 0][:, mask] + 1  # offset from black
     shown = raw.clamp(0, 2) / 2
-    within = torch.stack([shown[labels == c].std(0) for c in labels.unique()]).mean()
+    per = [raw[labels == c] for c in labels.unique()]  # each prompt's samples
+    within = torch.stack([r.clamp(0, 2).div(2).std(0) for r in per]).mean()
     pair = torch.stack([raw.flatten(), noise[:, 0][:, mask].flatten()])
     # raw RMS² = (per prompt and pixel, the mean over the noise)² + the variance over the noise:
     # a fixed grey a prompt always has at a pixel, against an error each noise draws anew
-    per = [raw[labels == c] for c in labels.unique()]
     systematic = torch.stack([r.mean(0) for r in per]).pow(2).mean().sqrt()
     noise_rms = torch.stack([r.var(0, unbiased=False) for r in per]).mean().sqrt()
     return {"bg": shown.mean().item(), "above_0.05": (shown > 0.05).float().mean().item(),
