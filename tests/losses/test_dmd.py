@@ -9,6 +9,7 @@ from hypersd.losses.dmd import (
     draw_generator_step,
     generate,
     red_loss,
+    regression_loss,
     score_x0,
     simulate,
 )
@@ -40,6 +41,25 @@ def test_red_loss_pulls_the_sample_to_its_denoised_version_only():
     assert torch.allclose(x.grad, (x - denoised).detach() / x.numel(), atol=1e-7)
     assert denoised.grad is None  # the target is held: no gradient runs into the real score
     assert red_loss(denoised.detach(), denoised.detach()).item() == 0
+
+
+def test_regression_l1_settles_on_the_median_where_mse_settles_on_the_mean():
+    # one pixel that must serve five targets it cannot tell apart: four black, one white
+    targets = torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0]).view(5, 1, 1, 1)
+    for distance, expected in (("mse", -0.6), ("l1", -1.0)):
+        x = torch.zeros(1, 1, 1, 1, requires_grad=True)
+        opt = torch.optim.SGD([x], lr=0.05)
+        for _ in range(400):
+            opt.zero_grad()
+            regression_loss(x.expand(5, 1, 1, 1), targets, distance).backward()
+            opt.step()
+        assert x.item() == pytest.approx(expected, abs=0.06), distance
+    x, target = torch.randn(2, 1, 4, 4, requires_grad=True), torch.randn(2, 1, 4, 4, requires_grad=True)
+    regression_loss(x, target, "l1").backward()
+    assert torch.allclose(x.grad, (x - target).sign().detach() / x.numel())
+    assert target.grad is None  # the teacher's ODE output is held
+    with pytest.raises(ValueError, match="unknown regression distance"):
+        regression_loss(target, target, "l2")
 
 
 def test_generator_and_scores_invert_the_noising():

@@ -214,6 +214,14 @@ def test_a_data_side_discriminator_is_part_of_the_method():
     assert from_dict({"stages": [{**TSCD, "adv_real": "data"}]}).fingerprint() != paper.fingerprint()
 
 
+def test_the_regression_distance_is_checked_and_mse_keeps_the_fingerprint():
+    plain = _recipe(DMD).fingerprint()
+    assert _recipe({**DMD, "reg_distance": "mse"}).fingerprint() == plain
+    assert _recipe({**DMD, "reg_distance": "l1"}).fingerprint() != plain
+    with pytest.raises(HypersdError, match="stage 'd': reg_distance must be 'mse' or 'l1', got 'l2'"):
+        _recipe({**DMD, "reg_distance": "l2"})
+
+
 def test_the_resolved_recipe_shows_its_sections_and_loads_back(tmp_path, capsys):
     import yaml
 

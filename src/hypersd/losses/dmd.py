@@ -51,6 +51,21 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x - (x - grad).detach()).pow(2).mean()
 
 
+def regression_loss(x: torch.Tensor, x_ode: torch.Tensor, distance: str = "mse") -> torch.Tensor:
+    """The one-step sample against the teacher's ODE output from the same noise (DMD's regulariser).
+
+    Where the one-step map cannot follow the target pointwise, "mse"'s best compromise for a pixel is
+    the mean of the targets it cannot tell apart (grey where some are black and some white), "l1"'s
+    their median (black where most are black).
+    """
+    diff = x - x_ode.detach()
+    if distance == "mse":
+        return diff.pow(2).mean()
+    if distance == "l1":
+        return diff.abs().mean()
+    raise ValueError(f"unknown regression distance {distance!r}")
+
+
 def red_loss(x: torch.Tensor, x0_denoised: torch.Tensor) -> torch.Tensor:
     """½‖x − stopgrad(D(x))‖², D the real score's x0 from x at low noise: regularisation by
     denoising (Romano et al., 2017). Its gradient in x is x − D(x): at a noise level a speck survives

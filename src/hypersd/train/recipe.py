@@ -105,6 +105,9 @@ class DMDStage(Stage):
     fake_betas: list[float] | None = None  # the fake score's AdamW [β1, β2]; None: (0.9, 0.999)
     dmd_weight: float = 1.0
     reg_weight: float = 0.25  # MSE to the teacher's ODE output from the same noise
+    # "l1": the mean absolute error instead; its minimiser is the pixel's median, not its mean, so
+    # a target the one-step map cannot reach pointwise is not averaged into grey
+    reg_distance: str = "mse"
     reg_steps: int = 20  # teacher DDIM steps for that output
     reg_pool: int = 256  # noise/output pairs computed once per stage
     reg_batch: int = 16
@@ -261,6 +264,8 @@ class Recipe:
             if s["kind"] == "dmd" and s.get("gan_weight") == 0:  # and DMD without the GAN term
                 for k in ("gan_weight", "gan_d_weight", "gan_hidden", "gan_t_range", "gan_train_fake"):
                     s.pop(k)
+            if s["kind"] == "dmd" and s.get("reg_distance") == "mse":  # and the regulariser's MSE
+                s.pop("reg_distance")
             if s["kind"] == "dmd" and s.get("red_weight") == 0:  # and DMD without regularisation by denoising
                 s.pop("red_weight")
                 s.pop("red_t_range")
@@ -506,6 +511,8 @@ def _validate_stage(s: Stage, where: str) -> None:
             raise HypersdError(f"{where}: generator_t must be a timestep >= 0, got {s.generator_t}")
         if s.fake_updates < 1 or s.fake_warmup < 0 or s.reg_pool < 1 or s.reg_batch < 1:
             raise HypersdError(f"{where}: fake_updates, reg_pool and reg_batch must be >= 1, fake_warmup >= 0")
+        if s.reg_distance not in ("mse", "l1"):
+            raise HypersdError(f"{where}: reg_distance must be 'mse' or 'l1', got {s.reg_distance!r}")
         if not 0 <= s.generator_ema < 1:
             raise HypersdError(f"{where}: generator_ema must be in [0, 1) (0: no average), got {s.generator_ema}")
         _rank(s.fake_rank, where, "fake_rank", "the recipe's lora_rank")

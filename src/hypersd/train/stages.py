@@ -31,6 +31,7 @@ from hypersd.losses.dmd import (
     draw_generator_step,
     generate,
     red_loss,
+    regression_loss,
     score_x0,
     simulate,
 )
@@ -408,7 +409,7 @@ class DMDRun(StageRun):
         x0_real, x0_red = x0_real[:n], x0_real[n:]
         x0_fake = score_x0(roles.fake.fn(cond), x.detach(), noise_t, t, self.schedule)
         logs = {"dmd": dmd_loss(x, dmd_gradient(x.detach(), x0_real, x0_fake)),
-                "reg": (x_reg - pool_out[idx]).pow(2).mean()}
+                "reg": regression_loss(x_reg, pool_out[idx], s.reg_distance)}
         loss = s.dmd_weight * logs["dmd"] + s.reg_weight * logs["reg"]
         if s.red_weight > 0:
             logs["red"] = red_loss(x, x0_red)
