@@ -214,6 +214,16 @@ def test_a_data_side_discriminator_is_part_of_the_method():
     assert from_dict({"stages": [{**TSCD, "adv_real": "data"}]}).fingerprint() != paper.fingerprint()
 
 
+def test_feedback_after_a_dmd_stage_that_moved_the_one_step_sampler_is_refused():
+    fb = {"name": "fb", "kind": "feedback", "rewards": [{"name": "digits"}], "sample_steps": [1, 2]}
+    with pytest.raises(HypersdError, match="stage 'fb': a feedback stage after DMD at generator_t 800 would train "
+                                           "the one-step sampler at 999"):
+        _recipe({**DMD, "generator_t": 800}, fb)
+    _recipe({**DMD, "generator_t": 800}, {**fb, "sample_steps": [2, 4]})  # no one-step sample to train
+    _recipe(DMD, fb)  # DMD at T-1: feedback's one step is where the LoRA is sampled
+    _recipe(fb, {"name": "m", "kind": "merge"}, {**DMD, "generator_t": 800})  # the packaged order
+
+
 def test_the_regression_distance_is_checked_and_mse_keeps_the_fingerprint():
     plain = _recipe(DMD).fingerprint()
     assert _recipe({**DMD, "reg_distance": "mse"}).fingerprint() == plain

@@ -49,6 +49,34 @@ def test_dmd_loss_trains_only_the_student_and_keep_starts_at_zero(tmp_path, rand
     assert all(p.requires_grad for p in lora.adapter_params(unet, lora.STUDENT))
 
 
+def test_keep_holds_the_multi_step_samplers_dmd_trains_too(tmp_path, random_teacher_file):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1},
+        {"name": "d", "kind": "dmd", "fake_warmup": 0, "reg_pool": 2, "reg_steps": 2, "keep_weight": 1.0,
+         "generator_t": 800, "generator_steps": [1, 4]}])
+    run = stage_run(d, d.recipe.stages[1])
+    run.enter(fresh=True)
+    # the 4-step sampler's timesteps too: an anchor DMD pulls against (without it the multi-step
+    # samplers drift, docs/RESULTS.md); only the one-step generator's own timestep is free
+    assert run.keep_t == [124, 249, 374, 499, 624, 749, 874, 999]
+
+
+def test_the_regulariser_follows_the_ode_of_the_real_scores_guidance(tmp_path, random_teacher_file):
+    def pool(**dmd):
+        d = _distiller(tmp_path / str(len(dmd)) / str(dmd.get("guidance")), random_teacher_file, [
+            {"name": "t", "segments": 1},
+            {"name": "d", "kind": "dmd", "fake_warmup": 0, "reg_pool": 4, "reg_steps": 2, **dmd}])
+        run = stage_run(d, d.recipe.stages[1])
+        run.enter(fresh=True)
+        return run.w_real, run.pool[2]
+
+    w_default, default = pool()
+    w, same = pool(guidance=w_default)
+    assert w == w_default and torch.equal(same, default)
+    w, other = pool(guidance=w_default + 2.0)
+    assert w == w_default + 2.0 and not torch.allclose(other, default)
+
+
 def test_feedback_trains_its_own_lora_on_a_frozen_student(tmp_path, random_teacher_file):
     d = _distiller(tmp_path, random_teacher_file, [
         {"name": "t", "segments": 1},

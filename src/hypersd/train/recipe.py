@@ -629,8 +629,15 @@ def check_timesteps(recipe: Recipe, source: str = "recipe", schedule=None) -> No
 
     for k in recipe.eval.steps:
         timesteps(k, source, "eval_steps")
+    one_step_t = None  # where an earlier DMD stage put the one-step sampler
     for s in recipe.stages:
         where = f"{source}: stage {s.name!r}"
+        if isinstance(s, FeedbackStage) and 1 in s.sample_steps and one_step_t is not None:
+            raise HypersdError(f"{where}: a feedback stage after DMD at generator_t {one_step_t} would train the "
+                               f"one-step sampler at {T - 1}, where the LoRA is no longer sampled; put feedback "
+                               f"before DMD (as the packaged recipes do), or leave 1 out of its sample_steps")
+        if isinstance(s, DMDStage):
+            one_step_t = None if s.generator_t == T - 1 else s.generator_t
         if isinstance(s, TSCDStage):
             try:
                 grid = SolverGrid(T, s.solver_steps, spacing)

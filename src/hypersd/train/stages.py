@@ -304,7 +304,7 @@ class DMDRun(StageRun):
         # the draw's latent size (a bucketed cache's draw is one bucket, whose size SDXL's time ids name);
         # float32: the network call casts its own input
         noise = torch.randn(z.shape, generator=g).to(t.device)
-        uncond, w = t.empty_cond(1), self.ctx.cfg_guidance or t.default_guidance
+        uncond, w = t.empty_cond(1), self.w_real  # the ODE of the teacher the real score is
         timesteps = self.schedule.inference_timesteps(s.reg_steps)
         out, teacher = [], self.roles.teacher
         with teacher.running():  # one switch for the whole ODE
