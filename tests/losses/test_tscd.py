@@ -32,6 +32,11 @@ def test_pseudo_huber_and_mse_by_hand():
     a, b = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.1)
     assert distance(a, b, "mse", 0.03).item() == pytest.approx(0.01)
     assert distance(a, b, "huber", 0.03).item() == pytest.approx((0.01 + 0.0009) ** 0.5 - 0.03)
+    c = torch.tensor([0.1, -0.1, 0.4, 0.0]).view(1, 1, 2, 2)
+    assert distance(a, c, "l1", 0.03).item() == pytest.approx(0.15)  # (0.1 + 0.1 + 0.4 + 0) / 4
+    x = torch.tensor([0.01, 1.0]).view(1, 1, 1, 2).requires_grad_()
+    distance(x, torch.zeros(1, 1, 1, 2), "l1", 0.03).sum().backward()
+    assert x.grad.flatten().tolist() == pytest.approx([0.5, 0.5])  # the small error pulled as hard as the large
 
 
 @pytest.fixture()

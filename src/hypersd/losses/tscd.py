@@ -25,7 +25,7 @@ class ConsistencyConfig:
     # ω ~ U[min, max] for the teacher step; None: the conditional teacher alone, one pass with no
     # unconditional rows (a CFG-preserving LoRA's target, PCM's --not_apply_cfg_solver)
     guidance: tuple[float, float] | None = (1.0, 1.0)
-    distance: str = "mse"  # or "huber" (pseudo-Huber)
+    distance: str = "mse"  # or "huber" (pseudo-Huber), or "l1" (mean absolute error per element)
     huber_c: float = 0.03
     offset_noise: float = 0.0
     solver_steps: int = 40  # N, the teacher's trailing DDIM grid
@@ -37,7 +37,10 @@ class ConsistencyConfig:
 
 
 def distance(pred: torch.Tensor, tgt: torch.Tensor, kind: str, c: float) -> torch.Tensor:
-    """Per-sample distance: mean squared error, or pseudo-Huber √(‖·‖²+c²) − c."""
+    """Per-sample distance: mean squared error, pseudo-Huber √(‖·‖²+c²) − c, or mean absolute error
+    (which, unlike the two, pulls as hard on an element's small error as on a large one)."""
+    if kind == "l1":
+        return (pred - tgt).abs().flatten(1).mean(1)
     sq = (pred - tgt).pow(2).flatten(1).mean(1)
     if kind == "mse":
         return sq

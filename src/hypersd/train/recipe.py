@@ -48,7 +48,7 @@ class TSCDStage(Stage):
     boundary_prob: float = 0.0  # with end "segment": share of t_end draws put on t_b itself
     ema_decay: float = 0.95
     guidance: list[float] | None = None  # [ω_min, ω_max]; None: the teacher's default ± 25%
-    distance: str = "mse"  # or "huber"
+    distance: str = "mse"  # or "huber", or "l1"
     huber_c: float = 0.03
     offset_noise: float = 0.0
     solver_steps: int = 40  # N of the teacher's trailing grid
@@ -473,8 +473,8 @@ def _validate_stage(s: Stage, where: str) -> None:
     if isinstance(s, TSCDStage):
         if s.end not in ("segment", "boundary"):
             raise HypersdError(f"{where}: end must be 'segment' or 'boundary', got {s.end!r}")
-        if s.distance not in ("mse", "huber"):
-            raise HypersdError(f"{where}: distance must be 'mse' or 'huber', got {s.distance!r}")
+        if s.distance not in ("mse", "huber", "l1"):
+            raise HypersdError(f"{where}: distance must be 'mse', 'huber' or 'l1', got {s.distance!r}")
         if s.guidance is not None:
             _range(s.guidance, where, "guidance", 0.0, float("inf"))
         if not 0 <= s.boundary_prob <= 1:
