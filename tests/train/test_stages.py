@@ -208,6 +208,11 @@ def test_tscd_target_moves_toward_the_student_by_one_minus_the_decay(tmp_path, r
     assert sum((new - old).abs().sum() for new, old in zip(run.ema, ema)) > 0
 
 
+def test_tscd_logs_its_distance_by_name(tmp_path, random_teacher_file):
+    _, logs, _, _ = _tscd_step(tmp_path, random_teacher_file, distance="l1")
+    assert set(logs) >= {"l1"} and "mse" not in logs and logs["l1"].item() > 0
+
+
 def test_tscd_discriminator_step_lowers_its_loss_on_the_batch(tmp_path, random_teacher_file):
     run, logs, _, _ = _tscd_step(tmp_path, random_teacher_file, adv_weight=0.5, d_lr=1e-3, d_hidden=8)
     assert {"mse", "g", "d"} <= set(logs)

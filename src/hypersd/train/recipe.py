@@ -104,7 +104,7 @@ class DMDStage(Stage):
     fake_warmup: int = 50  # fake-score updates before the generator's first
     fake_betas: list[float] | None = None  # the fake score's AdamW [β1, β2]; None: (0.9, 0.999)
     dmd_weight: float = 1.0
-    reg_weight: float = 0.25  # MSE to the teacher's ODE output from the same noise
+    reg_weight: float = 0.25  # reg_distance to the teacher's ODE output from the same noise
     # "l1": the mean absolute error instead; its minimiser is the pixel's median, not its mean, so
     # a target the one-step map cannot reach pointwise is not averaged into grey
     reg_distance: str = "mse"

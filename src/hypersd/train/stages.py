@@ -137,8 +137,8 @@ class TSCDRun(StageRun):
         s = self.stage
         cond = self.drop_prompts(cond)
         pred, tgt, t_end = self.step(z, cond, cond.unconditional(self.ctx.uncond_row), self.ctx.generator)
-        mse = self.step.loss(pred, tgt)
-        loss, logs = s.mse_weight * mse, {"mse": mse}
+        d = self.step.loss(pred, tgt)
+        loss, logs = s.mse_weight * d, {s.distance: d}  # logged by its name: mse, huber or l1
         if self.disc is not None:
             logs["g"] = hinge_g_loss(self.disc(pred, t_end, cond))
             loss = loss + s.adv_weight * logs["g"]
