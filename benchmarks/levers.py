@@ -1,10 +1,10 @@
 """Score LoRAs as the RESULTS "Levers measured" tables do: DigitsBench on seeds 0, 1, 2 × 500
 samples, 1 step at eta 0, 2 / 4 / 8 steps at the given etas; every distance (fd, pix_fd,
-bg_noise) as a multiple of the teacher's 40-step DDIM on the same seeds and samples, with the
-seed spread (std over the seeds) beside each mean.
+bg_noise) as a multiple of the teacher's 40 steps (DDIM, or Euler on the flow world) on the same
+seeds and samples, with the seed spread (std over the seeds) beside each mean.
 
   python benchmarks/levers.py A=runs/a/lora.safetensors B=runs/b/lora.safetensors \
-      [--etas 0.5,0] [--n 500] [--seeds 3] [--json out.json]
+      [--etas 0.5,0] [--n 500] [--seeds 3] [--json out.json] [--backbone digits-flow]
 
 A PATH may also be a run's checkpoint folder (checkpoints/step-N): its student adapter is scored
 with the metadata (rank, targets, one_step_t) of the LoRA given by --meta, e.g. the stage's final
@@ -24,7 +24,7 @@ import torch
 from hypersd.eval.digits import DigitsBench, student_rows
 from hypersd.eval.metrics import DISTANCES, multiples
 from hypersd.lora.files import read_lora, save_state
-from hypersd.teachers.digits import DigitsTeacher
+from hypersd.teachers.load import load_teacher
 
 
 def score(bench: DigitsBench, name: str, path: str, steps, etas) -> list[dict]:
@@ -67,9 +67,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--json", default=None)
     p.add_argument("--meta", default=None, help="a LoRA whose metadata a checkpoint folder's student takes")
+    p.add_argument("--backbone", choices=["digits", "digits-flow"], default="digits",
+                   help="the digits world whose shipped teacher the LoRAs were distilled from")
     a = p.parse_args()
     torch.set_num_threads(1)
-    bench = DigitsBench(DigitsTeacher.load(), n=a.n, seeds=range(a.seeds), progress=False)
+    bench = DigitsBench(load_teacher(a.backbone), n=a.n, seeds=range(a.seeds), progress=False)
     ref = bench.teacher40()
     print("teacher 40 steps: " + " / ".join(f"{m} {ref[m]['mean']:.4g}" for m in DISTANCES), flush=True)
     out = {"teacher40": ref, "rows": []}

@@ -100,6 +100,20 @@ def test_the_loras_recommended_eta_is_used_unless_eta_is_given():
     assert resolve(recipe, steps=4, scheduler="ddim", **kw).eta == 0.0  # DDIM has no eta
 
 
+def test_the_eta_multi_step_dmd_trained_at_is_used_where_none_was_measured():
+    from hypersd.eval.digits import recorded_eta
+    from hypersd.inference.recipes import hypersd_recipe
+
+    meta = {"guidance": 1.0, "backbone": "sd15", "trained_eta": {"2": 0.5, "4": 0.5}}
+    kw = dict(model="m", backbone="sd15", lora="l.safetensors", T=1000, default_guidance=7.5)
+    assert resolve(hypersd_recipe(meta, "l"), steps=2, **kw).eta == 0.5  # a --no-eval run's LoRA
+    assert resolve(hypersd_recipe(meta, "l"), steps=8, **kw).eta == 0.0
+    measured = {**meta, "recommended_eta": {"4": 0.3}}
+    assert resolve(hypersd_recipe(measured, "l"), steps=4, **kw).eta == 0.3  # the measured eta wins
+    assert resolve(hypersd_recipe(measured, "l"), steps=2, **kw).eta == 0.5
+    assert [recorded_eta(measured, k) for k in (1, 2, 4)] == [0.0, 0.5, 0.3]  # the digits metrics' eta
+
+
 # -- images equal hypersd's sampler ------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_model_alone_equals_hypersd_sampler(models, kind):

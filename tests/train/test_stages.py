@@ -349,6 +349,16 @@ def test_dmd_generator_steps_choose_where_the_generator_is_trained(tmp_path, ran
         assert trained - {800} and trained <= {800, 999, 874, 749, 624, 499, 374, 249, 124}
 
 
+@pytest.mark.parametrize("dmd, trained", [({}, None), ({"generator_steps": [1, 4, 2, 4]}, None),
+                                           ({"generator_steps": [1, 4, 2, 4], "generator_eta": 0.5},
+                                            {"2": 0.5, "4": 0.5})])
+def test_the_lora_records_the_eta_multi_step_dmd_trained_at(tmp_path, random_teacher_file, dmd, trained):
+    d = _distiller(tmp_path, random_teacher_file, [
+        {"name": "t", "segments": 1}, {"name": "d", "kind": "dmd", "generator_t": 800, **dmd}])
+    assert "trained_eta" not in d.lora_meta(d.recipe.stages[0])  # before DMD: nothing trained at an eta
+    assert d.lora_meta(d.recipe.stages[1]).get("trained_eta") == trained
+
+
 def test_dmd_generator_steps_are_checked_and_one_step_keeps_the_fingerprint():
     stages = [{"name": "t"}, {"name": "d", "kind": "dmd"}]
     plain = from_dict({"stages": stages}).fingerprint()

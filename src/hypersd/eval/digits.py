@@ -247,8 +247,10 @@ def pick_eta(scored: dict[float, dict], reference: dict) -> float:
 
 
 def recorded_eta(meta: dict, steps: int) -> float:
-    """A LoRA's recommended eta at ``steps`` (its metadata's recommended_eta), else 0 (DDIM)."""
-    return float((meta.get("recommended_eta") or {}).get(str(steps), 0.0))
+    """A LoRA's recommended eta at ``steps`` (its metadata's recommended_eta), else the eta multi-step
+    DMD trained that step count at (trained_eta), else 0 (DDIM)."""
+    etas = {**(meta.get("trained_eta") or {}), **(meta.get("recommended_eta") or {})}
+    return float(etas.get(str(steps), 0.0))
 
 
 def recommend_etas(bench: DigitsBench, steps, etas, guidance: float = 1.0, one_step_t: int | None = None,

@@ -84,9 +84,11 @@ def _published_flow_recipe(path: str | Path) -> Recipe | None:
 
 def hypersd_recipe(meta: dict, path) -> Recipe:
     """A hypersd LoRA's own metadata: its guidance (a CFG LoRA's: the one it was trained for), its
-    one-step timestep, TCD form."""
+    one-step timestep, TCD form; per step count, the eta measured at the end of its run, else the
+    one multi-step DMD trained that step count's sampler at."""
+    etas = {**(meta.get("trained_eta") or {}), **(meta.get("recommended_eta") or {})} or None
     return Recipe(scheduler="tcd", eta=0.0, guidance=meta.get("guidance"), backbone=meta.get("backbone"),
-                  one_step_t=meta.get("one_step_t"), etas=meta.get("recommended_eta"),
+                  one_step_t=meta.get("one_step_t"), etas=etas,
                   source=f"hypersd LoRA metadata of {Path(path).name}", on_boundaries=True, cfg=meta.get("cfg"))
 
 

@@ -336,7 +336,19 @@ class Distiller:
         one_step_t = self.one_step_t(stage)
         if one_step_t is not None:
             meta["one_step_t"] = one_step_t
+        trained = self.trained_eta(stage)
+        if trained:
+            meta["trained_eta"] = trained
         return meta
+
+    def trained_eta(self, stage: Stage) -> dict[str, float]:
+        """The eta a multi-step DMD stage ran the student's k-step sampler at, per k > 1: the sampler
+        those steps were trained for, and the one to use where no eta was measured (--no-eval)."""
+        stages = self.recipe.stages[: self.recipe.stages.index(stage) + 1]
+        dmd = [s for s in stages if s.kind == "dmd"]
+        if not dmd or not dmd[-1].generator_eta:
+            return {}
+        return {str(k): dmd[-1].generator_eta for k in sorted(set(dmd[-1].generator_steps)) if k > 1}
 
     def one_step_t(self, stage: Stage) -> int | None:
         """The timestep a one-step sample takes once a DMD stage trained a generator elsewhere than T-1."""
