@@ -232,10 +232,13 @@ def test_diffusers_alpha_tensors_are_read_as_each_layers_alpha(folders, tmp_path
         read_any(tmp_path / "stray.safetensors")
 
 
-def test_a_kohya_sd3_file_generates_as_its_diffusers_twin(folders, tmp_path):
+@pytest.mark.parametrize("every_layer", [False, True])
+def test_a_kohya_sd3_file_generates_as_its_diffusers_twin(folders, tmp_path, every_layer):
     """diffusers reads no kohya SD3 file; generate reads it with hypersd's reader, and makes the
-    images diffusers makes from the same LoRA in its own layout."""
-    state, meta = _random_peft("sd3", folders["sd3"])
+    images diffusers makes from the same LoRA in its own layout. On every layer, as the published
+    Hyper-SD3 file is: the patch embedding, norm_out and the last block's context modulation too."""
+    kw = dict(every_linear=True, extra=("pos_embed.proj",), a_scale=0.25) if every_layer else {}
+    state, meta = _random_peft("sd3", folders["sd3"], **kw)
     kohya = tmp_path / "Hyper-SD3-4steps-CFG-lora.safetensors"
     save_file({k: v.contiguous() for k, v in to_kohya(state, meta).items()}, str(kohya))
     gen, images = generated(folders["sd3"], kohya)

@@ -73,6 +73,12 @@ def _random_lora(net, name="ref", targets="transformer"):
     return state, {**lora.spec(net, name), "guidance": 3.5, "backbone": backbone}
 
 
+def _every_layer(net):
+    """Every linear layer and convolution: the published Hyper-SD3 / Hyper-FLUX files adapt the
+    embedders, the modulations (norm_out's included) and the final projection too."""
+    return [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
 def _pipe(net):
     """diffusers' own pipeline around the transformer alone: its LoRA loader needs nothing else."""
     if isinstance(net, SD3Transformer2DModel):
@@ -159,6 +165,37 @@ def test_kohya_flux_file_fuses_qkv_and_diffusers_kohya_reader_gives_the_same_out
     torch.testing.assert_close(_diffusers_out(net, path), want, atol=1e-5, rtol=0)
 
 
+def test_a_kohya_flux_file_on_every_layer_is_what_diffusers_converter_reads_back(tmp_path, capsys):
+    """norm_out's rows are (scale, shift) in diffusers, (shift, scale) in BFL's final_layer: the up's
+    halves change places on export. diffusers' kohya FLUX converter (which swaps them back, and drops
+    final_layer's alphas: so those ups carry alpha/rank) gives every layer's (alpha/rank)·B·A back.
+    Its loader then loads only the blocks' layers: ``lora convert`` says so."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux_lora_to_diffusers,
+    )
+
+    net = _net("flux", num_single_layers=0)
+    state, meta = _random_lora(net, targets=_every_layer(net))
+    assert {"norm_out.linear.lora_B.weight", "proj_out.lora_B.weight", "x_embedder.lora_B.weight"} <= set(state)
+    path = write(tmp_path / "h.safetensors", state, meta, "hypersd")
+    assert main(["lora", "convert", str(path), str(tmp_path / "k.safetensors"), "--to", "kohya"]) in (0, None)
+    assert "leave out 10 of these layers (context_embedder, norm_out.linear" in capsys.readouterr().out
+    kohya = load_file(str(tmp_path / "k.safetensors"))
+    up = kohya["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"]
+    b = state["norm_out.linear.lora_B.weight"] * (ALPHA / RANK)
+    torch.testing.assert_close(up, torch.cat([b[32:], b[:32]]), atol=0, rtol=0)
+    theirs = {k.removeprefix("transformer."): v for k, v in _convert_kohya_flux_lora_to_diffusers(kohya).items()}
+    modules = {k.rsplit(".lora_", 1)[0] for k in state}
+    assert {k.rsplit(".lora_", 1)[0] for k in theirs} == modules
+    for m in modules:
+        want = (ALPHA / RANK) * state[f"{m}.lora_B.weight"] @ state[f"{m}.lora_A.weight"]
+        torch.testing.assert_close(theirs[f"{m}.lora_B.weight"] @ theirs[f"{m}.lora_A.weight"], want,
+                                   atol=1e-5, rtol=1e-5, msg=m)
+    want = _with_ours_removed(net)
+    load_into_unet(net, tmp_path / "k.safetensors", "back")  # and hypersd's reader undoes the swap
+    torch.testing.assert_close(_out(net), want, atol=1e-5, rtol=1e-5)
+
+
 def test_kohya_flux_single_block_linear1_at_flux_width_loads_in_diffusers(tmp_path):
     """One single block of FLUX.1's width (3072, MLP 12288): linear1 fuses q, k, v and the MLP input."""
     net = _net("flux", num_layers=0, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
@@ -205,32 +242,42 @@ def _original_checkpoint(net):
     return out
 
 
-def test_kohya_sd3_names_are_the_original_models_and_applying_them_there_gives_the_lora(tmp_path):
+@pytest.mark.parametrize("every_layer", [False, True])
+def test_kohya_sd3_names_are_the_original_models_and_applying_them_there_gives_the_lora(tmp_path, every_layer):
     """diffusers reads no kohya SD3 LoRA; ComfyUI applies ``lora_unet_<original weight name>`` to the
     original model's weight. Here: the original checkpoint maps back through diffusers' own SD3
     converter to the same weights (hypersd's names are the original model's), and the kohya file
-    added to those weights, converted, gives the peft LoRA's output."""
+    added to those weights, converted, gives the peft LoRA's output. On every layer: the patch
+    embedding's convolution, norm_out and the last block's context modulation (whose halves the
+    original orders (shift, scale)) too."""
     net = _net("sd3")
     original = _original_checkpoint(net)
     back = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
     assert back.keys() == net.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in net.state_dict().items())
 
-    state, meta = _random_lora(net)
+    state, meta = _random_lora(net, targets=_every_layer(net) if every_layer else "transformer")
     path = write(tmp_path / "k.safetensors", state, meta, "kohya")
     kohya = load_file(str(path))
     assert "lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_down.weight" in kohya
     assert "lora_unet_joint_blocks_1_context_block_attn_qkv.lora_up.weight" in kohya
+    if every_layer:
+        assert {"lora_unet_x_embedder_proj.lora_down.weight", "lora_unet_final_layer_adaLN_modulation_1.alpha",
+                "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1.lora_up.weight"} <= set(kohya)
     patched = dict(original)
     for name in {k.split(".", 1)[0] for k in kohya}:
         down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
         weight = name[len("lora_unet_"):]
         target = next(k for k in original if k.endswith(".weight") and k[:-7].replace(".", "_") == weight)
-        patched[target] = original[target] + kohya[f"{name}.alpha"] / down.shape[0] * (up @ down)
+        delta = (up.flatten(1) @ down.flatten(1)).view(original[target].shape)  # a convolution's too
+        patched[target] = original[target] + kohya[f"{name}.alpha"] / down.shape[0] * delta
     want = _with_ours_removed(net)
+    tol = 1e-5 * max(1.0, want.abs().max().item())  # a random LoRA on every layer: outputs near 1000
     fused = _net("sd3")
     fused.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(patched))
-    torch.testing.assert_close(_out(fused), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_out(fused), want, atol=tol, rtol=0)
+    load_into_unet(net, path, "back")  # hypersd's reader: the same LoRA
+    torch.testing.assert_close(_out(net), want, atol=tol, rtol=0)
 
 
 # -- back into hypersd -------------------------------------------------------------------------------
@@ -305,6 +352,20 @@ def test_what_kohya_cannot_hold_is_refused_with_the_fix(tmp_path):
     with pytest.raises(HypersdError, match="lacks proj_mlp.*lora_targets: transformer"):
         write(tmp_path / "s.safetensors", state, meta, "kohya")
     sd3 = _net("sd3")
-    state, meta = _random_lora(sd3, targets=["norm1_context.linear"])
+    state, meta = _random_lora(sd3, targets=["to_q"])
+    foreign = {k.replace("attn.to_q", "attn.to_gate"): v for k, v in state.items()}  # a layer SD3 lacks
     with pytest.raises(HypersdError, match="no SD3 original name.*--to diffusers"):
-        write(tmp_path / "n.safetensors", state, {**meta, "backbone": "sd3"}, "kohya")
+        write(tmp_path / "n.safetensors", foreign, {**meta, "backbone": "sd3"}, "kohya")
+
+
+def test_a_lora_on_no_block_is_told_by_its_backbone(tmp_path):
+    """The patch embedding alone: no block names it a transformer's, its ``backbone`` does."""
+    net = _net("sd3")
+    state, meta = _random_lora(net, targets=["pos_embed.proj"])
+    kohya = load_file(str(write(tmp_path / "k.safetensors", state, meta, "kohya")))
+    assert set(kohya) == {f"lora_unet_x_embedder_proj.{p}" for p in ("lora_down.weight", "lora_up.weight", "alpha")}
+    diffusers = load_file(str(write(tmp_path / "d.safetensors", state, meta, "diffusers")))
+    assert all(k.startswith("transformer.pos_embed.proj.") for k in diffusers)
+    want = _with_ours_removed(net)
+    load_into_unet(net, tmp_path / "k.safetensors", "back")
+    torch.testing.assert_close(_out(net), want, atol=1e-6, rtol=0)

@@ -23,6 +23,25 @@ def cmd_convert(a) -> None:
         meta = {**meta, "backbone": a.backbone}
     path = write(a.out, state, meta, a.to, force=a.force)
     print(f"wrote {path} ({a.to}, rank {meta['rank']}, {len(state) // 2} layers)")
+    if a.to == "kohya":
+        _say_what_diffusers_leaves_out(state, meta)
+
+
+def _say_what_diffusers_leaves_out(state, meta) -> None:
+    from hypersd.lora.transformer_layouts import (
+        arch_of,
+        is_transformer,
+        outside_the_blocks,
+    )
+
+    modules = {k.rsplit(".lora_", 1)[0] for k in state}
+    if not is_transformer(modules, meta.get("backbone")) or arch_of(modules, meta.get("backbone")) != "flux":
+        return
+    left_out = outside_the_blocks(modules)
+    if left_out:
+        print(f"note: diffusers' kohya FLUX reader loads the blocks only, so pipe.load_lora_weights would leave out "
+              f"{len(left_out)} of these layers ({', '.join(left_out[:3])}, ...); ComfyUI and hypersd load them all. "
+              f"For diffusers, write --to diffusers")
 
 
 def cmd_inspect(a) -> None:

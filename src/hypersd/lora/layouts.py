@@ -191,7 +191,7 @@ def to_diffusers(state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.
     (diffusers' loader assumes alpha = rank)."""
     rank, alpha = _spec(state, meta)
     scale = alpha / rank
-    prefix = TRANSFORMER_PREFIX if is_transformer(state) else DIFFUSERS_PREFIX
+    prefix = TRANSFORMER_PREFIX if is_transformer(state, meta.get("backbone")) else DIFFUSERS_PREFIX
     out = {}
     for key, value in state.items():
         if ".lora_B." in key and scale != 1:
@@ -205,7 +205,7 @@ def to_kohya(state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tens
     A transformer's: the original model's names, q, k and v fused (``transformer_layouts``)."""
     _, alpha = _spec(state, meta)
     modules = _modules(state)
-    if is_transformer(modules):
+    if is_transformer(modules, meta.get("backbone")):
         return fuse(modules, arch_of(modules, meta.get("backbone")), alpha)
     out = {}
     for module, pair in modules.items():
@@ -220,7 +220,7 @@ def kohya_metadata(state: dict[str, torch.Tensor], meta: dict) -> dict[str, str]
     """The ``ss_*`` fields kohya's trainer writes, which UIs show and filter by."""
     rank, alpha = _spec(state, meta)
     network = "networks.lora"
-    if is_transformer(state):  # the module kohya's SD3 and FLUX trainers write
+    if is_transformer(state, meta.get("backbone")):  # the module kohya's SD3 and FLUX trainers write
         network = f"networks.lora_{arch_of(_modules(state), meta.get('backbone'))}"
     # a fused qkv layer has 3 or 4 times this rank; every layer keeps alpha/rank
     out = {"ss_network_module": network, "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}"}

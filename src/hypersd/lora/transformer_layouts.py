@@ -11,7 +11,8 @@ parts' ``B_i·A_i`` stacked by rows. Its rank is the sum of the parts' ranks (3r
 linear1) and its alpha grows with it, which keeps alpha/rank and so the weight change as it was.
 Import: a fused LoRA whose up is block-diagonal in that way is cut back into the parts (rank r
 each, exact); any other (a LoRA trained on the fused layer) gives every part the whole down and
-its rows of the up: rank unchanged, also exact.
+its rows of the up: rank unchanged, also exact. Where diffusers' layer orders its rows (scale, shift)
+and the original (shift, scale), the up's halves change places (``swap_halves``).
 """
 
 from __future__ import annotations
@@ -56,9 +57,8 @@ _FLUX = [
     (r"time_text_embed\.text_embedder\.linear_2", "vector_in.out_layer", 0, 1),
     (r"time_text_embed\.guidance_embedder\.linear_1", "guidance_in.in_layer", 0, 1),
     (r"time_text_embed\.guidance_embedder\.linear_2", "guidance_in.out_layer", 0, 1),
+    (r"norm_out\.linear", "final_layer.adaLN_modulation.1", 0, 1),
 ]
-# SD3's last block keeps its context modulation with scale and shift swapped (and FLUX's and SD3's
-# norm_out too): not mapped, so such a LoRA is refused rather than written wrong.
 _SD3 = [
     (r"transformer_blocks\.{0}\.attn\.to_q", "joint_blocks.{0}.x_block.attn.qkv", 0, 3),
     (r"transformer_blocks\.{0}\.attn\.to_k", "joint_blocks.{0}.x_block.attn.qkv", 1, 3),
@@ -77,7 +77,10 @@ _SD3 = [
     (r"transformer_blocks\.{0}\.ff_context\.net\.0\.proj", "joint_blocks.{0}.context_block.mlp.fc1", 0, 1),
     (r"transformer_blocks\.{0}\.ff_context\.net\.2", "joint_blocks.{0}.context_block.mlp.fc2", 0, 1),
     (r"transformer_blocks\.{0}\.norm1\.linear", "joint_blocks.{0}.x_block.adaLN_modulation.1", 0, 1),
+    (r"transformer_blocks\.{0}\.norm1_context\.linear", "joint_blocks.{0}.context_block.adaLN_modulation.1", 0, 1),
+    (r"norm_out\.linear", "final_layer.adaLN_modulation.1", 0, 1),
     (r"proj_out", "final_layer.linear", 0, 1),
+    (r"pos_embed\.proj", "x_embedder.proj", 0, 1),  # the patch embedding, a convolution
     (r"context_embedder", "context_embedder", 0, 1),
     (r"time_text_embed\.timestep_embedder\.linear_1", "t_embedder.mlp.0", 0, 1),
     (r"time_text_embed\.timestep_embedder\.linear_2", "t_embedder.mlp.2", 0, 1),
@@ -87,12 +90,15 @@ _SD3 = [
 RULES = {"flux": _FLUX, "sd3": _SD3}
 # the first names of each model's original layers: how a kohya file tells which model it is for
 HEADS = {"flux": ("double_blocks_", "single_blocks_", "img_in", "txt_in", "time_in_", "vector_in_", "guidance_in_"),
-         "sd3": ("joint_blocks_", "t_embedder_", "y_embedder_")}
+         "sd3": ("joint_blocks_", "t_embedder_", "y_embedder_", "x_embedder_")}
 TRANSFORMER_HEADS = ("transformer_blocks.", "single_transformer_blocks.")
 
 
-def is_transformer(modules) -> bool:
-    """Whether peft module paths are a diffusers transformer's (SD3, FLUX), not a UNet's."""
+def is_transformer(modules, backbone: str | None = None) -> bool:
+    """Whether peft module paths are a diffusers transformer's (SD3, FLUX), not a UNet's: by the
+    backbone where it is known (a LoRA on no block, the embedders alone, says nothing), else by them."""
+    if (backbone or "").lower().startswith(tuple(RULES)):
+        return True
     return any(m.startswith(TRANSFORMER_HEADS) for m in modules)
 
 
@@ -139,6 +145,12 @@ def parts_of(kohya_stem: str, arch: str) -> list[str] | None:
     return None
 
 
+def outside_the_blocks(modules) -> list[str]:
+    """The layers of a transformer LoRA that are in no block (embedders, norm_out, proj_out): diffusers'
+    (0.42) kohya FLUX reader converts them but leaves them out of what it loads, without a word."""
+    return sorted(m for m in modules if not m.startswith(TRANSFORMER_HEADS))
+
+
 def arch_of_kohya(names) -> str | None:
     """``flux`` or ``sd3`` when kohya layer names are a transformer's original ones, else None."""
     stems = [n[len(KOHYA_PREFIX):] for n in names if n.startswith(KOHYA_PREFIX)]
@@ -159,14 +171,34 @@ def fuse(modules: dict[str, dict[str, torch.Tensor]], arch: str, alpha: float) -
     for orig, parts in groups.items():
         n = next(iter(parts.values()))[1]
         pairs = [modules[parts[i][0]] if i in parts else None for i in range(n)]
-        down, up = _stack(pairs, orig, [parts[i][0] if i in parts else None for i in range(n)])
-        name = KOHYA_PREFIX + orig.replace(".", "_")
         rank = next(p["A"].shape[0] for p in pairs if p is not None)
+        if n == 1:  # as it is (a convolution's 4-d A and B included)
+            module = parts[0][0]
+            down, up = pairs[0]["A"], swap_halves(module, pairs[0]["B"], pairs[0]["A"].shape[1])
+        else:
+            down, up = _stack(pairs, orig, [parts[i][0] if i in parts else None for i in range(n)])
+        # alpha/rank as each part had it: the fused rank is n parts' ranks
+        layer_alpha = alpha * down.shape[0] / rank
+        if arch == "flux" and orig.startswith("final_layer."):
+            # diffusers' kohya FLUX reader drops these two layers' alphas (takes alpha = rank): fold it in
+            up, layer_alpha = (up.float() * (layer_alpha / down.shape[0])).to(up.dtype), float(down.shape[0])
+        name = KOHYA_PREFIX + orig.replace(".", "_")
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = up
-        # alpha/rank as each part had it: the fused rank is n parts' ranks
-        out[f"{name}.alpha"] = torch.tensor(alpha * down.shape[0] / rank, dtype=down.dtype)
+        out[f"{name}.alpha"] = torch.tensor(layer_alpha, dtype=down.dtype)
     return out
+
+
+# diffusers' AdaLayerNormContinuous (FLUX's and SD3's norm_out, the context modulation of SD3's last
+# block) orders its rows (scale, shift), the original layer (shift, scale): the up's halves change
+# places, both ways. Only such a layer has two halves of rows (the other modulations have 3, 6 or 9).
+_HALVES = ("norm_out.linear", "norm1_context.linear")
+
+
+def swap_halves(module: str, up: torch.Tensor, width: int) -> torch.Tensor:
+    if module.endswith(_HALVES) and up.shape[0] == 2 * width:
+        return torch.cat(up.chunk(2)[::-1])
+    return up
 
 
 def _stack(pairs, orig: str, names) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +225,7 @@ def split(stem: str, down: torch.Tensor, up: torch.Tensor, alpha: float,
         return None
     n = len(modules)
     if n == 1:
-        return {modules[0]: (down, up, alpha)}
+        return {modules[0]: (down, swap_halves(modules[0], up, down.shape[1]), alpha)}
     rows = _rows(up.shape[0], down.shape[1], n, stem)
     rank = down.shape[0]
     if rank % n == 0 and _block_diagonal(up, rows, rank // n):
