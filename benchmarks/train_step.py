@@ -390,7 +390,7 @@ FLOW_OPTIONS = "bf16,bf16+ckpt,int8+ckpt,nf4+ckpt"
 
 
 def flow_stage(kind: str, teacher, batch: int):
-    """The TSCD or DMD stage of a flow teacher (its own grid: SD3's T = 841, FLUX's 1000)."""
+    """The TSCD or DMD stage of a flow teacher (its own grid: SD3's T = 841, FLUX's 1200)."""
     from flow_models import SOLVER_STEPS
 
     solver = 43 if teacher.T == 841 else SOLVER_STEPS["flux"]

@@ -341,3 +341,41 @@ def test_a_flux_loras_recommended_eta_runs_tcd_with_its_weights(folders, tmp_pat
     lora.save_lora(path, t.unet, meta)
     with pytest.raises(HypersdError, match="one-step timestep 800 on T=1000, this model's timesteps on T=1200"):
         Generator(str(folders["flux"]), lora=str(path), steps=1, device="cpu")
+
+
+def _variant(folder, tmp_path, name, pipeline=None, in_channels=None):
+    """A copy of a tiny model folder posing as another FLUX variant, its transformer weights damaged:
+    a refusal that comes before any weight is read gives its own message, not a load error."""
+    import json
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(folder, out)
+    if pipeline:
+        index = json.loads((out / "model_index.json").read_text())
+        (out / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
+    if in_channels:
+        config = json.loads((out / "transformer" / "config.json").read_text())
+        (out / "transformer" / "config.json").write_text(json.dumps({**config, "in_channels": in_channels}))
+    for weights in (out / "transformer").glob("*.safetensors"):
+        weights.write_bytes(b"damaged")
+    return out
+
+
+@pytest.mark.parametrize("pipeline, said", [("FluxKontextPipeline", "FLUX.1 Kontext, an image-editing model"),
+                                            ("FluxFillPipeline", "FLUX.1 Fill, an inpainting model"),
+                                            ("FluxControlPipeline", "Depth or Canny")])
+def test_a_flux_variant_that_is_no_text_to_image_model_is_refused_before_loading(folders, tmp_path, pipeline, said):
+    folder = _variant(folders["flux"], tmp_path, pipeline, pipeline=pipeline)
+    with pytest.raises(HypersdError, match=f"{said}.*hypersd distils text-to-image models: pass FLUX.1-dev"):
+        load_teacher("flux", str(folder), resolution=SIDE)
+
+
+def test_a_transformer_wider_than_its_vaes_latents_is_refused_before_loading(folders, tmp_path):
+    """A Fill or Depth transformer saved under FluxPipeline: its input width tells it (tiny: 4 x 16)."""
+    folder = _variant(folders["flux"], tmp_path, "wide", in_channels=128)
+    with pytest.raises(HypersdError, match="takes 128 input channels, not the 64 of its VAE's 16-channel"):
+        load_teacher("flux", str(folder), resolution=SIDE)
+    folder = _variant(folders["sd3"], tmp_path, "sd3-wide", in_channels=32)
+    with pytest.raises(HypersdError, match="takes 32 input channels, not the 16.*pass SD3 / SD3.5"):
+        load_teacher("sd3", str(folder))

@@ -79,8 +79,10 @@ def load_flow_parts(backbone: str, path: str, components: dict, config: str | No
     if file.is_file():
         return single_file(backbone, file, components, config)
     path = model_source(path, ["transformer"], backbone)
-    check_transformer(backbone, _load(SD3Transformer2DModel.load_config, path, "transformer"), path)
+    transformer_config = _load(SD3Transformer2DModel.load_config, path, "transformer")
+    check_transformer(backbone, transformer_config, path)
     path = model_source(path, [*components, "scheduler"], backbone)
+    check_text_to_image(backbone, path, transformer_config, _load(AutoencoderKL.load_config, path, "vae"))
     parts = {name: _load(cls.from_pretrained, path, name) for name, cls in components.items()}
     return parts, dict(_load(FlowMatchEulerDiscreteScheduler.load_config, path, "scheduler"))
 
@@ -93,6 +95,37 @@ def check_transformer(backbone: str, config: dict, source) -> None:
     fix = f"use backbone {other}" if other else f"pass a {backbone} model"
     raise HypersdError(f"{source}'s transformer is a {actual or 'model of unknown class'}, not the "
                        f"{TRANSFORMERS[backbone]} of a {backbone} model; {fix}")
+
+
+# pipelines whose transformer takes more than the noisy latents and the prompt: no text-to-image models
+NOT_TEXT_TO_IMAGE = {
+    "FluxFillPipeline": "FLUX.1 Fill, an inpainting model (its transformer takes the masked image and the mask too)",
+    "FluxControlPipeline": "a FLUX.1 Depth or Canny model (its transformer takes a control image's latents too)",
+    "FluxKontextPipeline": "FLUX.1 Kontext, an image-editing model (it takes a reference image's tokens beside the noise)",
+    "FluxPriorReduxPipeline": "FLUX.1 Redux, an image-variation adapter, not a model",
+}
+# how many latents' channels a transformer's input holds: FLUX packs 2x2 patches into channels
+PACKED = {"sd3": 1, "flux": 4}
+
+
+def check_text_to_image(backbone: str, source, transformer_config: dict, vae_config: dict) -> None:
+    """Refuse, before any weight is read, a model of the family that is not a text-to-image model:
+    by the pipeline class its folder names, and by its transformer's input width against its VAE's."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipeline = DiffusionPipeline.load_config(str(source)).get("_class_name")
+    except Exception:  # no model_index.json (or none cached): the channel check below still holds
+        pipeline = None
+    fix = (f"hypersd distils text-to-image models: pass {'FLUX.1-dev, FLUX.1-schnell' if backbone == 'flux' else 'SD3 / SD3.5'}"
+           f" or a text-to-image fine-tune of it")
+    if pipeline in NOT_TEXT_TO_IMAGE:
+        raise HypersdError(f"{source} is {NOT_TEXT_TO_IMAGE[pipeline]} ({pipeline}); {fix}")
+    channels, latents = transformer_config.get("in_channels"), vae_config.get("latent_channels")
+    if channels is not None and latents is not None and channels != PACKED[backbone] * latents:
+        what = {"flux": " (FLUX.1 Fill takes 384, Depth and Canny 128: an image's latents beside the noise)"}
+        raise HypersdError(f"{source}'s transformer takes {channels} input channels, not the {PACKED[backbone] * latents} "
+                           f"of its VAE's {latents}-channel latents{what.get(backbone, '')}; {fix}")
 
 
 def single_file(backbone: str, file: Path, components: dict, config: str | None):
@@ -118,6 +151,7 @@ def single_file(backbone: str, file: Path, components: dict, config: str | None)
     from_file = ["transformer", "vae"] if has_vae else ["transformer"]
     rest = [name for name in components if name not in from_file]
     source = model_source(source, [*rest, "scheduler"], backbone)
+    check_text_to_image(backbone, source, transformer_config, _load(AutoencoderKL.load_config, source, "vae"))
     parts = {name: _load(components[name].from_pretrained, source, name) for name in rest}
     for name in from_file:
         try:
