@@ -211,6 +211,31 @@ def test_cli_model_generates_then_scores(tmp_path, clip_dir, capsys):
     assert "one --steps value" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_cli_model_on_sd3_and_flux_scores_generates_images(tmp_path, clip_dir, kind):
+    """eval --model through StableDiffusion3Pipeline / FluxPipeline: the images it scores are
+    ``hypersd generate``'s of the same seeds, at the size asked for, and the report says how they were made."""
+    from flow_tiny import LATENT_SIZE, save_flow_tiny
+
+    side = 2 * LATENT_SIZE
+    model = save_flow_tiny(kind, tmp_path / kind)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    sampling = ["--model", str(model), "--steps", "2", "--guidance", "2", "--width", str(side), "--height",
+                str(side), "--seed", "3", "--device", "cpu"]
+    out = tmp_path / "eval"
+    assert main(["eval", *sampling, "--prompts", str(prompts), "--reward-path", f"clip={clip_dir}",
+                 "--out-dir", str(out)]) == 0
+    data = json.loads((out / "image_eval.json").read_text())
+    made = data["settings"]["generated"]
+    assert (made["backbone"], made["steps"], made["guidance"], made["width"]) == (kind, 2, 2.0, side)
+    assert data["metrics"]["clip"]["n"] == 2
+    assert main(["generate", *sampling, "--prompts", str(prompts), "--out", str(tmp_path / "gen"), "--quiet"]) in (0, None)
+    for name in ("00000.png", "00001.png"):
+        scored, generated = (np.asarray(Image.open(d / name)) for d in (out / "images", tmp_path / "gen"))
+        assert scored.shape == (side, side, 3) and np.array_equal(scored, generated)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rewards", "aesthetic", "--reward-path", "aesthetic={clip}"], "--reward-option aesthetic.head=PATH"),
     (["--rewards", "hpsv2"], "--reward-path hpsv2=PATH"),

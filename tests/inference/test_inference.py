@@ -127,6 +127,30 @@ def test_model_alone_equals_hypersd_sampler(models, kind):
     torch.testing.assert_close(images, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_width_and_height_give_hypersd_samplers_image_of_that_size(models, kind):
+    """--width/--height on SD1.5 and SDXL: the pipeline at 24 x 16 gives hypersd's sampler's image of
+    that latent shape; SDXL's size ids are that size, its unconditional row's as well (as the pipeline
+    pairs them)."""
+    from hypersd.core.sampling import guided, initial_noise, sample_tcd
+
+    gen = Generator(models[kind], steps=2, scheduler="ddim", guidance=3.0, device="cpu", width=24, height=16)
+    prompts, seeds = ["a cat", "a red house"], [5, 9]
+    images = gen.images(prompts, seeds)
+    assert images.shape == (2, 3, 16, 24) and (gen.plan.width, gen.plan.height) == (24, 16)
+    teacher = load_teacher(kind, models[kind])
+    c, f, s = teacher.latent_shape[0], teacher.vae_scale_factor, teacher.schedule
+    ref = []
+    for prompt, seed in zip(prompts, seeds):
+        noise, g = initial_noise(1, (c, 16 // f, 24 // f), seed)
+        size = {"size": (16, 24), "target": (16, 24)} if kind == "sdxl" else {}
+        with torch.no_grad():
+            x0 = sample_tcd(guided(teacher, teacher.encode_prompt([prompt], **size), 3.0), noise,
+                            s.inference_timesteps(2), s, eta=0.0, generator=g)
+            ref.append(teacher.decode(x0))
+    torch.testing.assert_close(images, torch.cat(ref), atol=1e-4, rtol=0)
+
+
 def test_a_seed_gives_one_image_in_every_dtype(models):
     """x_T is drawn in float32 and cast, as hypersd's sampler draws it: bfloat16 gives the float32
     image up to its rounding, not another image."""

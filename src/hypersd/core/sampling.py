@@ -61,7 +61,7 @@ def guided(teacher: Teacher, cond: Cond, w: float) -> EpsFn:
     distilled teacher (FLUX.1-dev) takes every ω, 1 included, as its guidance embedding (``eps_cfg``)."""
     if w == 1.0 and not getattr(teacher, "guidance_embeds", False):
         return lambda x, t: teacher.eps(x, t, cond)
-    uncond = teacher.empty_cond(len(cond))
+    uncond = cond.unconditional(teacher.empty_cond(1))  # with the prompts' own size ids (SDXL), as the pipeline
     return lambda x, t: teacher.eps_cfg(x, t, cond, uncond, w)
 
 
