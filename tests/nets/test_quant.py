@@ -145,11 +145,12 @@ def _train(t, steps=3, lr=2e-2):
     lora.activate(t.unet, lora.STUDENT)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("model", ["sd3", "flux"])
-def test_a_lora_trained_on_the_int8_base_works_on_the_plain_one_and_the_reverse(model, tmp_path):
+def test_a_lora_trained_on_the_quantized_base_works_on_the_plain_one_and_the_reverse(model, kind, tmp_path):
     x, s, cond = _inputs(make_teacher(model))
     # trained on the quantized base, loaded on the plain one
-    q = make_teacher(model, "int8")
+    q = make_teacher(model, kind)
     _train(q)
     lora.save_lora(tmp_path / "q.safetensors", q.unet, {})
     on_q = _delta(q, x, s, cond)
@@ -164,7 +165,7 @@ def test_a_lora_trained_on_the_int8_base_works_on_the_plain_one_and_the_reverse(
     _train(p)
     lora.save_lora(tmp_path / "p.safetensors", p.unet, {})
     want = _delta(p, x, s, cond)
-    q2 = make_teacher(model, "int8")
+    q2 = make_teacher(model, kind)
     lora.load_lora(q2.unet, tmp_path / "p.safetensors")
     quant.check_wrapped(q2.unet)
     got = _delta(q2, x, s, cond)
