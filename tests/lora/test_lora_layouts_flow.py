@@ -358,7 +358,7 @@ def test_what_kohya_cannot_hold_is_refused_with_the_fix(tmp_path):
         write(tmp_path / "n.safetensors", foreign, {**meta, "backbone": "sd3"}, "kohya")
 
 
-def test_a_lora_on_no_block_is_told_by_its_backbone(tmp_path):
+def test_a_lora_on_no_block_is_told_by_its_backbone(tmp_path, capsys):
     """The patch embedding alone: no block names it a transformer's, its ``backbone`` does."""
     net = _net("sd3")
     state, meta = _random_lora(net, targets=["pos_embed.proj"])
@@ -369,3 +369,13 @@ def test_a_lora_on_no_block_is_told_by_its_backbone(tmp_path):
     want = _with_ours_removed(net)
     load_into_unet(net, tmp_path / "k.safetensors", "back")
     torch.testing.assert_close(_out(net), want, atol=1e-6, rtol=0)
+    flux = _net("flux")  # and read back: a kohya file of final_layer alone is the FLUX of its metadata
+    state, meta = _random_lora(flux, targets=["norm_out.linear"])
+    path = write(tmp_path / "f.safetensors", state, meta, "kohya")
+    assert set(load_file(str(path))) == {f"lora_unet_final_layer_adaLN_modulation_1.{p}"
+                                         for p in ("lora_down.weight", "lora_up.weight", "alpha")}
+    want = _with_ours_removed(flux)
+    load_into_unet(flux, path, "back")
+    torch.testing.assert_close(_out(flux), want, atol=1e-6, rtol=0)
+    assert main(["lora", "inspect", str(path)]) in (0, None)
+    assert "1 layers of a transformer (SD3 / FLUX)" in capsys.readouterr().out

@@ -371,6 +371,28 @@ def test_a_flux_variant_that_is_no_text_to_image_model_is_refused_before_loading
         load_teacher("flux", str(folder), resolution=SIDE)
 
 
+def test_a_redux_folder_is_refused_by_its_pipeline_before_anything_loads(folders, tmp_path):
+    import json
+
+    redux = tmp_path / "redux"
+    redux.mkdir()  # a Redux folder holds an image encoder and an embedder, no transformer
+    (redux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPriorReduxPipeline"}))
+    with pytest.raises(HypersdError, match="FLUX.1 Redux, an image-variation adapter"):
+        load_teacher("flux", str(redux), resolution=SIDE)
+
+
+def test_a_single_file_wider_than_its_configs_vae_is_refused_from_its_header(folders, tmp_path):
+    """A Fill / Depth checkpoint named with a dev config: its patch embedding's width (read from the
+    safetensors header, in BFL's layout or diffusers') tells it, before from_single_file runs."""
+    from safetensors.torch import save_file
+
+    for key in ("img_in.weight", "model.diffusion_model.img_in.weight", "x_embedder.weight"):
+        file = tmp_path / f"{key}.safetensors"
+        save_file({key: torch.zeros(32, 128)}, str(file))
+        with pytest.raises(HypersdError, match="takes 128 input channels, not the 64"):
+            load_teacher("flux", str(file), config=str(folders["flux"]), resolution=SIDE)
+
+
 def test_a_transformer_wider_than_its_vaes_latents_is_refused_before_loading(folders, tmp_path):
     """A Fill or Depth transformer saved under FluxPipeline: its input width tells it (tiny: 4 x 16)."""
     folder = _variant(folders["flux"], tmp_path, "wide", in_channels=128)

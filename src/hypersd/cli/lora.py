@@ -57,7 +57,7 @@ def describe(path) -> list[str]:
 
     state, meta, fmt = read_layout(path)
     layers = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-    network = "transformer (SD3 / FLUX)" if is_transformer(layers) else "UNet (SD1.5 / SDXL)"
+    network = "transformer (SD3 / FLUX)" if is_transformer(layers, meta.get("backbone")) else "UNet (SD1.5 / SDXL)"
     lines = [f"{path}: {fmt} layout, {len(layers)} layers of a {network}, rank {meta['rank']}, alpha {meta['alpha']:g}",
              f"  e.g. {', '.join(layers[:3])}"]
     ours = {k: v for k, v in meta.items() if k not in ("rank", "alpha", "targets")}

@@ -363,6 +363,8 @@ def _diffusers_alphas(header: dict, prefix: str = DIFFUSERS_PREFIX, tensors: dic
 def _kohya_layers(raw: dict, layers_per_block: int, ours: dict | None = None) -> dict:
     names = sorted({k.split(".", 1)[0] for k in raw})
     arch = arch_of_kohya(names)
+    if arch is None and str((ours or {}).get("backbone", "")).startswith(("sd3", "flux")):
+        arch = "sd3" if ours["backbone"].startswith("sd3") else "flux"  # no block names it: its metadata does
     if arch is not None:
         return _kohya_transformer_layers(raw, names, arch, ours or {})
     layers = {}

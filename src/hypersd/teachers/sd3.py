@@ -78,11 +78,12 @@ def load_flow_parts(backbone: str, path: str, components: dict, config: str | No
     file = Path(str(path)).expanduser()
     if file.is_file():
         return single_file(backbone, file, components, config)
+    check_pipeline(backbone, path)  # first: a Redux folder has no transformer to check
     path = model_source(path, ["transformer"], backbone)
     transformer_config = _load(SD3Transformer2DModel.load_config, path, "transformer")
     check_transformer(backbone, transformer_config, path)
     path = model_source(path, [*components, "scheduler"], backbone)
-    check_text_to_image(backbone, path, transformer_config, _load(AutoencoderKL.load_config, path, "vae"))
+    check_channels(backbone, path, transformer_config["in_channels"], _load(AutoencoderKL.load_config, path, "vae"))
     parts = {name: _load(cls.from_pretrained, path, name) for name, cls in components.items()}
     return parts, dict(_load(FlowMatchEulerDiscreteScheduler.load_config, path, "scheduler"))
 
@@ -102,30 +103,50 @@ NOT_TEXT_TO_IMAGE = {
     "FluxFillPipeline": "FLUX.1 Fill, an inpainting model (its transformer takes the masked image and the mask too)",
     "FluxControlPipeline": "a FLUX.1 Depth or Canny model (its transformer takes a control image's latents too)",
     "FluxKontextPipeline": "FLUX.1 Kontext, an image-editing model (it takes a reference image's tokens beside the noise)",
+    "FluxKontextInpaintPipeline": "FLUX.1 Kontext, an image-editing model (it takes a reference image's tokens beside the noise)",
     "FluxPriorReduxPipeline": "FLUX.1 Redux, an image-variation adapter, not a model",
 }
 # how many latents' channels a transformer's input holds: FLUX packs 2x2 patches into channels
 PACKED = {"sd3": 1, "flux": 4}
 
 
-def check_text_to_image(backbone: str, source, transformer_config: dict, vae_config: dict) -> None:
-    """Refuse, before any weight is read, a model of the family that is not a text-to-image model:
-    by the pipeline class its folder names, and by its transformer's input width against its VAE's."""
+def _fix(backbone: str) -> str:
+    models = "FLUX.1-dev, FLUX.1-schnell" if backbone == "flux" else "SD3 / SD3.5"
+    return f"hypersd distils text-to-image models: pass {models} or a text-to-image fine-tune of it"
+
+
+def check_pipeline(backbone: str, source) -> None:
+    """Refuse, before anything loads, a model whose folder names a pipeline that is no text-to-image one."""
     from diffusers import DiffusionPipeline
 
     try:
         pipeline = DiffusionPipeline.load_config(str(source)).get("_class_name")
-    except Exception:  # no model_index.json (or none cached): the channel check below still holds
-        pipeline = None
-    fix = (f"hypersd distils text-to-image models: pass {'FLUX.1-dev, FLUX.1-schnell' if backbone == 'flux' else 'SD3 / SD3.5'}"
-           f" or a text-to-image fine-tune of it")
+    except Exception:  # no model_index.json (or none cached): the channel check still holds
+        return
     if pipeline in NOT_TEXT_TO_IMAGE:
-        raise HypersdError(f"{source} is {NOT_TEXT_TO_IMAGE[pipeline]} ({pipeline}); {fix}")
-    channels, latents = transformer_config.get("in_channels"), vae_config.get("latent_channels")
-    if channels is not None and latents is not None and channels != PACKED[backbone] * latents:
+        raise HypersdError(f"{source} is {NOT_TEXT_TO_IMAGE[pipeline]} ({pipeline}); {_fix(backbone)}")
+
+
+def check_channels(backbone: str, source, in_channels: int | None, vae_config: dict) -> None:
+    """Refuse, before any weight is read, a transformer that takes more than the noisy latents (FLUX
+    Fill, Depth, Canny: an image's latents beside them), by its input width against its VAE's."""
+    latents = vae_config.get("latent_channels")
+    if in_channels is not None and latents is not None and in_channels != PACKED[backbone] * latents:
         what = {"flux": " (FLUX.1 Fill takes 384, Depth and Canny 128: an image's latents beside the noise)"}
-        raise HypersdError(f"{source}'s transformer takes {channels} input channels, not the {PACKED[backbone] * latents} "
-                           f"of its VAE's {latents}-channel latents{what.get(backbone, '')}; {fix}")
+        raise HypersdError(f"{source}'s transformer takes {in_channels} input channels, not the "
+                           f"{PACKED[backbone] * latents} of its VAE's {latents}-channel latents"
+                           f"{what.get(backbone, '')}; {_fix(backbone)}")
+
+
+# the patch embedding's weight in a single file, by layout: [hidden, in_channels(, p, p)]
+_EMBEDDING = ("img_in.weight", "x_embedder.weight", "x_embedder.proj.weight", "pos_embed.proj.weight")
+
+
+def _file_in_channels(keys, shape_of) -> int | None:
+    for key in keys:
+        if key.removeprefix("model.diffusion_model.") in _EMBEDDING:
+            return int(shape_of(key)[1])
+    return None
 
 
 def single_file(backbone: str, file: Path, components: dict, config: str | None):
@@ -146,12 +167,15 @@ def single_file(backbone: str, file: Path, components: dict, config: str | None)
     try:
         with safe_open(str(file), "pt") as f:
             has_vae = any(k.startswith(("first_stage_model.", "vae.")) for k in f.keys())
+            in_channels = _file_in_channels(f.keys(), lambda k: f.get_slice(k).get_shape())  # header only
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise HypersdError(f"{file} is not a readable safetensors checkpoint ({e})") from None
     from_file = ["transformer", "vae"] if has_vae else ["transformer"]
     rest = [name for name in components if name not in from_file]
     source = model_source(source, [*rest, "scheduler"], backbone)
-    check_text_to_image(backbone, source, transformer_config, _load(AutoencoderKL.load_config, source, "vae"))
+    check_pipeline(backbone, source)
+    check_channels(backbone, file, in_channels or transformer_config.get("in_channels"),
+                   _load(AutoencoderKL.load_config, source, "vae"))
     parts = {name: _load(components[name].from_pretrained, source, name) for name in rest}
     for name in from_file:
         try:
