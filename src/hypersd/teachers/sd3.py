@@ -83,7 +83,7 @@ def load_flow_parts(backbone: str, path: str, components: dict, config: str | No
     transformer_config = _load(SD3Transformer2DModel.load_config, path, "transformer")
     check_transformer(backbone, transformer_config, path)
     path = model_source(path, [*components, "scheduler"], backbone)
-    check_channels(backbone, path, transformer_config["in_channels"], _load(AutoencoderKL.load_config, path, "vae"))
+    check_channels(backbone, path, transformer_config.get("in_channels"), _load(AutoencoderKL.load_config, path, "vae"))
     parts = {name: _load(cls.from_pretrained, path, name) for name, cls in components.items()}
     return parts, dict(_load(FlowMatchEulerDiscreteScheduler.load_config, path, "scheduler"))
 
