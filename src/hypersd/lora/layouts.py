@@ -45,6 +45,7 @@ from hypersd.lora.adapters import (
 from hypersd.lora.files import save_state
 from hypersd.lora.transformer_layouts import (
     arch_of,
+    arch_of_backbone,
     arch_of_kohya,
     fuse,
     is_transformer,
@@ -362,9 +363,8 @@ def _diffusers_alphas(header: dict, prefix: str = DIFFUSERS_PREFIX, tensors: dic
 
 def _kohya_layers(raw: dict, layers_per_block: int, ours: dict | None = None) -> dict:
     names = sorted({k.split(".", 1)[0] for k in raw})
-    arch = arch_of_kohya(names)
-    if arch is None and str((ours or {}).get("backbone", "")).startswith(("sd3", "flux")):
-        arch = "sd3" if ours["backbone"].startswith("sd3") else "flux"  # no block names it: its metadata does
+    # no block names it a transformer's: its metadata may
+    arch = arch_of_kohya(names) or arch_of_backbone((ours or {}).get("backbone"))
     if arch is not None:
         return _kohya_transformer_layers(raw, names, arch, ours or {})
     layers = {}

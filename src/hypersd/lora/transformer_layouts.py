@@ -97,18 +97,23 @@ TRANSFORMER_HEADS = ("transformer_blocks.", "single_transformer_blocks.")
 def is_transformer(modules, backbone: str | None = None) -> bool:
     """Whether peft module paths are a diffusers transformer's (SD3, FLUX), not a UNet's: by the
     backbone where it is known (a LoRA on no block, the embedders alone, says nothing), else by them."""
-    if (backbone or "").lower().startswith(tuple(RULES)):
+    if arch_of_backbone(backbone) is not None:
         return True
     return any(m.startswith(TRANSFORMER_HEADS) for m in modules)
+
+
+def arch_of_backbone(backbone: str | None) -> str | None:
+    """``flux`` or ``sd3`` where a backbone name (sd3, sd3.5, flux, flux-schnell, ...) says it, else None."""
+    name = (backbone or "").lower()
+    return next((arch for arch in RULES if name.startswith(arch)), None)
 
 
 def arch_of(modules, backbone: str | None) -> str:
     """``flux`` or ``sd3`` for a transformer LoRA: from the backbone if known, else from its layers
     (only FLUX has single blocks; a LoRA on double blocks alone could be either)."""
-    name = (backbone or "").lower()
-    for arch in RULES:
-        if name.startswith(arch):
-            return arch
+    arch = arch_of_backbone(backbone)
+    if arch is not None:
+        return arch
     if any(m.startswith("single_transformer_blocks.") for m in modules):
         return "flux"
     raise HypersdError("this transformer LoRA could be for SD3 or for FLUX (it has no FLUX single blocks); "
